@@ -1,0 +1,21 @@
+// Operator schemas of gradreg_fast: the one place where every op is declared.
+// Backend implementations live in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; the fake (meta)
+// kernels and the autograd formulas are registered from Python (gradreg_fast/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing gradreg_fast._C loads this library and with it the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(gradreg_fast, m) {
+  // Per-sample squared L2 norm over all non-batch dims: out[b] = sum_j x[b, j]^2.
+  // Output dtype: float32 for fp16/bf16/fp32 inputs, float64 for fp64 inputs.
+  m.def("sq_norm(Tensor x) -> Tensor");
+  // Its backward: grad_x[b, j] = 2 * grad[b] * x[b, j], in x's dtype.
+  m.def("sq_norm_backward(Tensor grad, Tensor x) -> Tensor");
+}

@@ -1,0 +1,18 @@
+"""gradreg_fast: fast gradient and Jacobian penalties for PyTorch.
+
+    import gradreg_fast as gr
+    crit = gr.GradRegLoss("spectreg", lam=0.03)
+    loss = crit(model, x, y)
+    loss.backward()
+"""
+from gradreg_fast._backend import BACKENDS, backends
+from gradreg_fast import reference, ops
+from gradreg_fast.penalties import KINDS, METHODS, confidence_penalty, penalty, weight_decay
+from gradreg_fast.nn import GradRegLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS", "KINDS", "METHODS", "GradRegLoss", "backends", "confidence_penalty", "ops", "penalty",
+    "reference", "weight_decay",
+]

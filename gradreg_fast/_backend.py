@@ -1,0 +1,128 @@
+"""Backends: which implementations of the ops exist here, and which one a call uses.
+
+Backends:
+    "reference"  pure PyTorch (gradreg_fast.reference), always available, twice differentiable.
+    "cpp"        C++ CPU kernels of the extension gradreg_fast._C.
+    "cuda"       CUDA kernels of the extension (built with GRADREG_CUDA=1 or auto on a CUDA torch).
+    "triton"     Triton kernels: on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+
+Choice: the ``backend=`` argument of an op, else the GRADREG_BACKEND environment variable, else
+"auto" (CUDA tensors: cuda, then triton, then reference; CPU tensors: cpp, then reference).
+An explicitly requested backend that cannot run raises; it never falls back silently.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import warnings
+from typing import NamedTuple
+
+import torch
+
+BACKENDS = ("reference", "cpp", "cuda", "triton")
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str
+
+
+def _load_extension() -> tuple[bool, str]:
+    try:
+        from gradreg_fast import _build_info  # written by setup.py
+    except ImportError:
+        _build_info = None
+    if _build_info is not None and not _build_info.extension:
+        return False, ("gradreg_fast was installed with GRADREG_SKIP_EXT=1; reinstall without it "
+                       "(pip install --no-build-isolation .) to build the C++/CUDA kernels")
+    try:
+        from gradreg_fast import _C  # noqa: F401  (loading it registers the ops)
+    except ImportError as exc:
+        hint = ""
+        if _build_info is not None and _build_info.torch_version not in (None, torch.__version__):
+            hint = (f" (built against torch {_build_info.torch_version}, running torch "
+                    f"{torch.__version__}: rebuild with pip install --no-build-isolation .)")
+        return False, (f"the extension gradreg_fast._C could not be loaded: {exc}{hint}; build it with "
+                       "`pip install --no-build-isolation .` (or `python setup.py build_ext --inplace`)")
+    return True, "extension gradreg_fast._C loaded"
+
+
+EXTENSION_LOADED, EXTENSION_REASON = _load_extension()
+if not EXTENSION_LOADED:
+    warnings.warn(f"gradreg_fast: C++/CUDA kernels unavailable: {EXTENSION_REASON}. "
+                  "The pure-PyTorch reference backend is used.", RuntimeWarning, stacklevel=2)
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"gradreg_fast::{op}", key)
+
+
+def cuda_kernels_compiled() -> bool:
+    """True when the extension was built with its CUDA kernels (registered for the CUDA key)."""
+    return _has_kernel("sq_norm", "CUDA")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed: pip install triton"
+    return True, "triton importable"
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Each backend with whether it can run here and why (or why not)."""
+    status = {"reference": BackendStatus(True, "pure PyTorch, always available")}
+    status["cpp"] = BackendStatus(_has_kernel("sq_norm", "CPU"),
+                                  "C++ CPU kernels registered" if _has_kernel("sq_norm", "CPU")
+                                  else EXTENSION_REASON if not EXTENSION_LOADED
+                                  else "the extension has no CPU kernels")
+    if not EXTENSION_LOADED:
+        status["cuda"] = BackendStatus(False, EXTENSION_REASON)
+    elif not cuda_kernels_compiled():
+        status["cuda"] = BackendStatus(False, "the extension was built without CUDA kernels: reinstall "
+                                       "with a CUDA build of torch and GRADREG_CUDA=1")
+    elif not torch.cuda.is_available():
+        status["cuda"] = BackendStatus(False, "CUDA kernels are compiled but no CUDA GPU is visible")
+    else:
+        status["cuda"] = BackendStatus(True, "CUDA kernels registered and a GPU is visible")
+    ok, why = _triton_importable()
+    if not ok:
+        status["triton"] = BackendStatus(False, why)
+    elif torch.cuda.is_available():
+        status["triton"] = BackendStatus(True, "triton on CUDA GPUs")
+    elif triton_interpret():
+        status["triton"] = BackendStatus(True, "triton interpreter on the CPU (TRITON_INTERPRET=1, slow)")
+    else:
+        status["triton"] = BackendStatus(False, "no CUDA GPU; set TRITON_INTERPRET=1 before importing "
+                                         "triton to run the kernels in the (slow) interpreter")
+    return status
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend a call on ``device`` uses; raises when an explicit choice cannot run there."""
+    name = backend if backend is not None else os.environ.get("GRADREG_BACKEND", "auto")
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
+    status = backends()
+    if name == "auto":
+        order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
+        return next(b for b in order if status[b].available)
+    if not status[name].available:
+        source = "backend=" if backend is not None else "GRADREG_BACKEND="
+        raise RuntimeError(f"gradreg_fast: backend {name!r} ({source}{name}) is not available: "
+                           f"{status[name].reason}")
+    if name == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"gradreg_fast: backend 'cpp' runs on CPU tensors, got a tensor on {device}; "
+                           "use backend='cuda' or 'triton' for GPU tensors")
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"gradreg_fast: backend 'cuda' runs on CUDA tensors, got a tensor on {device}; "
+                           "use backend='cpp' for CPU tensors")
+    if name == "triton" and device.type != "cuda" and not triton_interpret():
+        raise RuntimeError("gradreg_fast: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
+                           "(set before triton is imported)")
+    return name

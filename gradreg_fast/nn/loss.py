@@ -1,0 +1,84 @@
+"""GradRegLoss: a drop-in regularized loss, base(model(x), y) + λ · penalty."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradreg_fast.penalties import check_method, penalty_from_output
+from gradreg_fast.penalties._checks import check_input, check_kind, check_lam
+from gradreg_fast.penalties.core import differentiable_input
+
+
+class GradRegLoss(nn.Module):
+    """``loss = base(f(x), y) + lam · P(f, x, y)`` with P one of gradreg_fast.KINDS.
+
+    Two call forms:
+
+    - ``crit(model, x, y)``: runs the model once on x (x is not modified and need not require grad).
+    - ``crit(logits, y, inputs=x)``: drop-in where logits are already computed as ``model(x)`` from
+      an x that requires grad (``x.requires_grad_()`` before the forward pass).
+
+    ``loss.backward()`` then yields the regularized parameter gradients. The two parts of the last
+    call are kept, detached, in ``last_base`` and ``last_penalty`` for logging.
+
+    Args:
+        penalty: penalty kind ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot").
+        lam: λ >= 0, finite. With lam == 0 the penalty is not computed (last_penalty is None).
+        base: base loss ``base(logits, y) -> scalar`` (default: mean cross-entropy).
+        method: estimator (see gradreg_fast.METHODS).
+        **penalty_options: projection, n_proj, per_sample, generator, loss_fn (see gradreg_fast.penalty).
+    """
+
+    def __init__(self, penalty: str, lam: float, base: Callable | None = None, *, method: str = "exact",
+                 **penalty_options):
+        super().__init__()
+        self.kind = check_kind(penalty)
+        self.lam = check_lam(lam)
+        check_method(method)
+        allowed = {"projection", "n_proj", "per_sample", "generator", "loss_fn"}
+        unknown = set(penalty_options) - allowed
+        if unknown:
+            raise TypeError(f"GradRegLoss got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
+        self.method = method
+        self.base = base if base is not None else F.cross_entropy
+        self.penalty_options = penalty_options
+        self.last_base: torch.Tensor | None = None
+        self.last_penalty: torch.Tensor | None = None
+
+    def forward(self, model_or_logits, x_or_y: torch.Tensor, y: torch.Tensor | None = None, *,
+                inputs: torch.Tensor | None = None) -> torch.Tensor:
+        if inputs is None:
+            model, x = model_or_logits, x_or_y
+            if not callable(model) or isinstance(model, torch.Tensor):
+                raise TypeError("GradRegLoss: call it as crit(model, x, y) or crit(logits, y, inputs=x); "
+                                f"got a {type(model).__name__} first and no inputs=")
+            check_input(x)
+            x_in = differentiable_input(x)
+            out = model(x_in)
+        else:
+            if y is not None:
+                raise TypeError("GradRegLoss: with inputs=x call it as crit(logits, y, inputs=x)")
+            model, out, y, x_in = None, model_or_logits, x_or_y, inputs
+            check_input(x_in)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f"GradRegLoss: logits must be a tensor, got {type(out).__name__}")
+            if not x_in.requires_grad or not out.requires_grad:
+                raise ValueError("GradRegLoss: with inputs=x the logits must be computed from x after "
+                                 "x.requires_grad_(): x.requires_grad_(); logits = model(x); "
+                                 "crit(logits, y, inputs=x)")
+        base = self.base(out, y)
+        loss = base
+        pen = None
+        if self.lam > 0:
+            pen = penalty_from_output(self.kind, out, x_in, y, method=self.method, model=model,
+                                      **self.penalty_options)
+            loss = base + self.lam * pen
+        self.last_base = base.detach()
+        self.last_penalty = pen.detach() if pen is not None else None
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"penalty={self.kind!r}, lam={self.lam}, method={self.method!r}"

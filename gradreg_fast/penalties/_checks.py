@@ -1,0 +1,87 @@
+"""Input validation shared by penalty() and GradRegLoss: each error names the problem and the fix."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+KINDS = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot")
+# Penalties defined on class scores: the output must be (B, K).
+CLASSIFIER_KINDS = ("doubleback", "jacreg", "onehot", "random_onehot")
+
+
+def check_kind(kind: str) -> str:
+    if not isinstance(kind, str) or kind.lower() not in KINDS:
+        raise ValueError(f"unknown penalty kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    return kind.lower()
+
+
+def check_input(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating tensor to differentiate with respect to it, got {x.dtype}; "
+                        "convert it first, e.g. x.float()")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a batch dimension and at least one feature dimension, shape (B, ...); "
+                         f"got shape {tuple(x.shape)} (use x.unsqueeze(0) for one sample, x.unsqueeze(1) "
+                         "for scalar features)")
+    if x.shape[0] == 0:
+        raise ValueError("x has an empty batch (B = 0): a batch-averaged penalty is undefined")
+
+
+def check_labels(y, batch: int, kind: str, num_classes: int | None = None) -> None:
+    if y is None:
+        raise ValueError(f"penalty {kind!r} needs the labels y (shape (B,), integer classes)")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+    if y.shape[:1] != (batch,):
+        raise ValueError(f"y must have one entry per sample: x has batch size {batch}, "
+                         f"y has shape {tuple(y.shape)}")
+    if num_classes is not None:
+        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+            raise TypeError(f"y must hold integer class indices (torch.long), got {y.dtype}")
+        if y.dim() != 1:
+            raise ValueError(f"y must have shape (B,) of class indices, got {tuple(y.shape)}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+            raise ValueError(f"y holds class indices outside [0, {num_classes}) for a model with "
+                             f"{num_classes} outputs")
+
+
+def check_output(out: torch.Tensor, batch: int, kind: str) -> torch.Tensor:
+    """The model output as (B, K): classifier penalties need exactly (B, K), others are flattened."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
+    if out.dim() == 0 or out.shape[0] != batch:
+        raise ValueError(f"the model output must have the batch size {batch} first, got shape {tuple(out.shape)}")
+    if kind in CLASSIFIER_KINDS and out.dim() != 2:
+        raise ValueError(f"penalty {kind!r} is defined on class scores: the model output (logits) must be "
+                         f"(B, K), got shape {tuple(out.shape)}")
+    if not out.is_floating_point():
+        raise TypeError(f"the model output must be floating, got {out.dtype}")
+    return out.reshape(batch, -1)
+
+
+def check_lam(lam) -> float:
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        raise TypeError(f"lam must be a real number, got {type(lam).__name__}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"lam must be finite and >= 0, got {lam}")
+    return value
+
+
+def check_projection(r: torch.Tensor, batch: int, num_outputs: int) -> torch.Tensor:
+    """A SpectReg projection as (n, B, K): accepts (K,) shared, (B, K) per sample, (n, B, K)."""
+    if not isinstance(r, torch.Tensor) or not r.is_floating_point():
+        raise TypeError("projection must be a floating tensor of shape (K,), (B, K) or (n, B, K)")
+    if r.shape == (num_outputs,):
+        return r.reshape(1, 1, num_outputs).expand(1, batch, num_outputs)
+    if r.shape == (batch, num_outputs):
+        return r.unsqueeze(0)
+    if r.dim() == 3 and r.shape[1:] == (batch, num_outputs):
+        return r
+    raise ValueError(f"projection has shape {tuple(r.shape)}; with batch size {batch} and {num_outputs} "
+                     f"outputs it must be ({num_outputs},) shared, ({batch}, {num_outputs}) per sample or "
+                     f"(n, {batch}, {num_outputs}) for n projections")

@@ -1,0 +1,120 @@
+"""The gradient penalties of PAPER.md as one computation: squared norms of input-space VJPs.
+
+Every penalty kind reduces to
+
+    P = scale · mean_i Σ_j ‖ ∂( Σ_b R[j, b] · u(x_b) ) / ∂x_i ‖²
+
+with a per-sample target u (B, K') and cotangents R (n, B, K'):
+
+    doubleback     u = ℓ(f(x), y) (B, 1)   R = 1                  scale 1
+    spectreg       u = f(x)       (B, K)   R = r (n draws)        scale 1/n
+    frobreg        u = f(x)       (B, K)   R = e_1 … e_K          scale 1
+    jacreg         u = softmax(f) (B, K)   R = e_1 … e_K          scale 1
+    onehot         u = f(x)       (B, K)   R = e_{y_i}            scale 1
+    random_onehot  u = f(x)       (B, K)   R = e_{c_i}, c_i ~ U   scale 1
+
+(the per-sample reading assumes samples do not interact inside the model: with BatchNorm in
+training mode the "per-sample" gradient is that of the batch statistic). An estimator (``method``)
+turns a Problem into a scalar whose gradient with respect to the parameters is the penalty's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gradreg_fast.penalties import _checks
+
+
+@dataclass
+class Problem:
+    """A penalty instance: everything an estimator needs."""
+
+    kind: str
+    x: torch.Tensor            # the input as seen by the graph (requires grad)
+    u: torch.Tensor            # (B, K') targets, computed from x
+    R: torch.Tensor            # (n, B, K') cotangents
+    scale: float
+    target: Callable[[torch.Tensor], torch.Tensor] | None  # x -> u, re-evaluating the model (None if unknown)
+
+
+def differentiable_input(x: torch.Tensor) -> torch.Tensor:
+    """x as a graph input that requires grad, without touching the caller's tensor.
+
+    A leaf x that does not require grad is detached and marked; an x that already requires grad
+    (possibly produced by upstream layers) is viewed, so gradients still flow upstream.
+    """
+    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def default_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _one_hot(classes: torch.Tensor, num: int, like: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(classes, num).to(like.dtype).unsqueeze(0)
+
+
+def draw_projection(batch: int, num_outputs: int, *, n_proj: int, per_sample: bool,
+                    generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """SpectReg's r ~ N(0, I_K) as (n, B, K): one vector shared by the batch (the paper's default)
+    or one per sample, n_proj independent draws, on ``like``'s device and dtype."""
+    shape = (n_proj, batch if per_sample else 1, num_outputs)
+    r = torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+    return r.expand(n_proj, batch, num_outputs)
+
+
+def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, *,
+                  model: Callable | None = None, projection: torch.Tensor | None = None, n_proj: int = 1,
+                  per_sample: bool = False, generator: torch.Generator | None = None,
+                  loss_fn: Callable | None = None) -> Problem:
+    kind = _checks.check_kind(kind)
+    batch = x.shape[0]
+    flat = _checks.check_output(out, batch, kind)
+    num = flat.shape[1]
+    if not isinstance(n_proj, int) or n_proj < 1:
+        raise ValueError(f"n_proj must be a positive integer, got {n_proj!r}")
+    if projection is not None and kind != "spectreg":
+        raise ValueError(f"projection applies to 'spectreg' only, not {kind!r}")
+
+    if kind == "doubleback":
+        fn = loss_fn if loss_fn is not None else default_loss
+        _checks.check_labels(y, batch, kind, num_classes=num if loss_fn is None else None)
+
+        def transform(o):
+            losses = fn(o, y)
+            if losses.shape not in ((batch,), (batch, 1)):
+                raise ValueError(f"loss_fn must return per-sample losses of shape ({batch},) "
+                                 f"(e.g. reduction='none'), got shape {tuple(losses.shape)}")
+            return losses.reshape(batch, 1)
+        R = torch.ones(1, batch, 1, device=x.device, dtype=flat.dtype)
+        scale = 1.0
+    elif kind == "spectreg":
+        transform = lambda o: o.reshape(batch, -1)  # noqa: E731
+        if projection is not None:
+            R = _checks.check_projection(projection, batch, num).to(device=flat.device, dtype=flat.dtype)
+        else:
+            R = draw_projection(batch, num, n_proj=n_proj, per_sample=per_sample, generator=generator,
+                                like=flat)
+        scale = 1.0 / R.shape[0]
+    elif kind in ("frobreg", "jacreg"):
+        if kind == "jacreg":
+            transform = lambda o: torch.softmax(o, dim=1)  # noqa: E731
+        else:
+            transform = lambda o: o.reshape(batch, -1)  # noqa: E731
+        R = torch.eye(num, device=x.device, dtype=flat.dtype).unsqueeze(1).expand(num, batch, num)
+        scale = 1.0
+    else:  # onehot, random_onehot
+        transform = lambda o: o  # noqa: E731
+        if kind == "onehot":
+            _checks.check_labels(y, batch, kind, num_classes=num)
+            classes = y
+        else:
+            classes = torch.randint(num, (batch,), generator=generator, device=x.device)
+        R = _one_hot(classes, num, flat)
+        scale = 1.0
+    u = transform(out)
+    target = (lambda z: transform(model(z))) if model is not None else None
+    return Problem(kind=kind, x=x, u=u, R=R, scale=scale, target=target)

@@ -1,0 +1,1 @@
+"""@triton.jit kernels and their launchers. Importing this package imports triton."""
