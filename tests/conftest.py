@@ -1,0 +1,48 @@
+"""Shared fixtures and tolerances.
+
+Triton kernels run in the interpreter when no CUDA GPU is visible: TRITON_INTERPRET must be set
+before triton is imported, so it is set here, before any test module imports gradreg_fast.triton.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import gradreg_fast  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# Absolute/relative tolerances per dtype for kernel-vs-reference comparisons (values of order 1).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-9, atol=1e-9),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+
+
+def available_backends(device: str) -> list[str]:
+    """Backends that can run on ``device`` here (reference always)."""
+    status = gradreg_fast.backends()
+    if device == "cuda":
+        wanted = ["reference", "cuda", "triton"]
+    else:
+        wanted = ["reference", "cpp", "triton"]
+    return [b for b in wanted if status[b].available]
+
+
+def backend_params():
+    """(device, backend) pairs for parametrize: every available backend on every device."""
+    return [pytest.param(d, b, id=f"{d}-{b}") for d in DEVICES for b in available_backends(d)]
+
+
+def assert_close_to_reference(out, ref_same_dtype, ref_exact, factor: float = 2.0, floor: float = 1e-6):
+    """flash-attention rule: the kernel's error against the exact (fp32/fp64) reference is at most
+    ``factor`` times the error of the reference computed in the kernel's own dtype (plus a floor)."""
+    err = (out.double() - ref_exact.double()).abs().max().item()
+    ref_err = (ref_same_dtype.double() - ref_exact.double()).abs().max().item()
+    assert err <= factor * ref_err + floor, f"kernel error {err:.3g} > {factor} x reference error {ref_err:.3g}"
