@@ -69,13 +69,13 @@ def _extensions():
         with_cuda = torch_is_cuda and toolkit is not None
 
     sources = [os.path.join("csrc", "gradreg.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]  # the C++ standard is chosen by torch (C++17 up to 2.13, C++20 from 2.14)
     extra = {"cxx": cxx}
     define_macros = []
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         define_macros.append(("GRADREG_WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
     print(f"gradreg_fast: building _C with CPU kernels{' and CUDA kernels' if with_cuda else ''} "
