@@ -17,9 +17,12 @@ at::Tensor sq_norm_cpu(const at::Tensor& x_in) {
   const int64_t N = B == 0 ? 0 : x.numel() / B;
   at::Tensor out = at::empty({B}, x.options().dtype(reduction_dtype(x.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "sq_norm_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    // Sums run in double on the CPU (the kernel is memory-bound, so this costs nothing measurable)
+    // and are stored in the output dtype (fp32, or fp64 for fp64 inputs).
+    using acc_t = double;
+    using out_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    acc_t* op = out.mutable_data_ptr<acc_t>();
+    out_t* op = out.mutable_data_ptr<out_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* row = xp + b * N;
@@ -37,7 +40,7 @@ at::Tensor sq_norm_cpu(const at::Tensor& x_in) {
           const acc_t v = static_cast<acc_t>(row[j]);
           total += v * v;
         }
-        op[b] = total;
+        op[b] = static_cast<out_t>(total);
       }
     });
   });

@@ -69,6 +69,9 @@ class GradRegLoss(nn.Module):
                 raise ValueError("GradRegLoss: with inputs=x the logits must be computed from x after "
                                  "x.requires_grad_(): x.requires_grad_(); logits = model(x); "
                                  "crit(logits, y, inputs=x)")
+        if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] != x_in.shape[0]:
+            raise ValueError(f"y must have one entry per sample: x has batch size {x_in.shape[0]}, "
+                             f"y has shape {tuple(y.shape)}")
         base = self.base(out, y)
         loss = base
         pen = None
