@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything gradreg_fast needs and install the package into it,
+# building the extension gradreg_fast._C against the installed torch. Idempotent.
+#
+#   VENV=.venv (default)       where the environment lives
+#   TORCH_SPEC=torch==2.13.0   which torch (CPU build here; set e.g. torch==2.14.1 for CUDA)
+#   GRADREG_CUDA=auto|1|0      see setup.py
+#   EDITABLE=1                 pip install -e (develop in place) instead of a regular install
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PYTHON" -m venv "$VENV"
+fi
+. "$VENV/bin/activate"
+pip install -q --upgrade pip >/dev/null 2>&1 || true
+# torch first (the build needs it), then triton for the Triton kernels (interpreted on CPU-only machines)
+pip install -q "$TORCH_SPEC"
+pip install -q "triton>=3.6,<3.10" numpy ninja pybind11 setuptools wheel \
+  pytest hypothesis tqdm matplotlib mlxtend
+if [ "${EDITABLE:-0}" = "1" ]; then
+  pip install -q --no-build-isolation --no-deps -e .
+else
+  pip install -q --no-build-isolation --no-deps .
+fi
+python - <<'PY'
+import torch, gradreg_fast
+print(f"gradreg_fast {gradreg_fast.__version__} from {gradreg_fast.__file__}")
+print(f"torch {torch.__version__}")
+for name, s in gradreg_fast.backends().items():
+    print(f"  backend {name:9s} {'yes' if s.available else 'no ':3s}  {s.reason}")
+PY

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup_env.sh) and run the test suite. Extra arguments go to pytest.
+# On a machine without a CUDA GPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+. "${VENV:-.venv}/bin/activate"
+# `pytest` (not `python -m pytest`) so the installed package, with its built extension, is tested.
+exec pytest tests -q -ra "$@"
