@@ -18,4 +18,15 @@ TORCH_LIBRARY(gradreg_fast, m) {
   m.def("sq_norm(Tensor x) -> Tensor");
   // Its backward: grad_x[b, j] = 2 * grad[b] * x[b, j], in x's dtype.
   m.def("sq_norm_backward(Tensor grad, Tensor x) -> Tensor");
+  // Finite-difference step per sample: n[b] = ||g[b]||, out[b] = x[b] + h * g[b] / n[b] (x[b] where
+  // n[b] = 0). Returns (out in x's dtype and shape, n of shape (B,) in the reduction dtype).
+  m.def("fd_direction(Tensor x, Tensor g, float h) -> (Tensor, Tensor)");
+  // Softmax cross-entropy per sample: loss[b] = lse[b] - z[b, y[b]], lse[b] = logsumexp(z[b]).
+  // Returns (loss, lse), both (B,) in the reduction dtype; lse is saved for the backward.
+  m.def("cross_entropy(Tensor logits, Tensor y) -> (Tensor, Tensor)");
+  // Its backward: grad_z[b, k] = grad[b] * (p[b, k] - [k == y[b]]), p = exp(z - lse), logits' dtype.
+  m.def("cross_entropy_backward(Tensor grad, Tensor logits, Tensor y, Tensor lse) -> Tensor");
+  // The backward's backward in one pass: hvp[b] = scale[b] * (diag(p[b]) - p[b] p[b]^T) u[b] (u's
+  // dtype) and dot[b] = <p[b] - onehot(y[b]), u[b]> (reduction dtype).
+  m.def("cross_entropy_hvp(Tensor u, Tensor scale, Tensor logits, Tensor y, Tensor lse) -> (Tensor, Tensor)");
 }

@@ -85,3 +85,20 @@ def sq_norm(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     if impl is None:
         raise RuntimeError(f"sq_norm: backend {name!r} has no implementation of this op yet")
     return impl(x)
+
+
+# --- Triton pair (the kernels are imported only when the ops run) -----------------------------------
+@torch.library.custom_op("gradreg_fast::sq_norm_triton", mutates_args=())
+def _sq_norm_triton(x: torch.Tensor) -> torch.Tensor:
+    from gradreg_fast.triton.sq_norm import sq_norm as launch
+    return launch(x)
+
+
+@torch.library.custom_op("gradreg_fast::sq_norm_backward_triton", mutates_args=())
+def _sq_norm_backward_triton(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    from gradreg_fast.triton.sq_norm import sq_norm_backward as launch
+    return launch(grad, x)
+
+
+register("gradreg_fast::sq_norm_triton", "gradreg_fast::sq_norm_backward_triton", _sq_norm_backward_triton)
+IMPLEMENTATIONS["triton"] = _sq_norm_triton

@@ -20,3 +20,8 @@ __all__ = [
     "doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot",
     "confidence_penalty", "weight_decay",
 ]
+from gradreg_fast.reference.fused import (  # noqa: E402
+    cross_entropy, cross_entropy_grad, cross_entropy_hvp, fd_direction,
+)
+
+__all__ += ["cross_entropy", "cross_entropy_grad", "cross_entropy_hvp", "fd_direction"]

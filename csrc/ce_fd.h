@@ -1,0 +1,41 @@
+// Host-side argument checks shared by the CPU and CUDA kernels of fd_direction and cross_entropy.
+#pragma once
+#include <cmath>
+
+#include "common.h"
+
+namespace gradreg {
+
+inline void check_fd_direction(const at::Tensor& x, const at::Tensor& g, double h) {
+  check_batched_floating(x, "fd_direction", "x");
+  check_batched_floating(g, "fd_direction", "g");
+  TORCH_CHECK(x.sizes() == g.sizes(), "gradreg_fast::fd_direction: x and g must have the same shape, got ",
+              x.sizes(), " and ", g.sizes());
+  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "gradreg_fast::fd_direction: x and g must have the same dtype, got ",
+              x.scalar_type(), " and ", g.scalar_type());
+  TORCH_CHECK(x.device() == g.device(), "gradreg_fast::fd_direction: x and g must be on the same device");
+  TORCH_CHECK(std::isfinite(h), "gradreg_fast::fd_direction: h must be finite, got ", h);
+}
+
+// logits (B, K) floating, y (B,) int64; returns K.
+inline int64_t check_logits_labels(const at::Tensor& logits, const at::Tensor& y, const char* op) {
+  TORCH_CHECK(logits.is_floating_point(), "gradreg_fast::", op, ": logits must be a floating tensor, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.dim() == 2, "gradreg_fast::", op, ": logits must have shape (B, K), got ", logits.sizes());
+  TORCH_CHECK(y.scalar_type() == at::kLong, "gradreg_fast::", op, ": y must be an int64 tensor of class indices, got ",
+              y.scalar_type());
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == logits.size(0), "gradreg_fast::", op, ": y must have shape (B,) = (",
+              logits.size(0), ",), got ", y.sizes());
+  TORCH_CHECK(y.device() == logits.device(), "gradreg_fast::", op, ": logits and y must be on the same device");
+  TORCH_CHECK(logits.size(0) == 0 || logits.size(1) > 0, "gradreg_fast::", op, ": logits need at least one class");
+  return logits.size(1);
+}
+
+// A per-sample vector (B,) of the reduction dtype, made contiguous.
+inline at::Tensor per_sample(const at::Tensor& v, const at::Tensor& logits, const char* op, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == logits.size(0), "gradreg_fast::", op, ": ", name,
+              " must have shape (B,) = (", logits.size(0), ",), got ", v.sizes());
+  return v.to(reduction_dtype(logits.scalar_type())).contiguous();
+}
+
+}  // namespace gradreg

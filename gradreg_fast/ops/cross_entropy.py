@@ -1,0 +1,197 @@
+"""Softmax cross-entropy per sample, differentiable twice through fused kernels.
+
+    ℓ_b = lse_b − z_{b, y_b},  lse_b = log Σ_k exp z_{b,k}             (op cross_entropy → (ℓ, lse))
+    ∂ℓ/∂z:   grad_z[b] = grad[b] · (p_b − onehot(y_b)),  p_b = exp(z_b − lse_b)
+                                                                       (op cross_entropy_backward)
+    ∂²:  for a cotangent u of grad_z,
+         d grad[b] = ⟨p_b − onehot(y_b), u_b⟩,  d z_b = grad[b] · (diag(p_b) − p_b p_bᵀ) u_b
+                                                      (both from ONE pass: op cross_entropy_hvp)
+    ∂³:  the backward of cross_entropy_hvp is composite PyTorch (below), itself differentiable.
+
+Only lse (one number per sample) is saved by the forward; p is recomputed from (z, lse). Gradients
+are never written into the logits. lse is a non-differentiable output of the forward op: the
+derivative through it is already part of the softmax Jacobian diag(p) − ppᵀ used by the backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from gradreg_fast import reference
+from gradreg_fast._backend import resolve_backend
+from gradreg_fast.ops._common import extension_op
+
+_acc = reference.acc_dtype
+
+
+def _fake_forward(logits, y):
+    b = logits.shape[0]
+    acc = _acc(logits.dtype)
+    return logits.new_empty((b,), dtype=acc), logits.new_empty((b,), dtype=acc)
+
+
+def _fake_backward(grad, logits, y, lse):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _fake_hvp(u, scale, logits, y, lse):
+    return (torch.empty_like(u, memory_format=torch.contiguous_format),
+            logits.new_empty((logits.shape[0],), dtype=_acc(logits.dtype)))
+
+
+def _setup_forward(ctx, inputs, output):
+    logits, y = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(logits, y, output[1])
+
+
+def _setup_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _setup_hvp(ctx, inputs, output):
+    u, scale, logits, y, _lse = inputs
+    ctx.save_for_backward(u, scale, logits, y)
+
+
+def hvp_backward_composite(u, scale, logits, y, grad_hvp, grad_dot):
+    """Backward of cross_entropy_hvp in plain PyTorch (third order of the loss; differentiable again).
+
+    With p = softmax(z), s = ⟨p, u⟩, outputs h = c (p ⊙ u − p s) and dot = s − u_y, cotangents
+    (G, G_d):  d u = c (p ⊙ G − p ⟨p, G⟩) + G_d (p − onehot(y)),   d c = ⟨G, p ⊙ u − p s⟩,
+               d z = p ⊙ a − p ⟨p, a⟩ with a = c (G ⊙ u − u ⟨p, G⟩ − G s) + G_d u.
+    """
+    acc = _acc(logits.dtype)
+    p = torch.softmax(logits.to(acc), dim=1)
+    uu = u.to(acc)
+    c = scale.to(acc).unsqueeze(1)
+    G = grad_hvp.to(acc) if grad_hvp is not None else torch.zeros_like(p)
+    Gd = grad_dot.to(acc).unsqueeze(1) if grad_dot is not None else torch.zeros_like(c)
+    s = (p * uu).sum(1, keepdim=True)
+    pG = (p * G).sum(1, keepdim=True)
+    onehot = torch.zeros_like(p).scatter_(1, y.reshape(-1, 1), 1.0)
+    d_u = c * (p * G - p * pG) + Gd * (p - onehot)
+    d_c = (G * (p * uu - p * s)).sum(1)
+    a = c * (G * uu - uu * pG - G * s) + Gd * uu
+    d_z = p * a - p * (p * a).sum(1, keepdim=True)
+    return d_u.to(u.dtype), d_c.to(scale.dtype), d_z.to(logits.dtype)
+
+
+def register(forward: str, backward: str, hvp: str, backward_fn, hvp_fn) -> None:
+    """Fake kernels and autograd for one backend's (cross_entropy, cross_entropy_backward,
+    cross_entropy_hvp) ops. ``backward_fn(grad, logits, y, lse)`` and
+    ``hvp_fn(u, scale, logits, y, lse)`` compute the second and third op on that backend."""
+    torch.library.register_fake(forward)(_fake_forward)
+    torch.library.register_fake(backward)(_fake_backward)
+    torch.library.register_fake(hvp)(_fake_hvp)
+
+    def forward_grad(ctx, grad_loss, _grad_lse):
+        logits, y, lse = ctx.saved_tensors
+        return backward_fn(grad_loss, logits, y, lse), None
+
+    def backward_grad(ctx, gg):
+        grad, logits, y, lse = ctx.saved_tensors
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None
+        d_z, dot = hvp_fn(gg.to(logits.dtype), grad, logits, y, lse)
+        return (dot.to(grad.dtype) if ctx.needs_input_grad[0] else None,
+                d_z if ctx.needs_input_grad[1] else None, None, None)
+
+    def hvp_grad(ctx, grad_hvp, grad_dot):
+        u, scale, logits, y = ctx.saved_tensors
+        d_u, d_c, d_z = hvp_backward_composite(u, scale, logits, y, grad_hvp, grad_dot)
+        need = ctx.needs_input_grad
+        return (d_u if need[0] else None, d_c if need[1] else None, d_z if need[2] else None, None, None)
+
+    torch.library.register_autograd(forward, forward_grad, setup_context=_setup_forward)
+    torch.library.register_autograd(backward, backward_grad, setup_context=_setup_backward)
+    torch.library.register_autograd(hvp, hvp_grad, setup_context=_setup_hvp)
+
+
+# --- Triton ops (the kernels are imported only when the ops run) ------------------------------------
+@torch.library.custom_op("gradreg_fast::cross_entropy_triton", mutates_args=())
+def _cross_entropy_triton(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from gradreg_fast.triton.cross_entropy import cross_entropy_forward
+    return cross_entropy_forward(logits, y)
+
+
+@torch.library.custom_op("gradreg_fast::cross_entropy_backward_triton", mutates_args=())
+def _cross_entropy_backward_triton(grad: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                                   lse: torch.Tensor) -> torch.Tensor:
+    from gradreg_fast.triton.cross_entropy import cross_entropy_backward
+    return cross_entropy_backward(grad, logits, y, lse)
+
+
+@torch.library.custom_op("gradreg_fast::cross_entropy_hvp_triton", mutates_args=())
+def _cross_entropy_hvp_triton(u: torch.Tensor, scale: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from gradreg_fast.triton.cross_entropy import cross_entropy_hvp
+    return cross_entropy_hvp(u, scale, logits, y, lse)
+
+
+register("gradreg_fast::cross_entropy_triton", "gradreg_fast::cross_entropy_backward_triton",
+         "gradreg_fast::cross_entropy_hvp_triton", _cross_entropy_backward_triton, _cross_entropy_hvp_triton)
+
+_ext_fwd = extension_op("cross_entropy")
+if _ext_fwd is not None:
+    register("gradreg_fast::cross_entropy", "gradreg_fast::cross_entropy_backward", "gradreg_fast::cross_entropy_hvp",
+             extension_op("cross_entropy_backward"), extension_op("cross_entropy_hvp"))
+
+# backend -> (logits, y) -> (loss, lse)
+_FUSED = {"cpp": _ext_fwd, "cuda": _ext_fwd, "triton": _cross_entropy_triton}
+
+
+def check_cross_entropy_inputs(logits: torch.Tensor, y: torch.Tensor) -> None:
+    """TypeError/ValueError naming the problem for bad logits/labels (every backend)."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise TypeError("cross_entropy: logits and y must be torch.Tensors, got "
+                        f"{type(logits).__name__} and {type(y).__name__}")
+    if not logits.is_floating_point():
+        raise TypeError(f"cross_entropy: logits must be a floating tensor (float16/bfloat16/float32/float64), "
+                        f"got {logits.dtype}; convert them with logits.float()")
+    if logits.dim() != 2:
+        raise ValueError(f"cross_entropy: logits must have shape (B, K), got {tuple(logits.shape)}; "
+                         "flatten extra dims with logits.reshape(-1, K)")
+    if y.dtype != torch.long:
+        raise TypeError(f"cross_entropy: y must be an int64 tensor of class indices, got {y.dtype}; "
+                        "use y.long() (class probabilities are not supported)")
+    if y.shape != (logits.shape[0],):
+        raise ValueError(f"cross_entropy: y must have shape (B,) = ({logits.shape[0]},), got {tuple(y.shape)}")
+    if y.device != logits.device:
+        raise ValueError(f"cross_entropy: logits are on {logits.device} but y on {y.device}")
+    K = logits.shape[1]
+    if logits.shape[0] > 0 and K == 0:
+        raise ValueError("cross_entropy: logits need at least one class (K = 0)")
+    if y.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if y.device.type == "cpu":
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= K:
+            raise ValueError(f"cross_entropy: y must hold class indices in [0, {K}), got values in [{lo}, {hi}]")
+    else:  # no host synchronization: the assertion fires on the device
+        torch._assert_async(((y >= 0) & (y < K)).all(), f"cross_entropy: y must hold class indices in [0, {K})")
+
+
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Per-sample softmax cross-entropy ``ℓ_b = logsumexp(z_b) − z_{b, y_b}`` (numerically stable).
+
+    Equals ``F.cross_entropy(logits, y, reduction="none")`` and is differentiable twice through
+    fused kernels (gradient p − onehot(y), Hessian-vector product (diag(p) − ppᵀ)u), so gradient
+    penalties of the loss (DoubleBack) avoid the composite double backward.
+
+    Args:
+        logits: (B, K) float16/bfloat16/float32/float64, any strides (math in fp32, fp64 for fp64).
+        y: (B,) int64 class indices in [0, K).
+        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto).
+
+    Returns:
+        (B,) losses in float32 (float64 for float64 logits). Gradients w.r.t. logits have the
+        logits' dtype.
+    """
+    check_cross_entropy_inputs(logits, y)
+    name = resolve_backend(backend, logits.device)
+    if name == "reference":
+        return reference.cross_entropy(logits, y)
+    impl = _FUSED.get(name)
+    if impl is None:
+        raise RuntimeError(f"cross_entropy: backend {name!r} has no implementation of this op here")
+    return impl(logits, y)[0]

@@ -1,0 +1,104 @@
+"""Finite-difference direction: the perturbed input of the fd estimator, in one op.
+
+    n_b = ‖g_b‖,   out_b = x_b + h · g_b / n_b     (out_b = x_b where n_b = 0: no NaN)
+
+Kernels: per row a reduction over g, then one elementwise pass reading x and g and writing out
+(the row of g is re-read from cache); see the backend files for the split used on GPUs.
+
+Autograd (composite PyTorch, differentiable again), with d_b = g_b / n_b and cotangents
+(G_out, G_n):   ∂/∂x = G_out,   ∂/∂g_b = (h / n_b)(G_out,b − d_b ⟨d_b, G_out,b⟩) + G_n,b d_b,
+and 0 for g_b where n_b = 0 (the map is discontinuous there; 0 is the value used, like a
+subgradient). h is a Python float and not differentiated.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gradreg_fast import reference
+from gradreg_fast._backend import resolve_backend
+from gradreg_fast.ops._common import check_floating_batched, extension_op
+
+
+def _fake(x, g, h):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((x.shape[0],), dtype=reference.acc_dtype(x.dtype)))
+
+
+def _setup(ctx, inputs, output):
+    x, g, h = inputs
+    ctx.h = h
+    ctx.save_for_backward(g)
+
+
+def fd_direction_grad(ctx, grad_out, grad_n):
+    (g,) = ctx.saved_tensors
+    acc = reference.acc_dtype(g.dtype)
+    grad_x = grad_out if ctx.needs_input_grad[0] else None
+    grad_g = None
+    if ctx.needs_input_grad[1]:
+        rows = g.reshape(g.shape[0], math.prod(g.shape[1:])).to(acc)
+        n = torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        pos = n > 0
+        safe = torch.where(pos, n, torch.ones_like(n))
+        d = rows / safe
+        go = grad_out.reshape(rows.shape).to(acc) if grad_out is not None else torch.zeros_like(rows)
+        gn = grad_n.to(acc).unsqueeze(1) if grad_n is not None else torch.zeros_like(n)
+        grad = (ctx.h / safe) * (go - d * (d * go).sum(1, keepdim=True)) + gn * d
+        grad_g = torch.where(pos, grad, torch.zeros_like(grad)).to(g.dtype).reshape(g.shape)
+    return grad_x, grad_g, None
+
+
+def register(op: str) -> None:
+    torch.library.register_fake(op)(_fake)
+    torch.library.register_autograd(op, fd_direction_grad, setup_context=_setup)
+
+
+@torch.library.custom_op("gradreg_fast::fd_direction_triton", mutates_args=())
+def _fd_direction_triton(x: torch.Tensor, g: torch.Tensor, h: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from gradreg_fast.triton.fd_direction import fd_direction as launch
+    return launch(x, g, h)
+
+
+register("gradreg_fast::fd_direction_triton")
+_ext = extension_op("fd_direction")
+if _ext is not None:
+    register("gradreg_fast::fd_direction")
+
+IMPLEMENTATIONS = {"reference": reference.fd_direction, "cpp": _ext, "cuda": _ext, "triton": _fd_direction_triton}
+
+
+def fd_direction(x: torch.Tensor, g: torch.Tensor, h: float, *,
+                 backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Perturbed input and per-sample norms: ``(x + h · g / ‖g‖, ‖g‖)`` per sample.
+
+    Args:
+        x: floating (B, ...) input, any strides.
+        g: the direction, same shape and dtype as x (per sample, normalized by the op).
+        h: finite step (a Python number; negative for a backward step).
+        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto).
+
+    Returns:
+        ``x_perturbed`` with x's shape and dtype (contiguous) and ``norms`` (B,) in float32
+        (float64 for float64 inputs). Where ‖g_b‖ = 0 the sample is left unperturbed.
+    """
+    check_floating_batched(x, "fd_direction", "x")
+    check_floating_batched(g, "fd_direction", "g")
+    if x.shape != g.shape:
+        raise ValueError(f"fd_direction: x and g must have the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(g.shape)}")
+    if x.dtype != g.dtype:
+        raise TypeError(f"fd_direction: x and g must have the same dtype, got {x.dtype} and {g.dtype}; "
+                        "convert g with g.to(x.dtype)")
+    if x.device != g.device:
+        raise ValueError(f"fd_direction: x is on {x.device} but g on {g.device}")
+    if isinstance(h, torch.Tensor) or not isinstance(h, (int, float)) or isinstance(h, bool):
+        raise TypeError(f"fd_direction: h must be a Python float, got {type(h).__name__}; use float(h)")
+    if not math.isfinite(h):
+        raise ValueError(f"fd_direction: h must be finite, got {h}")
+    name = resolve_backend(backend, x.device)
+    impl = IMPLEMENTATIONS.get(name)
+    if impl is None:
+        raise RuntimeError(f"fd_direction: backend {name!r} has no implementation of this op here")
+    return impl(x, g, float(h))

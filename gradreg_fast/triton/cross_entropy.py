@@ -1,0 +1,136 @@
+"""Triton kernels of the softmax cross-entropy, its backward and its Hessian-vector product.
+
+Each program handles a tile of ROWS rows × BLOCK_K classes (several rows per program when K is
+small, e.g. 10 classes), looping over the classes in chunks of BLOCK_K when K is larger:
+
+    forward:   online max / Σ exp over the chunks → lse, loss = lse − z[y]      (1 pass over z)
+    backward:  grad_z = grad · (exp(z − lse) − onehot(y))                      (1 pass)
+    hvp:       s = Σ p u, then hvp = c · p (u − s), dot = s − u[y]             (2 passes; 1 load
+               each when K ≤ BLOCK_K, the second pass re-reads from cache otherwise)
+Math in fp32 (fp64 for fp64 logits); p is recomputed from the saved lse.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gradreg_fast import reference
+
+MAX_BLOCK_K = 1024
+TILE = 2048  # elements per program when several rows share one
+
+
+def _tile(B: int, K: int) -> tuple[int, int]:
+    block_k = min(MAX_BLOCK_K, triton.next_power_of_2(max(K, 1)))
+    rows = max(1, min(TILE // block_k, triton.next_power_of_2(max(B, 1))))
+    return rows, block_k
+
+
+@triton.jit
+def ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, B, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc_ty = lse_ptr.dtype.element_ty
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = r < B
+    m = tl.full([ROWS], float("-inf"), acc_ty)
+    s = tl.zeros([ROWS], acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (k < K)[None, :]
+        v = tl.load(z_ptr + r[:, None] * K + k[None, :], mask=mask, other=float("-inf")).to(acc_ty)
+        m_new = tl.maximum(m, tl.max(v, axis=1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep the sum at 0
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(v - shift[:, None]), axis=1)
+        m = m_new
+    lse = tl.where(m == float("-inf"), m, m + tl.log(s))
+    label = tl.load(y_ptr + r, mask=rmask, other=0)
+    zy = tl.load(z_ptr + r * K + label, mask=rmask, other=0.0).to(acc_ty)
+    tl.store(lse_ptr + r, lse, mask=rmask)
+    tl.store(loss_ptr + r, lse - zy, mask=rmask)
+
+
+@triton.jit
+def ce_backward_kernel(g_ptr, z_ptr, y_ptr, lse_ptr, out_ptr, B, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc_ty = lse_ptr.dtype.element_ty
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = r < B
+    grad = tl.load(g_ptr + r, mask=rmask, other=0.0)
+    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+    label = tl.load(y_ptr + r, mask=rmask, other=0)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (k < K)[None, :]
+        offs = r[:, None] * K + k[None, :]
+        p = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0).to(acc_ty) - lse[:, None])
+        p = p - tl.where(k[None, :] == label[:, None], 1.0, 0.0)
+        tl.store(out_ptr + offs, (grad[:, None] * p).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def ce_hvp_kernel(u_ptr, c_ptr, z_ptr, y_ptr, lse_ptr, hvp_ptr, dot_ptr, B, K,
+                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc_ty = lse_ptr.dtype.element_ty
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rmask = r < B
+    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+    c = tl.load(c_ptr + r, mask=rmask, other=0.0)
+    label = tl.load(y_ptr + r, mask=rmask, other=0)
+    s = tl.zeros([ROWS], acc_ty)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (k < K)[None, :]
+        offs = r[:, None] * K + k[None, :]
+        p = tl.exp(tl.load(z_ptr + offs, mask=mask, other=float("-inf")).to(acc_ty) - lse[:, None])
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        s += tl.sum(p * u, axis=1)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        mask = rmask[:, None] & (k < K)[None, :]
+        offs = r[:, None] * K + k[None, :]
+        p = tl.exp(tl.load(z_ptr + offs, mask=mask, other=float("-inf")).to(acc_ty) - lse[:, None])
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        tl.store(hvp_ptr + offs, (c[:, None] * p * (u - s[:, None])).to(hvp_ptr.dtype.element_ty), mask=mask)
+    uy = tl.load(u_ptr + r * K + label, mask=rmask, other=0.0).to(acc_ty)
+    tl.store(dot_ptr + r, s - uy, mask=rmask)
+
+
+def _per_sample(v: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    return v.to(reference.acc_dtype(logits.dtype)).contiguous()
+
+
+def cross_entropy_forward(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logits.contiguous()
+    B, K = z.shape
+    acc = reference.acc_dtype(z.dtype)
+    loss = torch.empty(B, device=z.device, dtype=acc)
+    lse = torch.empty(B, device=z.device, dtype=acc)
+    if B:
+        rows, block_k = _tile(B, K)
+        ce_forward_kernel[(triton.cdiv(B, rows),)](z, y.contiguous(), loss, lse, B, K, ROWS=rows, BLOCK_K=block_k)
+    return loss, lse
+
+
+def cross_entropy_backward(grad: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                           lse: torch.Tensor) -> torch.Tensor:
+    z = logits.contiguous()
+    B, K = z.shape
+    out = torch.empty_like(z)
+    if B:
+        rows, block_k = _tile(B, K)
+        ce_backward_kernel[(triton.cdiv(B, rows),)](_per_sample(grad, z), z, y.contiguous(), _per_sample(lse, z), out,
+                                                    B, K, ROWS=rows, BLOCK_K=block_k)
+    return out
+
+
+def cross_entropy_hvp(u: torch.Tensor, scale: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                      lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = logits.contiguous()
+    uc = u.contiguous()
+    B, K = z.shape
+    hvp = torch.empty_like(uc)
+    dot = torch.empty(B, device=z.device, dtype=reference.acc_dtype(z.dtype))
+    if B:
+        rows, block_k = _tile(B, K)
+        ce_hvp_kernel[(triton.cdiv(B, rows),)](uc, _per_sample(scale, z), z, y.contiguous(), _per_sample(lse, z),
+                                               hvp, dot, B, K, ROWS=rows, BLOCK_K=block_k)
+    return hvp, dot
