@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gradreg_fast.triton._cast import cast_for_store
+
 from gradreg_fast import reference
 
 MAX_BLOCK_K = 1024
@@ -42,7 +44,8 @@ def ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, B, K, ROWS: tl.constexpr,
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep the sum at 0
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(v - shift[:, None]), axis=1)
         m = m_new
-    lse = tl.where(m == float("-inf"), m, m + tl.log(s))
+    empty = m == float("-inf")
+    lse = tl.where(empty, m, m + tl.log(tl.where(empty, 1.0, s)))
     label = tl.load(y_ptr + r, mask=rmask, other=0)
     zy = tl.load(z_ptr + r * K + label, mask=rmask, other=0.0).to(acc_ty)
     tl.store(lse_ptr + r, lse, mask=rmask)
@@ -63,7 +66,7 @@ def ce_backward_kernel(g_ptr, z_ptr, y_ptr, lse_ptr, out_ptr, B, K, ROWS: tl.con
         offs = r[:, None] * K + k[None, :]
         p = tl.exp(tl.load(z_ptr + offs, mask=mask, other=0.0).to(acc_ty) - lse[:, None])
         p = p - tl.where(k[None, :] == label[:, None], 1.0, 0.0)
-        tl.store(out_ptr + offs, (grad[:, None] * p).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, cast_for_store(grad[:, None] * p, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -89,7 +92,7 @@ def ce_hvp_kernel(u_ptr, c_ptr, z_ptr, y_ptr, lse_ptr, hvp_ptr, dot_ptr, B, K,
         offs = r[:, None] * K + k[None, :]
         p = tl.exp(tl.load(z_ptr + offs, mask=mask, other=float("-inf")).to(acc_ty) - lse[:, None])
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        tl.store(hvp_ptr + offs, (c[:, None] * p * (u - s[:, None])).to(hvp_ptr.dtype.element_ty), mask=mask)
+        tl.store(hvp_ptr + offs, cast_for_store(c[:, None] * p * (u - s[:, None]), hvp_ptr), mask=mask)
     uy = tl.load(u_ptr + r * K + label, mask=rmask, other=0.0).to(acc_ty)
     tl.store(dot_ptr + r, s - uy, mask=rmask)
 

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gradreg_fast.triton._cast import cast_for_store
+
 from gradreg_fast import reference
 from gradreg_fast.triton.sq_norm import BLOCK, default_split, rows, sq_norm_into
 
@@ -42,7 +44,7 @@ def fd_direction_row_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h, BLOCK: tl.con
         mask = offs < N
         x = tl.load(xb + offs, mask=mask, other=0.0).to(acc_ty)
         g = tl.load(gb + offs, mask=mask, other=0.0).to(acc_ty)
-        tl.store(ob + offs, (x + scale * g).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(ob + offs, cast_for_store(x + scale * g, out_ptr), mask=mask)
 
 
 @triton.jit
@@ -56,7 +58,7 @@ def fd_direction_apply_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h, BLOCK: tl.c
     mask = offs < N
     x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(acc_ty)
     g = tl.load(g_ptr + row * N + offs, mask=mask, other=0.0).to(acc_ty)
-    tl.store(out_ptr + row * N + offs, (x + scale * g).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * N + offs, cast_for_store(x + scale * g, out_ptr), mask=mask)
 
 
 @triton.jit

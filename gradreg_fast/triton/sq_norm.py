@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gradreg_fast.triton._cast import cast_for_store
+
 from gradreg_fast import reference
 
 BLOCK = 1024
@@ -47,7 +49,7 @@ def sq_norm_backward_kernel(g_ptr, x_ptr, out_ptr, N, total, BLOCK: tl.constexpr
     acc_ty = g_ptr.dtype.element_ty
     g = tl.load(g_ptr + offs // N, mask=mask, other=0.0)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-    tl.store(out_ptr + offs, (2.0 * g * x).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, cast_for_store(2.0 * g * x, out_ptr), mask=mask)
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
