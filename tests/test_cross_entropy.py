@@ -224,4 +224,5 @@ def test_cpp_ops_check_labels():
     with pytest.raises(RuntimeError, match="out of range"):
         torch.ops.gradreg_fast.cross_entropy_backward(torch.ones(3), z, bad, lse)
     with pytest.raises(RuntimeError, match="shape of logits"):
-        torch.ops.gradreg_fast.cross_entropy_hvp(torch.randn(3, 5), torch.ones(3), z, torch.zeros(3, dtype=torch.long), lse)
+        torch.ops.gradreg_fast.cross_entropy_hvp(torch.randn(3, 5), torch.ones(3), z,
+                                                 torch.zeros(3, dtype=torch.long), lse)

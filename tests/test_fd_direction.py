@@ -70,7 +70,8 @@ def test_gradient_matches_reference(device, backend):
     g = torch.randn(4, 9, dtype=torch.float64, device=device)
     go, gn = torch.randn(4, 9, dtype=torch.float64, device=device), torch.randn(4, dtype=torch.float64, device=device)
     grads = []
-    for fn in (lambda a, b: fd_direction(a, b, 0.2, backend=backend), lambda a, b: gr.reference.fd_direction(a, b, 0.2)):
+    for fn in (lambda a, b: fd_direction(a, b, 0.2, backend=backend),
+               lambda a, b: gr.reference.fd_direction(a, b, 0.2)):
         a, b = x.clone().requires_grad_(True), g.clone().requires_grad_(True)
         out, n = fn(a, b)
         grads.append(torch.autograd.grad((out * go).sum() + (n * gn).sum(), (a, b)))
@@ -115,7 +116,8 @@ def test_non_contiguous_and_channels_last(device, backend):
 
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_batch_of_one_and_empty_batch(device, backend):
-    x, g = torch.randn(1, 17, dtype=torch.float64, device=device), torch.randn(1, 17, dtype=torch.float64, device=device)
+    x = torch.randn(1, 17, dtype=torch.float64, device=device)
+    g = torch.randn(1, 17, dtype=torch.float64, device=device)
     out, n = fd_direction(x, g, 1.0, backend=backend)
     torch.testing.assert_close(out, expected(x, g, 1.0)[0])
     ex = torch.randn(0, 5, device=device, requires_grad=True)

@@ -53,7 +53,8 @@ def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
     n = B * K
     return [
         OpCase("cross_entropy", "forward", n, n * size + B * 8 + 2 * B * 4, {k: forward(f) for k, f in fns.items()}),
-        OpCase("cross_entropy", "backward", n, 2 * n * size + B * 8 + 3 * B * 4, {k: backward(f) for k, f in fns.items()}),
+        OpCase("cross_entropy", "backward", n, 2 * n * size + B * 8 + 3 * B * 4,
+               {k: backward(f) for k, f in fns.items()}),
         # forward + backward + hvp pass: z read 3x, grad_z written, u read, hvp written
         OpCase("cross_entropy", "double_backward", n, 6 * n * size + 3 * B * 8,
                {k: double_backward(f) for k, f in fns.items()}),

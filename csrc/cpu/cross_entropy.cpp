@@ -209,7 +209,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cpu(const at::Tensor& u_in,
           acc_t pu = 0;
           for (int64_t k = 0; k < K; ++k) pu += p[k] * static_cast<acc_t>(urow[k]);
           const acc_t c = cp[b];
-          for (int64_t k = 0; k < K; ++k) hrow[k] = static_cast<scalar_t>(c * p[k] * (static_cast<acc_t>(urow[k]) - pu));
+          for (int64_t k = 0; k < K; ++k) {
+            hrow[k] = static_cast<scalar_t>(c * p[k] * (static_cast<acc_t>(urow[k]) - pu));
+          }
           dp[b] = pu - static_cast<acc_t>(urow[yp[b]]);
         }
       }

@@ -20,13 +20,14 @@ from gradreg_fast.triton.sq_norm import BLOCK, default_split, rows, sq_norm_into
 
 
 @triton.jit
-def _scale(sumsq, h):
+def _scale(sumsq, h_ptr):
+    h = tl.load(h_ptr)
     n = tl.sqrt(sumsq)
     return n, tl.where(n > 0, h / tl.where(n > 0, n, 1.0), 0.0)
 
 
 @triton.jit
-def fd_direction_row_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h, BLOCK: tl.constexpr):
+def fd_direction_row_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h_ptr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     acc_ty = norm_ptr.dtype.element_ty
     xb = x_ptr + row * N
@@ -37,7 +38,7 @@ def fd_direction_row_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h, BLOCK: tl.con
         offs = start + tl.arange(0, BLOCK)
         v = tl.load(gb + offs, mask=offs < N, other=0.0).to(acc_ty)
         acc += v * v
-    n, scale = _scale(tl.sum(acc, axis=0), h)
+    n, scale = _scale(tl.sum(acc, axis=0), h_ptr)
     tl.store(norm_ptr + row, n)
     for start in range(0, N, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -48,12 +49,12 @@ def fd_direction_row_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h, BLOCK: tl.con
 
 
 @triton.jit
-def fd_direction_apply_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h, BLOCK: tl.constexpr):
+def fd_direction_apply_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h_ptr, BLOCK: tl.constexpr):
     """norm_ptr holds Σ g² on entry; program (row, block) writes its block and block 0 the norm."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     acc_ty = norm_ptr.dtype.element_ty
-    n, scale = _scale(tl.load(norm_ptr + row), h)
+    n, scale = _scale(tl.load(norm_ptr + row), h_ptr)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     x = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(acc_ty)
@@ -76,12 +77,14 @@ def fd_direction(x: torch.Tensor, g: torch.Tensor, h: float,
     norms = torch.empty(B, device=x.device, dtype=reference.acc_dtype(x.dtype))
     if B == 0:
         return out, norms
+    # h travels as a one-element tensor: Triton would pass a Python float as fp32, not fp64
+    h_t = torch.full((1,), h, device=x.device, dtype=norms.dtype)
     split = default_split(B, N, x.device) if split is None else split
     if split <= 1:
-        fd_direction_row_kernel[(B,)](x2, g2, out, norms, N, h, BLOCK=BLOCK)
+        fd_direction_row_kernel[(B,)](x2, g2, out, norms, N, h_t, BLOCK=BLOCK)
         return out, norms
     sq_norm_into(g2, norms, split)
     # blocks along the row on grid axis 1 (limit 65535 blocks of BLOCK elements per row)
-    fd_direction_apply_kernel[(B, triton.cdiv(N, BLOCK))](x2, g2, out, norms, N, h, BLOCK=BLOCK)
+    fd_direction_apply_kernel[(B, triton.cdiv(N, BLOCK))](x2, g2, out, norms, N, h_t, BLOCK=BLOCK)
     _sqrt_kernel[(triton.cdiv(B, BLOCK),)](norms, B, BLOCK=BLOCK)
     return out, norms
