@@ -18,7 +18,7 @@ import torch
 
 from gradreg_fast import reference
 from gradreg_fast._backend import resolve_backend
-from gradreg_fast.ops._common import extension_op
+from gradreg_fast.ops._common import optional_extension_op
 
 _acc = reference.acc_dtype
 
@@ -131,10 +131,10 @@ def _cross_entropy_hvp_triton(u: torch.Tensor, scale: torch.Tensor, logits: torc
 register("gradreg_fast::cross_entropy_triton", "gradreg_fast::cross_entropy_backward_triton",
          "gradreg_fast::cross_entropy_hvp_triton", _cross_entropy_backward_triton, _cross_entropy_hvp_triton)
 
-_ext_fwd = extension_op("cross_entropy")
+_ext_fwd = optional_extension_op("cross_entropy")
 if _ext_fwd is not None:
     register("gradreg_fast::cross_entropy", "gradreg_fast::cross_entropy_backward", "gradreg_fast::cross_entropy_hvp",
-             extension_op("cross_entropy_backward"), extension_op("cross_entropy_hvp"))
+             optional_extension_op("cross_entropy_backward"), optional_extension_op("cross_entropy_hvp"))
 
 # backend -> (logits, y) -> (loss, lse)
 _FUSED = {"cpp": _ext_fwd, "cuda": _ext_fwd, "triton": _cross_entropy_triton}
@@ -193,5 +193,6 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, *, backend: str | None 
         return reference.cross_entropy(logits, y)
     impl = _FUSED.get(name)
     if impl is None:
-        raise RuntimeError(f"cross_entropy: backend {name!r} has no implementation of this op here")
+        raise RuntimeError(f"cross_entropy: backend {name!r} has no kernel of this op: the extension was built "
+                           "from older sources; rebuild it (pip install --no-build-isolation .)")
     return impl(logits, y)[0]

@@ -18,7 +18,7 @@ import torch
 
 from gradreg_fast import reference
 from gradreg_fast._backend import resolve_backend
-from gradreg_fast.ops._common import check_floating_batched, extension_op
+from gradreg_fast.ops._common import check_floating_batched, optional_extension_op
 
 
 def _fake(x, g, h):
@@ -62,7 +62,7 @@ def _fd_direction_triton(x: torch.Tensor, g: torch.Tensor, h: float) -> tuple[to
 
 
 register("gradreg_fast::fd_direction_triton")
-_ext = extension_op("fd_direction")
+_ext = optional_extension_op("fd_direction")
 if _ext is not None:
     register("gradreg_fast::fd_direction")
 
@@ -100,5 +100,6 @@ def fd_direction(x: torch.Tensor, g: torch.Tensor, h: float, *,
     name = resolve_backend(backend, x.device)
     impl = IMPLEMENTATIONS.get(name)
     if impl is None:
-        raise RuntimeError(f"fd_direction: backend {name!r} has no implementation of this op here")
+        raise RuntimeError(f"fd_direction: backend {name!r} has no kernel of this op: the extension was built "
+                           "from older sources; rebuild it (pip install --no-build-isolation .)")
     return impl(x, g, float(h))
