@@ -38,4 +38,12 @@ inline at::Tensor per_sample(const at::Tensor& v, const at::Tensor& logits, cons
   return v.to(reduction_dtype(logits.scalar_type())).contiguous();
 }
 
+// The saved log-sum-exp (B,) in float64 for every logits dtype, made contiguous: p = exp(z - lse)
+// then keeps fp32 accuracy when |lse| is large (an fp32 lse of about 100 is off by up to 4e-6).
+inline at::Tensor lse_per_sample(const at::Tensor& v, const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == logits.size(0), "gradreg_fast::", op, ": lse must have shape (B,) = (",
+              logits.size(0), ",), got ", v.sizes());
+  return v.to(at::kDouble).contiguous();
+}
+
 }  // namespace gradreg

@@ -22,7 +22,7 @@ TORCH_LIBRARY(gradreg_fast, m) {
   // n[b] = 0). Returns (out in x's dtype and shape, n of shape (B,) in the reduction dtype).
   m.def("fd_direction(Tensor x, Tensor g, float h) -> (Tensor, Tensor)");
   // Softmax cross-entropy per sample: loss[b] = lse[b] - z[b, y[b]], lse[b] = logsumexp(z[b]).
-  // Returns (loss, lse), both (B,) in the reduction dtype; lse is saved for the backward.
+  // Returns (loss, lse): loss (B,) in the reduction dtype, lse (B,) in float64 (saved for the backward).
   m.def("cross_entropy(Tensor logits, Tensor y) -> (Tensor, Tensor)");
   // Its backward: grad_z[b, k] = grad[b] * (p[b, k] - [k == y[b]]), p = exp(z - lse), logits' dtype.
   m.def("cross_entropy_backward(Tensor grad, Tensor logits, Tensor y, Tensor lse) -> Tensor");

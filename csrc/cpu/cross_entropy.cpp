@@ -82,15 +82,14 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits_in
   const at::Tensor z = logits_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t B = z.size(0);
-  const auto acc_type = reduction_dtype(z.scalar_type());
-  at::Tensor loss = at::empty({B}, z.options().dtype(acc_type));
-  at::Tensor lse = at::empty({B}, z.options().dtype(acc_type));
+  at::Tensor loss = at::empty({B}, z.options().dtype(reduction_dtype(z.scalar_type())));
+  at::Tensor lse = at::empty({B}, z.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const int64_t* yp = y.const_data_ptr<int64_t>();
     acc_t* lp = loss.mutable_data_ptr<acc_t>();
-    acc_t* sp = lse.mutable_data_ptr<acc_t>();
+    double* sp = lse.mutable_data_ptr<double>();
     const int64_t T = tile_rows(K);
     at::parallel_for(0, B, row_grain(K), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(T * K), rmax(T);
@@ -111,9 +110,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits_in
           acc_t sum = 0;
           for (int64_t k = 0; k < K; ++k) sum += buf[r * K + k];
           const acc_t m = rmax[r];
-          const acc_t s = std::isfinite(m) ? m + std::log(sum) : m;  // +inf and NaN propagate
+          // +inf and NaN propagate; the sum is taken to double before the log (lse is stored in double)
+          const double s = std::isfinite(m) ? static_cast<double>(m) + std::log(static_cast<double>(sum)) : m;
           sp[b] = s;
-          lp[b] = s - static_cast<acc_t>(zp[b * K + yp[b]]);
+          lp[b] = static_cast<acc_t>(s - static_cast<double>(zp[b * K + yp[b]]));
         }
       }
     });
@@ -125,7 +125,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_in, const at::Tenso
                                       const at::Tensor& lse_in) {
   const int64_t K = check_logits_labels(logits_in, y_in, "cross_entropy_backward");
   const at::Tensor grad = per_sample(grad_in, logits_in, "cross_entropy_backward", "grad");
-  const at::Tensor lse = per_sample(lse_in, logits_in, "cross_entropy_backward", "lse");
+  const at::Tensor lse = lse_per_sample(lse_in, logits_in, "cross_entropy_backward");
   const at::Tensor z = logits_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t B = z.size(0);
@@ -135,7 +135,7 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_in, const at::Tenso
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const int64_t* yp = y.const_data_ptr<int64_t>();
     const acc_t* gp = grad.const_data_ptr<acc_t>();
-    const acc_t* sp = lse.const_data_ptr<acc_t>();
+    const double* sp = lse.const_data_ptr<double>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     const int64_t T = tile_rows(K);
     at::parallel_for(0, B, row_grain(K), [&](int64_t begin, int64_t end) {
@@ -145,8 +145,8 @@ at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_in, const at::Tenso
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* row = zp + (b0 + r) * K;
           check_label(yp[b0 + r], K, "cross_entropy_backward");
-          const acc_t s = sp[b0 + r];
-          for (int64_t k = 0; k < K; ++k) buf[r * K + k] = static_cast<acc_t>(row[k]) - s;
+          const double s = sp[b0 + r];  // z - lse in double: exact enough for fp32 exp arguments
+          for (int64_t k = 0; k < K; ++k) buf[r * K + k] = static_cast<acc_t>(static_cast<double>(row[k]) - s);
         }
         exp_inplace(buf.data(), rows * K);
         for (int64_t r = 0; r < rows; ++r) {
@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cpu(const at::Tensor& u_in,
               "gradreg_fast::cross_entropy_hvp: u must have the dtype of logits (", logits_in.scalar_type(), "), got ",
               u_in.scalar_type());
   const at::Tensor scale = per_sample(scale_in, logits_in, "cross_entropy_hvp", "scale");
-  const at::Tensor lse = per_sample(lse_in, logits_in, "cross_entropy_hvp", "lse");
+  const at::Tensor lse = lse_per_sample(lse_in, logits_in, "cross_entropy_hvp");
   const at::Tensor z = logits_in.contiguous();
   const at::Tensor u = u_in.contiguous();
   const at::Tensor y = y_in.contiguous();
@@ -186,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cpu(const at::Tensor& u_in,
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const int64_t* yp = y.const_data_ptr<int64_t>();
     const acc_t* cp = scale.const_data_ptr<acc_t>();
-    const acc_t* sp = lse.const_data_ptr<acc_t>();
+    const double* sp = lse.const_data_ptr<double>();
     scalar_t* hp = hvp.mutable_data_ptr<scalar_t>();
     acc_t* dp = dot.mutable_data_ptr<acc_t>();
     const int64_t T = tile_rows(K);
@@ -197,8 +197,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cpu(const at::Tensor& u_in,
         for (int64_t r = 0; r < rows; ++r) {
           const scalar_t* row = zp + (b0 + r) * K;
           check_label(yp[b0 + r], K, "cross_entropy_hvp");
-          const acc_t s = sp[b0 + r];
-          for (int64_t k = 0; k < K; ++k) buf[r * K + k] = static_cast<acc_t>(row[k]) - s;
+          const double s = sp[b0 + r];  // z - lse in double: exact enough for fp32 exp arguments
+          for (int64_t k = 0; k < K; ++k) buf[r * K + k] = static_cast<acc_t>(static_cast<double>(row[k]) - s);
         }
         exp_inplace(buf.data(), rows * K);
         for (int64_t r = 0; r < rows; ++r) {

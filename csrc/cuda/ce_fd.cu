@@ -16,8 +16,6 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ float dev_exp(float x) { return ::expf(x); }
 __device__ __forceinline__ double dev_exp(double x) { return ::exp(x); }
-__device__ __forceinline__ float dev_log(float x) { return ::logf(x); }
-__device__ __forceinline__ double dev_log(double x) { return ::log(x); }
 __device__ __forceinline__ float dev_sqrt(float x) { return ::sqrtf(x); }
 __device__ __forceinline__ double dev_sqrt(double x) { return ::sqrt(x); }
 
@@ -142,7 +140,7 @@ __device__ __forceinline__ acc_t group_max(acc_t v) {
 
 template <int G, typename scalar_t, typename acc_t>
 __global__ void ce_forward_kernel(const scalar_t* __restrict__ z, const int64_t* __restrict__ y,
-                                  acc_t* __restrict__ loss, acc_t* __restrict__ lse, int64_t B, int64_t K) {
+                                  acc_t* __restrict__ loss, double* __restrict__ lse, int64_t B, int64_t K) {
   const int lane = threadIdx.x % G;
   const int64_t b = blockIdx.x * (int64_t)(kThreads / G) + threadIdx.x / G;
   const bool valid = b < B;  // invalid groups still join the shuffles
@@ -157,26 +155,28 @@ __global__ void ce_forward_kernel(const scalar_t* __restrict__ z, const int64_t*
   if (valid && lane == 0) {
     const int64_t label = y[b];
     CUDA_KERNEL_ASSERT(label >= 0 && label < K);
-    const acc_t out = finite ? m + dev_log(s) : m;  // all -inf: -inf; +inf and NaN propagate
+    // all -inf: -inf; +inf and NaN propagate. Stored in double (see lse_per_sample).
+    const double out = finite ? static_cast<double>(m) + ::log(static_cast<double>(s)) : static_cast<double>(m);
     lse[b] = out;
-    loss[b] = out - static_cast<acc_t>(row[label]);
+    loss[b] = static_cast<acc_t>(out - static_cast<double>(row[label]));
   }
 }
 
 template <int G, typename scalar_t, typename acc_t>
 __global__ void ce_backward_kernel(const acc_t* __restrict__ grad, const scalar_t* __restrict__ z,
-                                   const int64_t* __restrict__ y, const acc_t* __restrict__ lse,
+                                   const int64_t* __restrict__ y, const double* __restrict__ lse,
                                    scalar_t* __restrict__ out, int64_t B, int64_t K) {
   const int lane = threadIdx.x % G;
   const int64_t b = blockIdx.x * (int64_t)(kThreads / G) + threadIdx.x / G;
   if (b >= B) return;  // no shuffles in this kernel
   const int64_t label = y[b];
   CUDA_KERNEL_ASSERT(label >= 0 && label < K);
-  const acc_t gb = grad[b], s = lse[b];
+  const acc_t gb = grad[b];
+  const double s = lse[b];
   const scalar_t* row = z + b * K;
   scalar_t* orow = out + b * K;
   for (int64_t k = lane; k < K; k += G) {
-    const acc_t p = dev_exp(static_cast<acc_t>(row[k]) - s) - (k == label ? acc_t(1) : acc_t(0));
+    const acc_t p = dev_exp(static_cast<acc_t>(static_cast<double>(row[k]) - s)) - (k == label ? acc_t(1) : acc_t(0));
     orow[k] = static_cast<scalar_t>(gb * p);
   }
 }
@@ -184,24 +184,24 @@ __global__ void ce_backward_kernel(const acc_t* __restrict__ grad, const scalar_
 template <int G, typename scalar_t, typename acc_t>
 __global__ void ce_hvp_kernel(const scalar_t* __restrict__ u, const acc_t* __restrict__ scale,
                               const scalar_t* __restrict__ z, const int64_t* __restrict__ y,
-                              const acc_t* __restrict__ lse, scalar_t* __restrict__ hvp, acc_t* __restrict__ dot,
+                              const double* __restrict__ lse, scalar_t* __restrict__ hvp, acc_t* __restrict__ dot,
                               int64_t B, int64_t K) {
   const int lane = threadIdx.x % G;
   const int64_t b = blockIdx.x * (int64_t)(kThreads / G) + threadIdx.x / G;
   const bool valid = b < B;
   const int64_t base = (valid ? b : 0) * K;
-  const acc_t s = valid ? lse[b] : acc_t(0);
+  const double s = valid ? lse[b] : 0.0;
   acc_t pu = 0;
   if (valid) {
     for (int64_t k = lane; k < K; k += G) {
-      pu += dev_exp(static_cast<acc_t>(z[base + k]) - s) * static_cast<acc_t>(u[base + k]);
+      pu += dev_exp(static_cast<acc_t>(static_cast<double>(z[base + k]) - s)) * static_cast<acc_t>(u[base + k]);
     }
   }
   pu = group_sum<G>(pu);
   if (!valid) return;
   const acc_t c = scale[b];
   for (int64_t k = lane; k < K; k += G) {
-    const acc_t p = dev_exp(static_cast<acc_t>(z[base + k]) - s);
+    const acc_t p = dev_exp(static_cast<acc_t>(static_cast<double>(z[base + k]) - s));
     hvp[base + k] = static_cast<scalar_t>(c * p * (static_cast<acc_t>(u[base + k]) - pu));
   }
   if (lane == 0) {
@@ -230,9 +230,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits_i
   const at::Tensor z = logits_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t B = z.size(0);
-  const auto acc_type = reduction_dtype(z.scalar_type());
-  at::Tensor loss = at::empty({B}, z.options().dtype(acc_type));
-  at::Tensor lse = at::empty({B}, z.options().dtype(acc_type));
+  at::Tensor loss = at::empty({B}, z.options().dtype(reduction_dtype(z.scalar_type())));
+  at::Tensor lse = at::empty({B}, z.options().dtype(at::kDouble));
   if (B == 0) return {loss, lse};
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_cuda", [&] {
@@ -241,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits_i
       constexpr int G = decltype(g)::value;
       ce_forward_kernel<G, scalar_t, acc_t><<<ce_blocks(B, G), kThreads, 0, stream>>>(
           z.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), loss.mutable_data_ptr<acc_t>(),
-          lse.mutable_data_ptr<acc_t>(), B, K);
+          lse.mutable_data_ptr<double>(), B, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -253,7 +252,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_in, const at::Tens
   const int64_t K = check_logits_labels(logits_in, y_in, "cross_entropy_backward");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor grad = per_sample(grad_in, logits_in, "cross_entropy_backward", "grad");
-  const at::Tensor lse = per_sample(lse_in, logits_in, "cross_entropy_backward", "lse");
+  const at::Tensor lse = lse_per_sample(lse_in, logits_in, "cross_entropy_backward");
   const at::Tensor z = logits_in.contiguous();
   const at::Tensor y = y_in.contiguous();
   const int64_t B = z.size(0);
@@ -266,7 +265,7 @@ at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_in, const at::Tens
       constexpr int G = decltype(g)::value;
       ce_backward_kernel<G, scalar_t, acc_t><<<ce_blocks(B, G), kThreads, 0, stream>>>(
           grad.const_data_ptr<acc_t>(), z.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(),
-          lse.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), B, K);
+          lse.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), B, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -284,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cuda(const at::Tensor& u_in
               u_in.scalar_type());
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor scale = per_sample(scale_in, logits_in, "cross_entropy_hvp", "scale");
-  const at::Tensor lse = per_sample(lse_in, logits_in, "cross_entropy_hvp", "lse");
+  const at::Tensor lse = lse_per_sample(lse_in, logits_in, "cross_entropy_hvp");
   const at::Tensor z = logits_in.contiguous();
   const at::Tensor u = u_in.contiguous();
   const at::Tensor y = y_in.contiguous();
@@ -299,7 +298,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cuda(const at::Tensor& u_in
       constexpr int G = decltype(g)::value;
       ce_hvp_kernel<G, scalar_t, acc_t><<<ce_blocks(B, G), kThreads, 0, stream>>>(
           u.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), z.const_data_ptr<scalar_t>(),
-          y.const_data_ptr<int64_t>(), lse.const_data_ptr<acc_t>(), hvp.mutable_data_ptr<scalar_t>(),
+          y.const_data_ptr<int64_t>(), lse.const_data_ptr<double>(), hvp.mutable_data_ptr<scalar_t>(),
           dot.mutable_data_ptr<acc_t>(), B, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

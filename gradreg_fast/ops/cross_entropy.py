@@ -8,7 +8,8 @@
                                                       (both from ONE pass: op cross_entropy_hvp)
     ∂³:  the backward of cross_entropy_hvp is composite PyTorch (below), itself differentiable.
 
-Only lse (one number per sample) is saved by the forward; p is recomputed from (z, lse). Gradients
+Only lse (one number per sample, float64 for every dtype so that exp(z − lse) keeps fp32 accuracy
+when |lse| is large) is saved by the forward; p is recomputed from (z, lse). Gradients
 are never written into the logits. lse is a non-differentiable output of the forward op: the
 derivative through it is already part of the softmax Jacobian diag(p) − ppᵀ used by the backward.
 """
@@ -26,7 +27,7 @@ _acc = reference.acc_dtype
 def _fake_forward(logits, y):
     b = logits.shape[0]
     acc = _acc(logits.dtype)
-    return logits.new_empty((b,), dtype=acc), logits.new_empty((b,), dtype=acc)
+    return logits.new_empty((b,), dtype=acc), logits.new_empty((b,), dtype=torch.float64)
 
 
 def _fake_backward(grad, logits, y, lse):

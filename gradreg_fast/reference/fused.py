@@ -28,9 +28,11 @@ def fd_direction(x: torch.Tensor, g: torch.Tensor, h: float) -> tuple[torch.Tens
 
 
 def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample softmax cross-entropy ℓ_b = logsumexp(z_b) − z_{b, y_b}, in acc_dtype."""
+    """Per-sample softmax cross-entropy ℓ_b = logsumexp(z_b) − z_{b, y_b} = −log softmax(z_b)_{y_b},
+    in acc_dtype (through log_softmax, whose (z − max) − log Σ form keeps the derivatives accurate
+    when |logsumexp| is large)."""
     z = logits.to(acc_dtype(logits.dtype))
-    return torch.logsumexp(z, dim=1) - z.gather(1, y.reshape(-1, 1)).squeeze(1)
+    return -torch.log_softmax(z, dim=1).gather(1, y.reshape(-1, 1)).squeeze(1)
 
 
 def cross_entropy_grad(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
