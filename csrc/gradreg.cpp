@@ -19,3 +19,16 @@ TORCH_LIBRARY(gradreg_fast, m) {
   // Its backward: grad_x[b, j] = 2 * grad[b] * x[b, j], in x's dtype.
   m.def("sq_norm_backward(Tensor grad, Tensor x) -> Tensor");
 }
+
+TORCH_LIBRARY_FRAGMENT(gradreg_fast, m) {
+  // Counter-based Gaussian stream (Philox 4x32-10 + Box-Muller; gradreg_fast/reference/philox.py
+  // defines it). seed: the uint64 key as int64 bits; offset >= 0 selects an independent stream.
+  // x-shaped N(0, 1) numbers in x's dtype (contiguous); x is only a template (shape/dtype/device).
+  m.def("gaussian_like(Tensor x, int seed, int offset, bool per_sample) -> Tensor");
+  // s[i] = sum_k r[i, k] * out[i, k], r regenerated from (seed, offset); out (B, K);
+  // float32 output for fp16/bf16/fp32, float64 for fp64.
+  m.def("project(Tensor out, int seed, int offset, bool per_sample) -> Tensor");
+  // Its backward: grad_out[i, k] = grad[i] * r[i, k], shape (B, num_outputs), in dtype.
+  m.def("project_backward(Tensor grad, int seed, int offset, bool per_sample, int num_outputs, "
+        "ScalarType dtype) -> Tensor");
+}
