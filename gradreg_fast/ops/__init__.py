@@ -6,3 +6,7 @@ Each public function takes ``backend=None`` (see gradreg_fast._backend): "refere
 from gradreg_fast.ops.sq_norm import sq_norm
 
 __all__ = ["sq_norm"]
+
+from gradreg_fast.ops.projection import draw_seed, gaussian_like, project  # noqa: E402
+
+__all__ += ["draw_seed", "gaussian_like", "project"]

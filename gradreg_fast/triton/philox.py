@@ -68,6 +68,18 @@ def _normal_at(e, k0, k1, o0, o1):
     return (rho * trig).to(tl.float32)
 
 
+@triton.jit
+def _cast(z, dtype: tl.constexpr):
+    """float32 -> dtype, round to nearest even. bfloat16 is rounded on the bits (z is finite),
+    because the interpreter's float32 -> bfloat16 conversion truncates."""
+    if dtype == tl.bfloat16:
+        bits = z.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return z.to(dtype)
+
+
 @triton.jit(do_not_specialize=["n", "k0", "k1", "o0", "o1"])
 def _gaussian_kernel(out_ptr, n, k0, k1, o0, o1, BLOCK_Q: tl.constexpr):
     """out[e] = z[e] for e < n; each program computes 4·BLOCK_Q consecutive elements."""
@@ -83,7 +95,7 @@ def _gaussian_kernel(out_ptr, n, k0, k1, o0, o1, BLOCK_Q: tl.constexpr):
     # z[n, i, j] = element 4n + 2i + j  ->  row-major (4·BLOCK_Q,)
     z = tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (4 * BLOCK_Q,))
     offs = pid * (4 * BLOCK_Q) + tl.arange(0, 4 * BLOCK_Q).to(tl.int64)
-    tl.store(out_ptr + offs, z.to(out_ptr.dtype.element_ty), mask=offs < n)
+    tl.store(out_ptr + offs, _cast(z, out_ptr.dtype.element_ty), mask=offs < n)
 
 
 @triton.jit(do_not_specialize=["B", "K", "k0", "k1", "o0", "o1"])
@@ -120,7 +132,7 @@ def _project_backward_kernel(g_ptr, out_ptr, total, K, k0, k1, o0, o1, PER_SAMPL
         e = flat - rows * K
     r = _normal_at(e, k0.to(tl.uint32), k1.to(tl.uint32), o0.to(tl.uint32), o1.to(tl.uint32))
     g = tl.load(g_ptr + rows, mask=mask, other=0.0).to(ACC)
-    tl.store(out_ptr + flat, (g * r.to(ACC)).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + flat, _cast(g * r.to(ACC), out_ptr.dtype.element_ty), mask=mask)
 
 
 def _stream_words(seed: int, offset: int) -> tuple[int, int, int, int]:
