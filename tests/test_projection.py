@@ -434,3 +434,30 @@ def test_spectreg_with_project_equals_reference(device, backend, per_sample, mod
     torch.testing.assert_close(ours, expected, **TOLERANCES[torch.float64])
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_spectreg_n_projections_batched_equals_reference(device, backend, per_sample):
+    """n draws at offsets offset, offset+1, ...: the n projections stacked to (n, B) and one
+    is_grads_batched reverse pass (the shape of penalties.estimators.input_vjps) equal
+    reference.spectreg with the (n, B, K) tensor R materialized from the reference generator."""
+    n = 3
+    model, x, _ = make("mlp", batch=4, k=5)
+    model, x = model.to(device), x.to(device)
+    seed, offset = fresh_seed(), fresh_offset() >> 1
+    R = torch.stack([P.projection_vectors(4, 5, seed, offset + j, per_sample=per_sample, dtype=torch.float64,
+                                          device=device).expand(4, 5) for j in range(n)])
+    expected = gr.reference.spectreg(model, x, R)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()), materialize_grads=True)
+
+    xi = x.detach().requires_grad_(True)
+    u = model(xi)
+    S = torch.stack([project(u, seed, offset + j, per_sample=per_sample, backend=backend) for j in range(n)])
+    onehot = torch.eye(n, dtype=S.dtype, device=device)[:, :, None].expand(n, n, S.shape[1])
+    (g,) = torch.autograd.grad(S, xi, grad_outputs=onehot, is_grads_batched=True, create_graph=True)
+    ours = g.pow(2).flatten(2).sum(2).mean(1).mean(0)
+    grads = torch.autograd.grad(ours, list(model.parameters()), materialize_grads=True)
+    torch.testing.assert_close(ours, expected, **TOLERANCES[torch.float64])
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
