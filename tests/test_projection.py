@@ -461,3 +461,12 @@ def test_spectreg_n_projections_batched_equals_reference(device, backend, per_sa
     torch.testing.assert_close(ours, expected, **TOLERANCES[torch.float64])
     for a, b in zip(grads, expected_grads):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
+
+
+def test_draw_seed():
+    from gradreg_fast.ops import draw_seed
+    seeds = {draw_seed() for _ in range(8)}
+    assert all(isinstance(s, int) and 0 <= s < 2 ** 63 for s in seeds) and len(seeds) == 8
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert draw_seed(g1) == draw_seed(g2)
+    project(torch.randn(2, 3), draw_seed(g1), 0)  # a drawn seed is accepted by the ops
