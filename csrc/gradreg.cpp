@@ -30,3 +30,16 @@ TORCH_LIBRARY(gradreg_fast, m) {
   // dtype) and dot[b] = <p[b] - onehot(y[b]), u[b]> (reduction dtype).
   m.def("cross_entropy_hvp(Tensor u, Tensor scale, Tensor logits, Tensor y, Tensor lse) -> (Tensor, Tensor)");
 }
+
+TORCH_LIBRARY_FRAGMENT(gradreg_fast, m) {
+  // Counter-based Gaussian stream (Philox 4x32-10 + Box-Muller; gradreg_fast/reference/philox.py
+  // defines it). seed: the uint64 key as int64 bits; offset >= 0 selects an independent stream.
+  // x-shaped N(0, 1) numbers in x's dtype (contiguous); x is only a template (shape/dtype/device).
+  m.def("gaussian_like(Tensor x, int seed, int offset, bool per_sample) -> Tensor");
+  // s[i] = sum_k r[i, k] * out[i, k], r regenerated from (seed, offset); out (B, K);
+  // float32 output for fp16/bf16/fp32, float64 for fp64.
+  m.def("project(Tensor out, int seed, int offset, bool per_sample) -> Tensor");
+  // Its backward: grad_out[i, k] = grad[i] * r[i, k], shape (B, num_outputs), in dtype.
+  m.def("project_backward(Tensor grad, int seed, int offset, bool per_sample, int num_outputs, "
+        "ScalarType dtype) -> Tensor");
+}

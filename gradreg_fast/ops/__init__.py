@@ -4,9 +4,8 @@ Each public function takes ``backend=None`` (see gradreg_fast._backend): "refere
 "cuda", "triton" or "auto".
 """
 from gradreg_fast.ops.sq_norm import sq_norm
+from gradreg_fast.ops.fd_direction import fd_direction
+from gradreg_fast.ops.cross_entropy import cross_entropy
+from gradreg_fast.ops.projection import draw_seed, gaussian_like, project
 
-__all__ = ["sq_norm"]
-from gradreg_fast.ops.fd_direction import fd_direction  # noqa: E402
-from gradreg_fast.ops.cross_entropy import cross_entropy  # noqa: E402
-
-__all__ += ["fd_direction", "cross_entropy"]
+__all__ = ["sq_norm", "fd_direction", "cross_entropy", "draw_seed", "gaussian_like", "project"]

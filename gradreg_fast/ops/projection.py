@@ -1,0 +1,212 @@
+"""Random projections and Gaussian tangents from a counter-based generator, no stored random tensors.
+
+r ~ N(0, I) is regenerated wherever it is needed from (seed, offset) by Philox 4x32-10 +
+Box–Muller — the stream defined in gradreg_fast/reference/philox.py, identical on every backend
+(reference, cpp, cuda, triton): element e of stream (seed, offset) is the same float32 number z[e]
+everywhere (to the bit, but for ~1 element in 10^8 where the backends' float64 log/cos/sin round
+to different sides of a float32 boundary: then 1 ulp).
+
+    project(out, seed, offset)[i] = s_i = Σ_k r_ik · out_ik
+        per_sample=False: r_ik = z[k]        (one r shared by the batch: SpectReg's default)
+        per_sample=True:  r_ik = z[i·K + k]  (one r per sample)
+    ∂s/∂out:  grad_out_ik = grad_s_i · r_ik                        (op project_backward, r regenerated)
+    ∂²:       project_backward is linear in grad_s; its derivative is again a projection,
+              d grad_s_i = Σ_k gg_ik r_ik = project(gg)_i, and nothing flows to out.
+
+    gaussian_like(x, seed, offset): x-shaped v ~ N(0, I) written on demand (forward-mode
+    Hutchinson: E_v ‖J v‖² = ‖J‖_F²); v.flatten()[e] = z[e] (per_sample=True) or the same
+    x[0]-shaped tangent for every sample (per_sample=False).
+
+Projected SpectReg (PAPER.md) without materializing r:
+
+    s = project(model(x).reshape(B, -1), seed, offset)            # per_sample=False: the paper
+    (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)      # g_i = J_iᵀ r
+    penalty = sq_norm(g).mean()
+
+Use a fresh (seed, offset) for each draw: e.g. seed = draw_seed(generator) once per step, or one
+seed per run and offset = step number (different offsets are independent streams).
+"""
+from __future__ import annotations
+
+import torch
+
+from gradreg_fast._backend import resolve_backend
+from gradreg_fast.ops._common import extension_op
+from gradreg_fast.reference import philox as ref
+
+# -- fake kernels and autograd, shared by the C++/CUDA ops and the Triton ops ----------------------
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fake_project(out, seed, offset, per_sample):
+    return out.new_empty((out.shape[0],), dtype=_acc(out.dtype))
+
+
+def _fake_project_backward(grad, seed, offset, per_sample, num_outputs, dtype):
+    return grad.new_empty((grad.shape[0], num_outputs), dtype=dtype)
+
+
+def _fake_gaussian_like(x, seed, offset, per_sample):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_project(ctx, inputs, output):
+    out, ctx.seed, ctx.offset, ctx.per_sample = inputs
+    ctx.num_outputs, ctx.dtype = out.shape[1], out.dtype
+
+
+def _setup_project_backward(ctx, inputs, output):
+    grad, ctx.seed, ctx.offset, ctx.per_sample, _, _ = inputs
+    ctx.grad_dtype = grad.dtype
+
+
+def register(project_name: str, backward_name: str, gaussian_name: str) -> None:
+    """Fake kernels and autograd for one backend's (project, project_backward, gaussian_like) ops."""
+    project_op = getattr(torch.ops.gradreg_fast, project_name.split("::")[1])
+    backward_op = getattr(torch.ops.gradreg_fast, backward_name.split("::")[1])
+    torch.library.register_fake(project_name)(_fake_project)
+    torch.library.register_fake(backward_name)(_fake_project_backward)
+    torch.library.register_fake(gaussian_name)(_fake_gaussian_like)
+
+    def project_grad(ctx, grad):
+        d_out = backward_op(grad, ctx.seed, ctx.offset, ctx.per_sample, ctx.num_outputs, ctx.dtype)
+        return d_out, None, None, None
+
+    def project_backward_grad(ctx, gg):
+        d_grad = project_op(gg, ctx.seed, ctx.offset, ctx.per_sample).to(ctx.grad_dtype)
+        return d_grad, None, None, None, None, None
+
+    torch.library.register_autograd(project_name, project_grad, setup_context=_setup_project)
+    torch.library.register_autograd(backward_name, project_backward_grad, setup_context=_setup_project_backward)
+
+
+_ext_project = extension_op("project")
+if _ext_project is not None:
+    register("gradreg_fast::project", "gradreg_fast::project_backward", "gradreg_fast::gaussian_like")
+
+
+# -- Triton ops (defined here, triton imported only when one runs) -----------------------------------
+
+def _triton():
+    from gradreg_fast.triton import philox
+    return philox
+
+
+@torch.library.custom_op("gradreg_fast::project_triton", mutates_args=())
+def _project_triton(out: torch.Tensor, seed: int, offset: int, per_sample: bool) -> torch.Tensor:
+    return _triton().project(out, seed, offset, per_sample)
+
+
+@torch.library.custom_op("gradreg_fast::project_backward_triton", mutates_args=())
+def _project_backward_triton(grad: torch.Tensor, seed: int, offset: int, per_sample: bool, num_outputs: int,
+                             dtype: torch.dtype) -> torch.Tensor:
+    return _triton().project_backward(grad, seed, offset, per_sample, num_outputs, dtype)
+
+
+@torch.library.custom_op("gradreg_fast::gaussian_like_triton", mutates_args=())
+def _gaussian_like_triton(x: torch.Tensor, seed: int, offset: int, per_sample: bool) -> torch.Tensor:
+    return _triton().gaussian_like(x, seed, offset, per_sample)
+
+
+register("gradreg_fast::project_triton", "gradreg_fast::project_backward_triton",
+         "gradreg_fast::gaussian_like_triton")
+
+
+# -- backend tables ---------------------------------------------------------------------------------
+
+def _reference_project(out, seed, offset, per_sample):
+    return ref.project(out, seed & ((1 << 64) - 1), offset, per_sample=per_sample)
+
+
+def _reference_gaussian_like(x, seed, offset, per_sample):
+    return ref.gaussian_like(x, seed & ((1 << 64) - 1), offset, per_sample=per_sample)
+
+
+PROJECT = {"reference": _reference_project, "cpp": _ext_project, "cuda": _ext_project,
+           "triton": torch.ops.gradreg_fast.project_triton}
+GAUSSIAN_LIKE = {"reference": _reference_gaussian_like, "cpp": extension_op("gaussian_like"),
+                 "cuda": extension_op("gaussian_like"), "triton": torch.ops.gradreg_fast.gaussian_like_triton}
+
+
+def _check_per_sample(per_sample, op: str) -> None:
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"{op}: per_sample must be a bool, got {type(per_sample).__name__}")
+
+
+def _implementation(table: dict, name: str, op: str):
+    impl = table.get(name)
+    if impl is None:
+        raise RuntimeError(f"{op}: backend {name!r} has no implementation of this op here")
+    return impl
+
+
+def project(out: torch.Tensor, seed: int, offset: int, *, per_sample: bool = False,
+            backend: str | None = None) -> torch.Tensor:
+    """Random projection of each sample's outputs: ``s_i = Σ_k r_ik · out_ik``, r ~ N(0, I_K).
+
+    r is generated inside the kernel from (seed, offset) (gradreg_fast.reference.philox) and
+    regenerated by the backward instead of being saved: ``grad_out_ik = grad_s_i · r_ik``.
+    Differentiable twice (the backward is an op whose derivative is again a projection).
+
+    Args:
+        out: floating tensor of shape (B, K) (flatten other shapes with ``out.reshape(B, -1)``).
+        seed: integer in [0, 2^64) (e.g. ``draw_seed()``); offset: integer in [0, 2^63).
+        per_sample: False (default) shares one r by the whole batch, r_ik = z[k] (the paper's
+            SpectReg); True draws one r per sample, r_ik = z[i·K + k].
+        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto).
+
+    Returns:
+        (B,) tensor: float32 for fp16/bf16/fp32 ``out`` (float32 math), float64 for fp64.
+    """
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"project: out must be a torch.Tensor, got {type(out).__name__}")
+    if not out.is_floating_point():
+        raise TypeError(f"project: out must be a floating tensor (float16/bfloat16/float32/float64), got "
+                        f"{out.dtype}; convert it with out.float()")
+    if out.dim() != 2:
+        raise ValueError(f"project: out must have shape (B, K), got shape {tuple(out.shape)}; flatten the "
+                         "per-sample outputs with out.reshape(out.shape[0], -1)")
+    ref.check_seed_offset(seed, offset, "project")
+    _check_per_sample(per_sample, "project")
+    name = resolve_backend(backend, out.device)
+    return _implementation(PROJECT, name, "project")(out, ref.seed_to_int64(seed), offset, per_sample)
+
+
+def gaussian_like(x: torch.Tensor, seed: int, offset: int, *, per_sample: bool = True,
+                  backend: str | None = None) -> torch.Tensor:
+    """Standard normal tensor shaped like x (contiguous, x's dtype and device), from (seed, offset).
+
+    ``v.flatten()[e] = z[e]`` of the stream (per_sample=True: independent tangents per sample), or
+    ``v[i] = v[0]`` for all i with ``v[0].flatten()[j] = z[j]`` (per_sample=False: one tangent
+    shared by the batch). Values are float32 numbers of the stream converted to x's dtype (exact
+    for float64, rounded for float16/bfloat16). x is a template only: its values are not read
+    and the result carries no gradient.
+
+    Args:
+        x: floating tensor (B, ...) (any shape when per_sample=True).
+        seed: integer in [0, 2^64); offset: integer in [0, 2^63).
+        per_sample: True (default) for independent tangents per sample, False for one shared.
+        backend: "reference", "cpp", "cuda", "triton" or "auto".
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"gaussian_like: x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"gaussian_like: x must be a floating tensor (float16/bfloat16/float32/float64), "
+                        f"got {x.dtype}; pass x.float() for float32 tangents")
+    ref.check_seed_offset(seed, offset, "gaussian_like")
+    _check_per_sample(per_sample, "gaussian_like")
+    if not per_sample and x.dim() < 1:
+        raise ValueError("gaussian_like: per_sample=False needs a batch dimension, x of shape (B, ...); "
+                         "got a 0-d tensor")
+    name = resolve_backend(backend, x.device)
+    return _implementation(GAUSSIAN_LIKE, name, "gaussian_like")(x.detach(), ref.seed_to_int64(seed), offset,
+                                                                  per_sample)
+
+
+def draw_seed(generator: torch.Generator | None = None) -> int:
+    """A fresh seed in [0, 2^63) from ``generator`` (default: torch's global CPU generator)."""
+    device = generator.device if generator is not None else "cpu"
+    return int(torch.randint(0, 2 ** 63 - 1, (1,), generator=generator, device=device).item())
