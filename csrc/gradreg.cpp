@@ -19,3 +19,13 @@ TORCH_LIBRARY(gradreg_fast, m) {
   // Its backward: grad_x[b, j] = 2 * grad[b] * x[b, j], in x's dtype.
   m.def("sq_norm_backward(Tensor grad, Tensor x) -> Tensor");
 }
+
+// Fused bias + activation (csrc/bias_act.h): y = act(x + b), b of shape (x.shape[dim],) or None;
+// act codes as gradreg_fast.ops.bias_act.ACTIVATIONS; alpha: leaky_relu slope / elu alpha.
+TORCH_LIBRARY_FRAGMENT(gradreg_fast, m) {
+  m.def("bias_act(Tensor x, Tensor? b, int act, int dim, float alpha) -> Tensor");
+  // grad * act'(z), from y for linear/relu/leaky_relu(alpha>=0)/tanh/sigmoid, else from x + b.
+  m.def("bias_act_grad(Tensor grad, Tensor? x, Tensor? b, Tensor? y, int act, int dim, float alpha) -> Tensor");
+  // gg * grad * d act'/d ref (ref = y or z as above): the second-order term.
+  m.def("bias_act_grad2(Tensor gg, Tensor grad, Tensor? x, Tensor? b, Tensor? y, int act, int dim, float alpha) -> Tensor");
+}

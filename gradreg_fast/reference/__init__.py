@@ -4,6 +4,7 @@ Everything here is written the plain way (explicit loops over classes, create_gr
 is twice differentiable, and shares no code with the fast paths it validates.
 """
 from gradreg_fast.reference.ops import acc_dtype, sq_norm, sq_norm_backward
+from gradreg_fast.reference.bias_act import bias_act
 from gradreg_fast.reference.penalties import (
     confidence_penalty,
     doubleback,
@@ -20,3 +21,4 @@ __all__ = [
     "doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot",
     "confidence_penalty", "weight_decay",
 ]
+__all__ += ["bias_act"]
