@@ -43,6 +43,15 @@ C10_HOST_DEVICE inline T sigmoid(T z) {
   return T(1) / (T(1) + std::exp(-z));
 }
 
+// tanh(u) and 1 - tanh(u)^2 = 4 e / (1 + e)^2 with e = exp(-2|u|): no cancellation when |t| -> 1.
+template <typename T>
+C10_HOST_DEVICE inline void tanh_sech2(T u, T& t, T& q) {
+  const T e = std::exp(T(-2) * (u < T(0) ? -u : u));
+  const T d = T(1) + e;
+  t = std::tanh(u);
+  q = T(4) * e / (d * d);
+}
+
 template <int64_t A, typename T>
 C10_HOST_DEVICE inline T forward(T z, T alpha) {
   if constexpr (A == kLinear) return z;
@@ -74,9 +83,10 @@ C10_HOST_DEVICE inline T first(T r, T alpha) {
     return cdf + r * pdf;
   } else if constexpr (A == kGeluTanh) {
     const T k = T(kGeluK), c = T(kGeluC);
-    const T t = std::tanh(k * (r + c * r * r * r));
+    T t, q;
+    tanh_sech2(k * (r + c * r * r * r), t, q);
     const T du = k * (T(1) + T(3) * c * r * r);
-    return T(0.5) * (T(1) + t) + T(0.5) * r * (T(1) - t * t) * du;
+    return T(0.5) * (T(1) + t) + T(0.5) * r * q * du;
   } else if constexpr (A == kSilu) {
     const T s = sigmoid(r);
     return s * (T(1) + r * (T(1) - s));
@@ -98,9 +108,10 @@ C10_HOST_DEVICE inline T second(T r, T alpha) {
     return pdf * (T(2) - r * r);
   } else if constexpr (A == kGeluTanh) {
     const T k = T(kGeluK), c = T(kGeluC);
-    const T t = std::tanh(k * (r + c * r * r * r));
+    T t, q;
+    tanh_sech2(k * (r + c * r * r * r), t, q);
     const T du = k * (T(1) + T(3) * c * r * r), ddu = T(6) * k * c * r;
-    return (T(1) - t * t) * (du + T(0.5) * r * (ddu - T(2) * t * du * du));
+    return q * (du + T(0.5) * r * (ddu - T(2) * t * du * du));
   } else if constexpr (A == kSilu) {
     const T s = sigmoid(r);
     return s * (T(1) - s) * (T(2) + r * (T(1) - T(2) * s));

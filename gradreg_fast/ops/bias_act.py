@@ -81,8 +81,10 @@ def third_derivative(r: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
         return pdf * r * (r * r - 4)
     if act == "gelu_tanh":
         k, c = math.sqrt(2 / math.pi), 0.044715
-        t = torch.tanh(k * (r + c * r ** 3))
-        q = 1 - t * t
+        u = k * (r + c * r ** 3)
+        t = torch.tanh(u)
+        e = torch.exp(-2 * u.abs())
+        q = 4 * e / (1 + e) ** 2  # 1 - t², without cancellation
         du, ddu, dddu = k * (1 + 3 * c * r * r), 6 * k * c * r, 6 * k * c
         A = du + 0.5 * r * (ddu - 2 * t * du * du)
         dA = 1.5 * ddu - t * du * du + 0.5 * r * (dddu - 2 * q * du ** 3 - 4 * t * du * ddu)

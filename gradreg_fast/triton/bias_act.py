@@ -81,6 +81,15 @@ def _tanh(u):
 
 
 @triton.jit
+def _tanh_sech2(u):
+    # tanh(u) and 1 - tanh(u)² = 4e / (1 + e)², e = exp(-2|u|): no cancellation when |tanh| -> 1
+    e = tl.exp(-2.0 * tl.abs(u))
+    d = 1.0 + e
+    t = (1.0 - e) / d
+    return tl.where(u >= 0, t, -t), 4.0 * e / (d * d)
+
+
+@triton.jit
 def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
@@ -124,13 +133,13 @@ def _erf(z):
 
 @triton.jit
 def _gelu_parts(r):
-    # tanh-form GELU: t = tanh(k (r + c r³)), du = d(inner)/dr, ddu = d²(inner)/dr²
+    # tanh-form GELU: t = tanh(k (r + c r³)), q = 1 - t², du = d(inner)/dr, ddu = d²(inner)/dr²
     k = _c(_GELU_K, r)
     c = _c(_GELU_C, r)
-    t = _tanh(k * (r + c * r * r * r))
+    t, q = _tanh_sech2(k * (r + c * r * r * r))
     du = k * (1.0 + 3.0 * c * r * r)
     ddu = 6.0 * k * c * r
-    return t, du, ddu
+    return t, q, du, ddu
 
 
 @triton.jit
@@ -151,7 +160,7 @@ def _forward(z, alpha, ACT: tl.constexpr):
     elif ACT == GELU:
         out = 0.5 * z * (1.0 + _erf(z * _c(_SQRT1_2, z)))
     elif ACT == GELU_TANH:
-        t, du, ddu = _gelu_parts(z)
+        t, q, du, ddu = _gelu_parts(z)
         out = 0.5 * z * (1.0 + t)
     elif ACT == SILU:
         out = z * _sigmoid(z)
@@ -181,8 +190,8 @@ def _first(r, alpha, ACT: tl.constexpr):
         pdf = tl.exp(-0.5 * r * r) * _c(_INV_SQRT_2PI, r)
         out = cdf + r * pdf
     elif ACT == GELU_TANH:
-        t, du, ddu = _gelu_parts(r)
-        out = 0.5 * (1.0 + t) + 0.5 * r * (1.0 - t * t) * du
+        t, q, du, ddu = _gelu_parts(r)
+        out = 0.5 * (1.0 + t) + 0.5 * r * q * du
     elif ACT == SILU:
         s = _sigmoid(r)
         out = s * (1.0 + r * (1.0 - s))
@@ -204,8 +213,8 @@ def _second(r, alpha, ACT: tl.constexpr):
         pdf = tl.exp(-0.5 * r * r) * _c(_INV_SQRT_2PI, r)
         out = pdf * (2.0 - r * r)
     elif ACT == GELU_TANH:
-        t, du, ddu = _gelu_parts(r)
-        out = (1.0 - t * t) * (du + 0.5 * r * (ddu - 2.0 * t * du * du))
+        t, q, du, ddu = _gelu_parts(r)
+        out = q * (du + 0.5 * r * (ddu - 2.0 * t * du * du))
     elif ACT == SILU:
         s = _sigmoid(r)
         out = s * (1.0 - s) * (2.0 + r * (1.0 - 2.0 * s))
