@@ -11,34 +11,33 @@ namespace {
 
 constexpr int64_t kGrain = 16384;
 
-// Walks [0, numel) in parallel chunks, split into segments of constant bias "stride":
-// f(begin, end, c, step) with step = integral_constant 0 (one bias value c for the whole segment)
-// or 1 (bias index c + k - begin: the bias dimension is the innermost one in memory).
-template <typename F>
-void for_each_segment(const Geometry& g, F&& f) {
+// Walks [0, numel) in parallel chunks split into segments along which the bias is constant or
+// contiguous: f(begin, end, bias) with bias(k) the bias of element k, a functor the compiler
+// inlines, so the inner loops stay simple enough to vectorize.
+template <typename acc_t, typename scalar_t, typename F>
+void for_each_segment(const Geometry& g, const scalar_t* bp, F&& f) {
   at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
+    if (bp == nullptr) {
+      f(begin, end, [](int64_t) { return acc_t(0); });
+      return;
+    }
     int64_t i = begin;
     while (i < end) {
-      if (g.inner == 1 && g.C > 1) {
+      if (g.inner == 1 && g.C > 1) {  // the bias dimension is innermost in memory
         const int64_t c = i % g.C;
         const int64_t e = std::min(end, i + (g.C - c));
-        f(i, e, c, std::integral_constant<int, 1>{});
+        const int64_t off = c - i;
+        f(i, e, [bp, off](int64_t k) { return static_cast<acc_t>(bp[k + off]); });
         i = e;
-      } else {
+      } else {  // one bias value for a run of `inner` elements
         const int64_t row = i / g.inner;
         const int64_t e = std::min(end, (row + 1) * g.inner);
-        f(i, e, row % g.C, std::integral_constant<int, 0>{});
+        const acc_t bv = static_cast<acc_t>(bp[row % g.C]);
+        f(i, e, [bv](int64_t) { return bv; });
         i = e;
       }
     }
   });
-}
-
-// bias value of element k of a segment starting at s (0 without bias).
-template <int Step, typename acc_t, typename scalar_t>
-inline acc_t bias_at(const scalar_t* bp, int64_t c, int64_t k_minus_s) {
-  if (bp == nullptr) return acc_t(0);
-  return static_cast<acc_t>(bp[c + Step * k_minus_s]);
 }
 
 at::Tensor bias_act_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& b, int64_t act,
@@ -61,10 +60,9 @@ at::Tensor bias_act_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     const acc_t a = static_cast<acc_t>(alpha);
     dispatch_act(act, [&](auto act_c) {
       constexpr int64_t A = decltype(act_c)::value;
-      for_each_segment(g, [&](int64_t s, int64_t e, int64_t c, auto step) {
-        constexpr int S = decltype(step)::value;
+      for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
         for (int64_t k = s; k < e; ++k) {
-          const acc_t z = static_cast<acc_t>(xp[k]) + bias_at<S, acc_t>(bp, c, k - s);
+          const acc_t z = static_cast<acc_t>(xp[k]) + bias(k);
           op[k] = static_cast<scalar_t>(forward<A>(z, a));
         }
       });
@@ -93,13 +91,12 @@ at::Tensor bias_act_grad_cpu(const at::Tensor& grad_in, const c10::optional<at::
     const acc_t a = static_cast<acc_t>(alpha);
     dispatch_act(act, [&](auto act_c) {
       constexpr int64_t A = decltype(act_c)::value;
-      for_each_segment(g, [&](int64_t s, int64_t e, int64_t c, auto step) {
-        constexpr int S = decltype(step)::value;
+      for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
         if constexpr (A == kLinear) {
           for (int64_t k = s; k < e; ++k) op[k] = gp[k];
         } else {
           for (int64_t k = s; k < e; ++k) {
-            const acc_t ref = static_cast<acc_t>(rp[k]) + bias_at<S, acc_t>(bp, c, k - s);
+            const acc_t ref = static_cast<acc_t>(rp[k]) + bias(k);
             op[k] = static_cast<scalar_t>(static_cast<acc_t>(gp[k]) * first<A>(ref, a));
           }
         }
@@ -134,10 +131,9 @@ at::Tensor bias_act_grad2_cpu(const at::Tensor& gg_in, const at::Tensor& grad_in
     dispatch_act(act, [&](auto act_c) {
       constexpr int64_t A = decltype(act_c)::value;
       if constexpr (has_second_derivative(A)) {
-        for_each_segment(g, [&](int64_t s, int64_t e, int64_t c, auto step) {
-          constexpr int S = decltype(step)::value;
+        for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
           for (int64_t k = s; k < e; ++k) {
-            const acc_t ref = static_cast<acc_t>(rp[k]) + bias_at<S, acc_t>(bp, c, k - s);
+            const acc_t ref = static_cast<acc_t>(rp[k]) + bias(k);
             op[k] = static_cast<scalar_t>(static_cast<acc_t>(ggp[k]) * static_cast<acc_t>(gp[k]) *
                                           second<A>(ref, a));
           }
