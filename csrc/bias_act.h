@@ -93,14 +93,31 @@ C10_HOST_DEVICE inline T sigmoid(T z) {
   return T(1) / (T(1) + exp_(-z));
 }
 
+// exp(x) and exp(x) - 1, each to full relative precision.
+template <typename T>
+C10_HOST_DEVICE inline void exp_and_expm1(T x, T& e, T& m) {
+#ifndef __CUDA_ARCH__
+  if constexpr (std::is_same_v<T, float>) {
+    float s, q;
+    exp_parts(x, s, q);
+    e = s + s * q;
+    m = s * q + (s - 1.0f);
+    return;
+  }
+#endif
+  e = std::exp(x);
+  m = std::expm1(x);
+}
+
 // tanh(u) and 1 - tanh(u)^2 = 4 e / (1 + e)^2 with e = exp(-2|u|): no cancellation when |t| -> 1.
 template <typename T>
 C10_HOST_DEVICE inline void tanh_sech2(T u, T& t, T& q) {
-  const T m = expm1_(T(-2) * (u < T(0) ? -u : u));  // e - 1, in (-1, 0]
-  const T d = T(2) + m;                              // 1 + e
+  T e, m;  // e = exp(-2|u|) in (0, 1], m = e - 1
+  exp_and_expm1(T(-2) * (u < T(0) ? -u : u), e, m);
+  const T d = T(2) + m;  // 1 + e
   const T ta = -m / d;
   t = u < T(0) ? -ta : ta;
-  q = T(4) * (T(1) + m) / (d * d);
+  q = T(4) * e / (d * d);
 }
 
 template <typename T>
