@@ -69,7 +69,9 @@ def _extensions():
         with_cuda = torch_is_cuda and toolkit is not None
 
     sources = [os.path.join("csrc", "gradreg.cpp")] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp"]  # the C++ standard is chosen by torch (C++17 up to 2.13, C++20 from 2.14)
+    # -fno-trapping-math lets the element loops with selects (relu masks, clamps) vectorize; no FP
+    # exception flags are relied on. The C++ standard is chosen by torch (C++17 up to 2.13, C++20 from 2.14).
+    cxx = ["-O3", "-fopenmp", "-fno-trapping-math"]
     extra = {"cxx": cxx}
     define_macros = []
     ext_cls = cpp_extension.CppExtension

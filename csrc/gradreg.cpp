@@ -29,9 +29,7 @@ TORCH_LIBRARY(gradreg_fast, m) {
   // The backward's backward in one pass: hvp[b] = scale[b] * (diag(p[b]) - p[b] p[b]^T) u[b] (u's
   // dtype) and dot[b] = <p[b] - onehot(y[b]), u[b]> (reduction dtype).
   m.def("cross_entropy_hvp(Tensor u, Tensor scale, Tensor logits, Tensor y, Tensor lse) -> (Tensor, Tensor)");
-}
 
-TORCH_LIBRARY_FRAGMENT(gradreg_fast, m) {
   // Counter-based Gaussian stream (Philox 4x32-10 + Box-Muller; gradreg_fast/reference/philox.py
   // defines it). seed: the uint64 key as int64 bits; offset >= 0 selects an independent stream.
   // x-shaped N(0, 1) numbers in x's dtype (contiguous); x is only a template (shape/dtype/device).
@@ -42,4 +40,12 @@ TORCH_LIBRARY_FRAGMENT(gradreg_fast, m) {
   // Its backward: grad_out[i, k] = grad[i] * r[i, k], shape (B, num_outputs), in dtype.
   m.def("project_backward(Tensor grad, int seed, int offset, bool per_sample, int num_outputs, "
         "ScalarType dtype) -> Tensor");
+
+  // Fused bias + activation (csrc/bias_act.h): y = act(x + b), b of shape (x.shape[dim],) or None;
+  // act codes as gradreg_fast.ops.bias_act.ACTIVATIONS; alpha: leaky_relu slope / elu alpha.
+  m.def("bias_act(Tensor x, Tensor? b, int act, int dim, float alpha) -> Tensor");
+  // grad * act'(z), from y for linear/relu/leaky_relu(alpha>=0)/tanh/sigmoid, else from x + b.
+  m.def("bias_act_grad(Tensor grad, Tensor? x, Tensor? b, Tensor? y, int act, int dim, float alpha) -> Tensor");
+  // gg * grad * d act'/d ref (ref = y or z as above): the second-order term.
+  m.def("bias_act_grad2(Tensor gg, Tensor grad, Tensor? x, Tensor? b, Tensor? y, int act, int dim, float alpha) -> Tensor");
 }

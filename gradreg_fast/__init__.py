@@ -9,6 +9,7 @@ from gradreg_fast._backend import BACKENDS, backends
 from gradreg_fast import reference, ops
 from gradreg_fast.penalties import KINDS, METHODS, confidence_penalty, penalty, weight_decay
 from gradreg_fast.nn import GradRegLoss
+from gradreg_fast.nn.fuse import fuse
 
 __version__ = "0.1.0"
 
@@ -16,3 +17,4 @@ __all__ = [
     "BACKENDS", "KINDS", "METHODS", "GradRegLoss", "backends", "confidence_penalty", "ops", "penalty",
     "reference", "weight_decay",
 ]
+__all__ += ["fuse"]

@@ -1,4 +1,6 @@
-"""Drop-in modules: the regularized loss (and, with the kernels, fused activations)."""
+"""Drop-in modules: the regularized loss and fused activations."""
 from gradreg_fast.nn.loss import GradRegLoss
+from gradreg_fast.nn.activations import FusedActivation, FusedLinearAct
+from gradreg_fast.nn.fuse import fuse
 
-__all__ = ["GradRegLoss"]
+__all__ = ["GradRegLoss", "FusedActivation", "FusedLinearAct", "fuse"]

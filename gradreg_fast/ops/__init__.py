@@ -7,5 +7,9 @@ from gradreg_fast.ops.sq_norm import sq_norm
 from gradreg_fast.ops.fd_direction import fd_direction
 from gradreg_fast.ops.cross_entropy import cross_entropy
 from gradreg_fast.ops.projection import draw_seed, gaussian_like, project
+from gradreg_fast.ops.bias_act import ACTIVATIONS, bias_act
 
-__all__ = ["sq_norm", "fd_direction", "cross_entropy", "draw_seed", "gaussian_like", "project"]
+__all__ = [
+    "sq_norm", "fd_direction", "cross_entropy", "draw_seed", "gaussian_like", "project",
+    "ACTIVATIONS", "bias_act",
+]

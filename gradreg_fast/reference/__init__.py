@@ -4,6 +4,7 @@ Everything here is written the plain way (explicit loops over classes, create_gr
 is twice differentiable, and shares no code with the fast paths it validates.
 """
 from gradreg_fast.reference.ops import acc_dtype, sq_norm, sq_norm_backward
+from gradreg_fast.reference.bias_act import bias_act
 from gradreg_fast.reference.penalties import (
     confidence_penalty,
     doubleback,
@@ -24,4 +25,4 @@ from gradreg_fast.reference.fused import (  # noqa: E402
     cross_entropy, cross_entropy_grad, cross_entropy_hvp, fd_direction,
 )
 
-__all__ += ["cross_entropy", "cross_entropy_grad", "cross_entropy_hvp", "fd_direction"]
+__all__ += ["cross_entropy", "cross_entropy_grad", "cross_entropy_hvp", "fd_direction", "bias_act"]

@@ -1,0 +1,156 @@
+// CPU kernels of gradreg_fast::bias_act, bias_act_grad and bias_act_grad2 (formulas in bias_act.h).
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <torch/library.h>
+
+#include "bias_act.h"
+
+namespace gradreg {
+namespace bias_act {
+namespace {
+
+constexpr int64_t kGrain = 16384;
+
+// Walks [0, numel) in parallel chunks split into segments along which the bias is constant or
+// contiguous: f(begin, end, bias) with bias(k) the bias of element k, a functor the compiler
+// inlines, so the inner loops stay simple enough to vectorize.
+template <typename acc_t, typename scalar_t, typename F>
+void for_each_segment(const Geometry& g, const scalar_t* bp, F&& f) {
+  at::parallel_for(0, g.numel, kGrain, [&](int64_t begin, int64_t end) {
+    if (bp == nullptr) {
+      f(begin, end, [](int64_t) { return acc_t(0); });
+      return;
+    }
+    int64_t i = begin;
+    while (i < end) {
+      if (g.inner == 1 && g.C > 1) {  // the bias dimension is innermost in memory
+        const int64_t c = i % g.C;
+        const int64_t e = std::min(end, i + (g.C - c));
+        const int64_t off = c - i;
+        f(i, e, [bp, off](int64_t k) { return static_cast<acc_t>(bp[k + off]); });
+        i = e;
+      } else {  // one bias value for a run of `inner` elements
+        const int64_t row = i / g.inner;
+        const int64_t e = std::min(end, (row + 1) * g.inner);
+        const acc_t bv = static_cast<acc_t>(bp[row % g.C]);
+        f(i, e, [bv](int64_t) { return bv; });
+        i = e;
+      }
+    }
+  });
+}
+
+at::Tensor bias_act_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& b, int64_t act,
+                        int64_t dim, double alpha) {
+  check_main(x_in, "bias_act", "x");
+  check_act(act, alpha, "bias_act");
+  dim = check_bias(b, x_in, dim, "bias_act");
+  const bool with_bias = b.has_value() && b->defined();
+  const auto fmt = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous(fmt);
+  at::Tensor out = at::empty_like(x, x.options().memory_format(fmt));
+  const Geometry g = geometry(x, dim, fmt, with_bias);
+  if (g.numel == 0) return out;
+  const at::Tensor bc = with_bias ? b->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* bp = with_bias ? bc.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t a = static_cast<acc_t>(alpha);
+    dispatch_act(act, [&](auto act_c) {
+      constexpr int64_t A = decltype(act_c)::value;
+      for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
+        for (int64_t k = s; k < e; ++k) {
+          const acc_t z = static_cast<acc_t>(xp[k]) + bias(k);
+          op[k] = static_cast<scalar_t>(forward<A>(z, a));
+        }
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor bias_act_grad_cpu(const at::Tensor& grad_in, const c10::optional<at::Tensor>& x,
+                             const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& y,
+                             int64_t act, int64_t dim, double alpha) {
+  check_main(grad_in, "bias_act_grad", "grad");
+  check_act(act, alpha, "bias_act_grad");
+  const auto fmt = layout_of(grad_in);
+  const at::Tensor grad = grad_in.contiguous(fmt);
+  const Reference r = reference_value(x, b, y, grad, act, dim, alpha, fmt, "bias_act_grad");
+  at::Tensor out = at::empty_like(grad, grad.options().memory_format(fmt));
+  const Geometry g = geometry(grad, r.dim, fmt, r.bias.defined());
+  if (g.numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "bias_act_grad_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r.ref.defined() ? r.ref.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = r.bias.defined() ? r.bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t a = static_cast<acc_t>(alpha);
+    dispatch_act(act, [&](auto act_c) {
+      constexpr int64_t A = decltype(act_c)::value;
+      for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
+        if constexpr (A == kLinear) {
+          for (int64_t k = s; k < e; ++k) op[k] = gp[k];
+        } else {
+          for (int64_t k = s; k < e; ++k) {
+            const acc_t ref = static_cast<acc_t>(rp[k]) + bias(k);
+            op[k] = static_cast<scalar_t>(static_cast<acc_t>(gp[k]) * first<A>(ref, a));
+          }
+        }
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor bias_act_grad2_cpu(const at::Tensor& gg_in, const at::Tensor& grad_in,
+                              const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& b,
+                              const c10::optional<at::Tensor>& y, int64_t act, int64_t dim, double alpha) {
+  check_main(gg_in, "bias_act_grad2", "gg");
+  check_act(act, alpha, "bias_act_grad2");
+  check_like(grad_in, gg_in, "bias_act_grad2", "grad");
+  const auto fmt = layout_of(gg_in);
+  const at::Tensor gg = gg_in.contiguous(fmt);
+  if (!has_second_derivative(act)) return at::zeros_like(gg, gg.options().memory_format(fmt));
+  const at::Tensor grad = grad_in.contiguous(fmt);
+  const Reference r = reference_value(x, b, y, gg, act, dim, alpha, fmt, "bias_act_grad2");
+  at::Tensor out = at::empty_like(gg, gg.options().memory_format(fmt));
+  const Geometry g = geometry(gg, r.dim, fmt, r.bias.defined());
+  if (g.numel == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gg.scalar_type(), "bias_act_grad2_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* ggp = gg.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* rp = r.ref.const_data_ptr<scalar_t>();
+    const scalar_t* bp = r.bias.defined() ? r.bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t a = static_cast<acc_t>(alpha);
+    dispatch_act(act, [&](auto act_c) {
+      constexpr int64_t A = decltype(act_c)::value;
+      if constexpr (has_second_derivative(A)) {
+        for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
+          for (int64_t k = s; k < e; ++k) {
+            const acc_t ref = static_cast<acc_t>(rp[k]) + bias(k);
+            op[k] = static_cast<scalar_t>(static_cast<acc_t>(ggp[k]) * static_cast<acc_t>(gp[k]) *
+                                          second<A>(ref, a));
+          }
+        });
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(gradreg_fast, CPU, m) {
+  m.impl("bias_act", &bias_act_cpu);
+  m.impl("bias_act_grad", &bias_act_grad_cpu);
+  m.impl("bias_act_grad2", &bias_act_grad2_cpu);
+}
+
+}  // namespace bias_act
+}  // namespace gradreg

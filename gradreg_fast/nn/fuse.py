@@ -1,0 +1,99 @@
+"""``fuse(model)``: the model with its activation modules replaced by the fused bias + activation op.
+
+What is replaced (exact types only; subclasses may override forward and are left alone):
+
+    nn.ReLU → relu, nn.LeakyReLU → leaky_relu (alpha = negative_slope), nn.Tanh, nn.Sigmoid,
+    nn.Softplus (only beta=1, threshold=20), nn.GELU (approximate "none" → gelu, "tanh" →
+    gelu_tanh), nn.SiLU, nn.ELU (alpha)              → FusedActivation
+
+and, inside an nn.Sequential, an nn.Linear with a bias directly followed by one of those
+activations → FusedLinearAct (matmul without bias, then one fused bias + activation kernel) in the
+Linear's slot and nn.Identity in the activation's slot (indices and state_dict keys unchanged).
+Activations called functionally in a forward (F.relu, torch.tanh) cannot be seen and stay as they are.
+
+Copy semantics: by default the given model is NOT modified. The result is a new module tree
+(containers are shallow-copied) that shares every Parameter and buffer with the original: training
+one trains the other, and BatchNorm running statistics are the same tensors. With ``inplace=True``
+the model itself is rewired and returned.
+"""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from gradreg_fast.nn.activations import FusedActivation, FusedLinearAct
+
+
+def activation_spec(module: nn.Module) -> tuple[str, float | None] | None:
+    """(act, alpha) of a fusable activation module, or None."""
+    t = type(module)
+    if t is nn.ReLU:
+        return "relu", None
+    if t is nn.LeakyReLU:
+        return "leaky_relu", float(module.negative_slope)
+    if t is nn.Tanh:
+        return "tanh", None
+    if t is nn.Sigmoid:
+        return "sigmoid", None
+    if t is nn.Softplus:
+        return ("softplus", None) if module.beta == 1 and module.threshold == 20 else None
+    if t is nn.GELU:
+        return ("gelu" if module.approximate == "none" else "gelu_tanh"), None
+    if t is nn.SiLU:
+        return "silu", None
+    if t is nn.ELU:
+        return "elu", float(module.alpha)
+    return None
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object with its own containers (children, parameter and buffer dicts, hooks)
+    holding the same Parameters, buffers and child modules."""
+    new = copy.copy(module)
+    for key, value in list(vars(new).items()):
+        if isinstance(value, (dict, set, list)):
+            new.__dict__[key] = copy.copy(value)
+    return new
+
+
+def _fuse(module: nn.Module, backend: str | None, inplace: bool) -> nn.Module:
+    spec = activation_spec(module)
+    if spec is not None:
+        return FusedActivation(spec[0], spec[1], backend=backend)
+    if isinstance(module, (FusedActivation, FusedLinearAct)):
+        return module
+    out = module if inplace else _shallow_copy(module)
+    names = list(out._modules)
+    for name in names:
+        child = out._modules[name]
+        if child is not None:
+            out._modules[name] = _fuse(child, backend, inplace)
+    if isinstance(out, nn.Sequential):
+        for first, second in zip(names, names[1:]):
+            lin = out._modules[first]
+            act = out._modules[second]
+            if (type(lin) is nn.Linear and lin.bias is not None and isinstance(act, FusedActivation)):
+                out._modules[first] = FusedLinearAct(lin, act.act, act.alpha if act.act in ("leaky_relu", "elu")
+                                                     else None, backend=backend)
+                out._modules[second] = nn.Identity()
+    return out
+
+
+def fuse(model: nn.Module, *, backend: str | None = None, inplace: bool = False) -> nn.Module:
+    """``model`` with its activations (and Linear → activation pairs in nn.Sequential) running
+    through the fused bias + activation op; see the module docstring for what is replaced.
+
+    Args:
+        model: any nn.Module.
+        backend: backend of the fused op ("reference", "cpp", "cuda", "triton", "auto"; None: the
+            GRADREG_BACKEND variable or auto, decided at each call from the input's device).
+        inplace: False (default): return a new module tree sharing all Parameters and buffers with
+            ``model``, which is left unchanged. True: rewire ``model`` itself and return it.
+
+    Outputs are unchanged (up to rounding), parameters are shared, and state_dict keys are those of
+    ``model``, so state dicts load either way.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fuse: model must be an nn.Module, got {type(model).__name__}")
+    return _fuse(model, backend, inplace)
