@@ -19,25 +19,93 @@ turns a Problem into a scalar whose gradient with respect to the parameters is t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gradreg_fast.penalties import _checks
 
 
+class Replay:
+    """Re-runs the model on new inputs as the original forward ran: same random numbers (dropout
+    masks) and no side effects (buffers such as BatchNorm running statistics restored afterwards).
+
+    Capture it *before* the original forward pass (``Replay(model, x.device)``); each ``run``
+    restores the captured RNG state for its duration, then puts the global RNG back.
+    """
+
+    def __init__(self, model: Callable, device: torch.device):
+        self.model = model
+        self.device = torch.device(device)
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        devices = [self.device] if self.device.type == "cuda" else []
+        buffers = list(self.model.buffers()) if isinstance(self.model, nn.Module) else []
+        saved = [b.detach().clone() for b in buffers]
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda_state is not None:
+                torch.cuda.set_rng_state(self.cuda_state, self.device)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for b, v in zip(buffers, saved):
+                        b.copy_(v)
+
+
 @dataclass
 class Problem:
-    """A penalty instance: everything an estimator needs."""
+    """A penalty instance: everything an estimator needs.
+
+    ``target(z)`` re-evaluates z -> u with the model (same dropout masks, no buffer side effects);
+    ``target(z, params)`` does so with the parameters replaced (torch.func.functional_call), which
+    forward-mode estimators need. Both are unavailable (``model is None``) when only the logits
+    were given (GradRegLoss's ``crit(logits, y, inputs=x)`` form).
+    """
 
     kind: str
     x: torch.Tensor            # the input as seen by the graph (requires grad)
     u: torch.Tensor            # (B, K') targets, computed from x
     R: torch.Tensor            # (n, B, K') cotangents
     scale: float
-    target: Callable[[torch.Tensor], torch.Tensor] | None  # x -> u, re-evaluating the model (None if unknown)
+    model: Callable | None = None                 # the model (None if unknown)
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # model output -> u
+    replay: Replay | None = None
+    n_proj: int = 1
+    generator: torch.Generator | None = None
+    options: dict = field(default_factory=dict)    # estimator options (fd_h, fd_scheme, ...)
+
+    def target(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        return self.transform(self.run_model(z, params))
+
+    def run_model(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        """The model's raw output at z (flattened to (B, K)), replayed as the original forward."""
+        if self.model is None:
+            raise ValueError("this estimator re-evaluates the model, which is unknown here")
+        ctx = self.replay.context() if self.replay is not None else contextlib.nullcontext()
+        with ctx:
+            if params is None:
+                out = self.model(z)
+            else:
+                # buffers are passed as copies so that in-place updates (BatchNorm statistics) in a
+                # functional call never touch the module's own buffers
+                buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+                out = torch.func.functional_call(self.model, (params, buffers), (z,))
+        return out.reshape(out.shape[0], -1)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The model's trainable parameters by name (needs an nn.Module)."""
+        if not isinstance(self.model, nn.Module):
+            raise ValueError("this estimator needs the model as an nn.Module to reach its parameters")
+        return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
 
 
 def differentiable_input(x: torch.Tensor) -> torch.Tensor:
@@ -69,7 +137,8 @@ def draw_projection(batch: int, num_outputs: int, *, n_proj: int, per_sample: bo
 def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, *,
                   model: Callable | None = None, projection: torch.Tensor | None = None, n_proj: int = 1,
                   per_sample: bool = False, generator: torch.Generator | None = None,
-                  loss_fn: Callable | None = None) -> Problem:
+                  loss_fn: Callable | None = None, replay: Replay | None = None,
+                  options: dict | None = None) -> Problem:
     kind = _checks.check_kind(kind)
     batch = x.shape[0]
     flat = _checks.check_output(out, batch, kind)
@@ -116,5 +185,5 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         R = _one_hot(classes, num, flat)
         scale = 1.0
     u = transform(out)
-    target = (lambda z: transform(model(z))) if model is not None else None
-    return Problem(kind=kind, x=x, u=u, R=R, scale=scale, target=target)
+    return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform, replay=replay,
+                   n_proj=n_proj, generator=generator, options=dict(options or {}))
