@@ -45,9 +45,9 @@ class Replay:
         self.cuda_state = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
 
     @contextlib.contextmanager
-    def context(self) -> Iterator[None]:
+    def context(self, restore_buffers: bool = True) -> Iterator[None]:
         devices = [self.device] if self.device.type == "cuda" else []
-        buffers = list(self.model.buffers()) if isinstance(self.model, nn.Module) else []
+        buffers = list(self.model.buffers()) if isinstance(self.model, nn.Module) and restore_buffers else []
         saved = [b.detach().clone() for b in buffers]
         with torch.random.fork_rng(devices=devices, device_type="cuda"):
             torch.set_rng_state(self.cpu_state)
@@ -56,9 +56,12 @@ class Replay:
             try:
                 yield
             finally:
+                # through .data: the re-run's graph saved these buffers (BatchNorm keeps its running
+                # statistics as inputs of its backward, which in training mode does not read them),
+                # and restoring them must not trip autograd's version check
                 with torch.no_grad():
                     for b, v in zip(buffers, saved):
-                        b.copy_(v)
+                        b.data.copy_(v)
 
 
 @dataclass
@@ -90,7 +93,9 @@ class Problem:
         """The model's raw output at z (flattened to (B, K)), replayed as the original forward."""
         if self.model is None:
             raise ValueError("this estimator re-evaluates the model, which is unknown here")
-        ctx = self.replay.context() if self.replay is not None else contextlib.nullcontext()
+        # a functional call gets copies of the buffers (below), so there is nothing to restore
+        ctx = (self.replay.context(restore_buffers=params is None) if self.replay is not None
+               else contextlib.nullcontext())
         with ctx:
             if params is None:
                 out = self.model(z)
