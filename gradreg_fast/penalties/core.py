@@ -81,6 +81,9 @@ class Problem:
     scale: float
     model: Callable | None = None                 # the model (None if unknown)
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # model output -> u
+    # (output, its tangent) -> tangent of u, where the transform's derivative is written out (None:
+    # forward-mode AD through ``transform``)
+    transform_jvp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     replay: Replay | None = None
     n_proj: int = 1
     generator: torch.Generator | None = None
@@ -105,6 +108,19 @@ class Problem:
                 buffers = {k: b.clone() for k, b in self.model.named_buffers()}
                 out = torch.func.functional_call(self.model, (params, buffers), (z,))
         return out.reshape(out.shape[0], -1)
+
+    def target_jvp(self, z: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+        """∂u/∂x · tangent at z by one forward-mode pass (torch.autograd.forward_ad), recorded by
+        reverse-mode autograd (so its parameter gradient is available to the caller's backward)."""
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            out = self.run_model(fwAD.make_dual(z, tangent))
+            if self.transform_jvp is None:
+                return fwAD.unpack_dual(self.transform(out)).tangent
+            primal, t = fwAD.unpack_dual(out)
+        if t is None:
+            raise ValueError("the model output does not depend on x: a gradient penalty would be a silent 0")
+        return self.transform_jvp(primal, t)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The model's trainable parameters by name (needs an nn.Module)."""
@@ -146,6 +162,7 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                   options: dict | None = None) -> Problem:
     kind = _checks.check_kind(kind)
     batch = x.shape[0]
+    transform_jvp = None
     flat = _checks.check_output(out, batch, kind)
     num = flat.shape[1]
     if not isinstance(n_proj, int) or n_proj < 1:
@@ -165,8 +182,12 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
             return losses.reshape(batch, 1)
         R = torch.ones(1, batch, 1, device=x.device, dtype=flat.dtype)
         scale = 1.0
+        if loss_fn is None:   # d CE = Σ_k (p_k − onehot(y)_k) d f_k
+            transform_jvp = lambda o, t: ((torch.softmax(o, 1) * t).sum(1) - t.gather(1, y.view(-1, 1))[:, 0]  # noqa: E731
+                                          ).reshape(batch, 1)
     elif kind == "spectreg":
         transform = lambda o: o.reshape(batch, -1)  # noqa: E731
+        transform_jvp = lambda o, t: t  # noqa: E731
         if projection is not None:
             R = _checks.check_projection(projection, batch, num).to(device=flat.device, dtype=flat.dtype)
         else:
@@ -176,12 +197,18 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     elif kind in ("frobreg", "jacreg"):
         if kind == "jacreg":
             transform = lambda o: torch.softmax(o, dim=1)  # noqa: E731
+
+            def transform_jvp(o, t):   # d softmax = p ⊙ (d f − Σ_k p_k d f_k)
+                prob = torch.softmax(o, dim=1)
+                return prob * (t - (prob * t).sum(1, keepdim=True))
         else:
             transform = lambda o: o.reshape(batch, -1)  # noqa: E731
+            transform_jvp = lambda o, t: t  # noqa: E731
         R = torch.eye(num, device=x.device, dtype=flat.dtype).unsqueeze(1).expand(num, batch, num)
         scale = 1.0
     else:  # onehot, random_onehot
         transform = lambda o: o  # noqa: E731
+        transform_jvp = lambda o, t: t  # noqa: E731
         if kind == "onehot":
             _checks.check_labels(y, batch, kind, num_classes=num)
             classes = y
@@ -190,5 +217,6 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         R = _one_hot(classes, num, flat)
         scale = 1.0
     u = transform(out)
-    return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform, replay=replay,
+    return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform,
+                   transform_jvp=transform_jvp, replay=replay,
                    n_proj=n_proj, generator=generator, options=dict(options or {}))

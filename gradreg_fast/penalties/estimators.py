@@ -92,47 +92,60 @@ def _uses_batch_statistics(model) -> bool:
 
 
 def hvp(p: Problem) -> torch.Tensor:
-    """Forward-over-reverse: ∇_θ P = (2·scale/B) Σ_j d/dε ∇_θ⟨R[j], u(x + ε G[j])⟩ at ε = 0.
+    """Exact second-order product without a second-order backward graph:
 
-    G comes from one first-order reverse pass; the directional derivative of the parameter
-    gradient is a Jacobian-vector product (torch.func.jvp over torch.func.vjp of a
-    functional_call of the model). Exact; no second-order backward graph is kept. The n
-    cotangents are batched with torch.func.vmap (a loop for models with BatchNorm in training
-    mode, whose in-place statistics vmap cannot batch). Needs the model as an nn.Module.
+        ∇_θ P = (2·scale/B) Σ_j (∂G[j]/∂θ)ᵀ G[j] = (2·scale/B) Σ_j ∇_θ ⟨R[j], (∂u/∂x) · G[j]⟩ |G fixed
+
+    G comes from one first-order reverse pass (no graph kept). (∂u/∂x)·G[j] is one forward-mode
+    pass (torch.autograd.forward_ad, tangent G[j]) of the model, and the surrogate's gradient is
+    taken by the caller's single backward together with the base loss: the directional derivative
+    of the parameter gradient along G, i.e. forward-over-reverse evaluated in the order
+    reverse-over-forward, which needs neither torch.func.vjp inside jvp nor a functional copy of
+    the model, and works for any callable model whose ops have forward-mode AD. One forward-mode
+    pass per cotangent (K for FrobReg/JacReg).
+
+    Models with BatchNorm in training mode take the torch.func route instead (torch.func.jvp of
+    torch.func.vjp of a functional_call, the cotangents one by one): reverse-mode autograd through
+    batch norm's forward-mode formula misses the dependence through the batch statistics (they are
+    non-differentiable outputs of the op), which would make the reverse-over-forward product wrong.
     """
     _needs_model(p, "hvp", "method='exact'")
+    g = input_vjps(p, create_graph=False, retain_graph=True).detach()
+    value = _penalty_value(p, g)
+    if _uses_batch_statistics(p.model):
+        return _surrogate(value, _hvp_functional(p, g))
+    x0 = p.x.detach()
+    coef = 2.0 * p.scale / g.shape[1]
+    linear = 0
+    for j in range(g.shape[0]):
+        ut = p.target_jvp(x0, g[j].to(x0.dtype))
+        if not ut.requires_grad:
+            raise ValueError("method='hvp': the model's input Jacobian does not depend on any parameter "
+                             "that requires grad")
+        linear = linear + coef * (p.R[j] * ut).sum()
+    return _surrogate(value, linear)
+
+
+def _hvp_functional(p: Problem, g: torch.Tensor) -> torch.Tensor:
+    """Σ_p ⟨∇_θ P, θ_p⟩ with ∇_θ P by torch.func.jvp over torch.func.vjp (forward-over-reverse)."""
     params = p.parameters()
     if not params:
         raise ValueError("method='hvp': the model has no trainable parameters")
-    g = input_vjps(p, create_graph=False, retain_graph=True).detach()
-    value = _penalty_value(p, g)
     x0 = p.x.detach()
-    R = p.R.detach()
     primals = {k: v.detach() for k, v in params.items()}
 
-    def param_grad(z: torch.Tensor, r: torch.Tensor) -> dict:
-        def inner(prm):
-            return (p.target(z, prm) * r).sum()
-        _, pullback = torch.func.vjp(inner, primals)
-        (grads,) = pullback(torch.ones((), dtype=p.u.dtype, device=p.u.device))
-        return grads
-
     def directional(r: torch.Tensor, gj: torch.Tensor) -> dict:
-        _, tangent = torch.func.jvp(lambda z: param_grad(z, r), (x0,), (gj.to(x0.dtype),))
-        return tangent
+        def param_grad(z):
+            _, pullback = torch.func.vjp(lambda prm: (p.target(z, prm) * r).sum(), primals)
+            return pullback(torch.ones((), dtype=p.u.dtype, device=p.u.device))[0]
+        return torch.func.jvp(param_grad, (x0,), (gj.to(x0.dtype),))[1]
 
-    n = R.shape[0]
-    if n == 1:
-        total = directional(R[0], g[0])
-    elif _uses_batch_statistics(p.model):
-        parts = [directional(R[j], g[j]) for j in range(n)]
-        total = {k: sum(part[k] for part in parts) for k in primals}
-    else:
-        batched = torch.func.vmap(directional, randomness="same")(R, g)
-        total = {k: v.sum(0) for k, v in batched.items()}
     coef = 2.0 * p.scale / g.shape[1]
-    linear = sum((coef * total[k].detach() * params[k]).sum() for k in params)
-    return _surrogate(value, linear)
+    linear = 0
+    for j in range(g.shape[0]):
+        tangent = directional(p.R[j].detach(), g[j])
+        linear = linear + sum((coef * tangent[k].detach() * params[k]).sum() for k in params)
+    return linear
 
 
 def _fd_options(p: Problem) -> tuple[float, str]:
