@@ -10,10 +10,12 @@ variant, then the next round), median over the rounds:
 
 and reports each time as a ratio to the plain step and to the naive step of the same penalty, plus
 peak memory. Memory: CUDA: torch.cuda.max_memory_allocated over one step (after warm-up), minus the
-memory allocated before it. CPU: there is no allocator peak counter, so each variant runs in a
-fresh subprocess that sets up model and data, records ru_maxrss, runs three steps and reports the
-growth of ru_maxrss (peak resident memory of the process, in MiB): it includes allocator caching,
-so read it as an honest upper bound of the step's working memory.
+memory allocated before it. CPU: there is no allocator peak counter (and ru_maxrss is dominated by
+the interpreter's and torch's own footprint), so the step runs once more under a TorchDispatchMode
+that sees every op output (forward, autograd's backward ops, optimizer) and counts each new tensor
+storage until it is freed: the peak of live tensor bytes created during the step, which includes
+what autograd saves for the backward and the gradients. By default (--memory exact) plain, naive
+and method="exact" are measured.
 
 Usage (from the repository root):
 
@@ -34,9 +36,7 @@ import importlib
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,6 +49,9 @@ if str(_ROOT) not in sys.path:  # run as a script: make the repository's gradreg
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import gradreg_fast as gr  # noqa: E402
 
@@ -274,32 +277,52 @@ def memory_cuda(v: Variant, device: str, input_shape, amp) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def memory_probe(spec: dict) -> float:
-    """Runs in a fresh process: growth of ru_maxrss over three steps, MiB."""
-    torch.set_num_threads(spec["threads"])
-    v = Variant(**spec["variant"])
-    model, opt, x, y = setup(v.model, v.batch, "cpu", spec["input_shape"])
-    step = make_step(v, model, opt, x, y, None)
-    # the optimizer state exists after the first step in every variant alike: create it first
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(3):
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage alive at once among the storages created under this mode.
+
+    Every op output (forward, the autograd engine's backward ops, the optimizer's) is seen by the
+    dispatcher; each new storage is counted until it is freed (a weak reference to the storage
+    expires), so tensors autograd saves for the backward count for as long as they live.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+
+    def _sweep(self):
+        for ptr, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[ptr]
+                self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._sweep()
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta:
+                try:
+                    st = t.untyped_storage()
+                    ptr = st.data_ptr()
+                except RuntimeError:  # opaque tensors (e.g. mkldnn) have no inspectable storage
+                    continue
+                if ptr and ptr not in self.live:
+                    self.live[ptr] = (StorageWeakRef(st), st.nbytes())
+                    self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def memory_tensors(v: Variant, device: str, input_shape, amp) -> float:
+    """MiB: peak live tensor storage created during one step (after two warm-up steps)."""
+    model, opt, x, y = setup(v.model, v.batch, device, input_shape)
+    step = make_step(v, model, opt, x, y, amp)
+    step()
+    step()
+    mode = LiveTensorBytes()
+    with mode:
         step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024  # ru_maxrss is in KiB on Linux
-
-
-def memory_cpu(v: Variant, input_shape, threads: int) -> float:
-    spec = dict(variant=dataclasses.asdict(v), input_shape=input_shape, threads=threads)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-probe", json.dumps(spec)]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=str(_ROOT), env={**os.environ},
-                         timeout=600)
-    if res.returncode != 0:
-        raise RuntimeError(f"memory probe for {v.key} failed:\n{res.stderr[-2000:]}")
-    return float(json.loads(res.stdout.strip().splitlines()[-1])["mib"])
+    return mode.peak / 2**20
 
 
 # --------------------------------------------------------------------------------------- report
@@ -376,22 +399,20 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
     ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype")
-    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    ap.add_argument("--memory", default="exact", choices=["none", "exact", "all"],
+                    help="peak memory of: no variant / plain, naive and exact (default) / every variant")
     ap.add_argument("--quick", action="store_true", help="seconds: LeNet batch 16, 3 reps, a few variants")
     ap.add_argument("--out", default=str(_ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix of the output file names")
-    ap.add_argument("--_memory-probe", dest="memory_probe", default=None, help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.memory_probe is not None:
-        print(json.dumps({"mib": memory_probe(json.loads(args.memory_probe))}))
-        return []
     if args.quick:
         args.models, args.batch, args.reps, args.warmup = "lenet", "16", 3, 1
         args.penalties, args.methods = "doubleback,frobreg", "exact,hvp,fd,jvp,exact/every4"
+        args.memory = "none" if args.memory == "exact" else args.memory
         args.tag = args.tag or "quick"
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -421,11 +442,13 @@ def main(argv=None) -> list[dict]:
     for group in groups:
         times.update(time_group(group, device, args.reps, args.warmup, input_shape, amp, progress))
     progress.close()
-    if not args.no_memory:
+    if args.memory != "none":
         for group in groups:
             for v in group:
+                if args.memory == "exact" and v.impl == "ours" and v.method != "exact":
+                    continue
                 memory[v.key] = (memory_cuda(v, device, input_shape, amp) if device.startswith("cuda")
-                                 else memory_cpu(v, input_shape, args.threads))
+                                 else memory_tensors(v, device, input_shape, amp))
     variants = [v for g in groups for v in g]
     rows = build_rows(variants, times, memory)
     table = format_table(rows)
@@ -436,7 +459,7 @@ def main(argv=None) -> list[dict]:
                 device=device, device_name=dev_name, threads=args.threads if device == "cpu" else None,
                 amp=args.amp, torch=torch.__version__, reps=args.reps,
                 memory=("cuda max_memory_allocated growth over one step" if device.startswith("cuda") else
-                        "ru_maxrss growth over three steps in a fresh subprocess per variant"),
+                        "peak live tensor storage created during one step (TorchDispatchMode accounting)"),
                 load_average=os.getloadavg(), time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -34,13 +34,23 @@ ESTIMATOR_OPTIONS = ("fd_h", "fd_scheme")
 def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = None) -> torch.Tensor:
     """G[j] = ∂(Σ_b R[j, b] · u_b)/∂x for every cotangent j at once: shape (n, B, ...).
 
-    One batched reverse pass (is_grads_batched) instead of a Python loop over the n cotangents.
-    Raises a ValueError when the targets do not depend on x.
+    One batched reverse pass (is_grads_batched, i.e. vmap over the backward) for the n cotangents,
+    except for models with convolution or pooling layers, where a loop of n reverse passes over the
+    retained graph is faster (measured on CPU, one thread, FrobReg step incl. the final backward:
+    LeNet batch 50 loop 241 ms vs batched 350 ms; the tanh MLP 784-512-512-10 batch 50 batched
+    152 ms vs loop 188 ms). Raises a ValueError when the targets do not depend on x.
     """
     if not p.u.requires_grad:
         raise ValueError("the model output does not depend on x (no autograd graph from x to the "
                          "output): a gradient penalty would be a silent 0; check that the model uses x")
     n = p.R.shape[0]
+    if n > 1 and _prefers_loop(p.model):
+        gs = [torch.autograd.grad(p.u, p.x, grad_outputs=p.R[j], create_graph=create_graph, retain_graph=True,
+                                  allow_unused=True)[0] for j in range(n)]
+        if any(g is None for g in gs):
+            raise ValueError("the model output does not depend on x: a gradient penalty would be a silent 0; "
+                             "check that the model uses x")
+        return torch.stack(gs)
     grad_outputs = p.R if n > 1 else p.R[0]
     (g,) = torch.autograd.grad(p.u, p.x, grad_outputs=grad_outputs, create_graph=create_graph,
                                retain_graph=retain_graph, allow_unused=True, is_grads_batched=n > 1)
@@ -48,6 +58,16 @@ def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = No
         raise ValueError("the model output does not depend on x: a gradient penalty would be a silent 0; "
                          "check that the model uses x")
     return g if n > 1 else g.unsqueeze(0)
+
+
+_LOOP_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
+                torch.nn.modules.pooling._AvgPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
+                torch.nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def _prefers_loop(model) -> bool:
+    """Whether n reverse passes in a loop beat one vmapped pass (see input_vjps)."""
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, _LOOP_LAYERS) for m in model.modules())
 
 
 def _penalty_value(p: Problem, g: torch.Tensor) -> torch.Tensor:
