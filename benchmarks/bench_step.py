@@ -7,6 +7,7 @@ variant, then the next round), median over the rounds:
     naive   the same plus the penalty written the obvious way in PyTorch: create_graph=True input
             gradient (a Python loop over the K classes for FrobReg/JacReg), (CE + λ·P).backward()
     ours    gradreg_fast.GradRegLoss(kind, λ, method=..., every=...)(model, x, y).backward()
+            (every=k: one repetition is k consecutive steps, and the time is their average)
 
 and reports each time as a ratio to the plain step and to the naive step of the same penalty, plus
 peak memory. Memory: CUDA: torch.cuda.max_memory_allocated over one step (after warm-up), minus the
@@ -215,6 +216,12 @@ def make_step(v: Variant, model: nn.Module, opt, x: torch.Tensor, y: torch.Tenso
     return step
 
 
+def calls_per_rep(v: Variant) -> int:
+    """Consecutive steps timed as one repetition: k for every=k (one penalty step and k − 1 plain
+    ones, so the reported per-step time is the average over the schedule, not the cheap median)."""
+    return METHODS[v.method].get("every", 1) if v.impl == "ours" else 1
+
+
 def variants_for(model_name: str, batch: int, penalties, methods) -> list[Variant]:
     out = [Variant(model_name, batch, "-", "plain", "-")]
     for kind in penalties:
@@ -242,6 +249,7 @@ def time_group(variants: list[Variant], device: str, reps: int, warmup: int, inp
     v0 = variants[0]
     model, opt, x, y = setup(v0.model, v0.batch, device, input_shape)
     steps = {v.key: make_step(v, model, opt, x, y, amp) for v in variants}
+    calls = {v.key: calls_per_rep(v) for v in variants}
     for fn in steps.values():
         for _ in range(warmup):
             fn()
@@ -252,14 +260,16 @@ def time_group(variants: list[Variant], device: str, reps: int, warmup: int, inp
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                fn()
+                for _ in range(calls[k]):
+                    fn()
                 end.record()
                 torch.cuda.synchronize()
-                times[k].append(start.elapsed_time(end) / 1e3)
+                times[k].append(start.elapsed_time(end) / 1e3 / calls[k])
             else:
                 t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
+                for _ in range(calls[k]):
+                    fn()
+                times[k].append((time.perf_counter() - t) / calls[k])
             progress.update(1)
     return {k: statistics.median(t) for k, t in times.items()}
 
@@ -272,7 +282,8 @@ def memory_cuda(v: Variant, device: str, input_shape, amp) -> float:
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    step()
+    for _ in range(calls_per_rep(v)):
+        step()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
@@ -321,7 +332,8 @@ def memory_tensors(v: Variant, device: str, input_shape, amp) -> float:
     step()
     mode = LiveTensorBytes()
     with mode:
-        step()
+        for _ in range(calls_per_rep(v)):   # every=k: the k calls of one schedule period
+            step()
     return mode.peak / 2**20
 
 
