@@ -411,8 +411,9 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
     ap.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype")
-    ap.add_argument("--memory", default="exact", choices=["none", "exact", "all"],
-                    help="peak memory of: no variant / plain, naive and exact (default) / every variant")
+    ap.add_argument("--memory", default=None, choices=["none", "exact", "all"],
+                    help="peak memory of: no variant / plain, naive and exact (default; none with "
+                         "--quick) / every variant")
     ap.add_argument("--quick", action="store_true", help="seconds: LeNet batch 16, 3 reps, a few variants")
     ap.add_argument("--out", default=str(_ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix of the output file names")
@@ -424,8 +425,9 @@ def main(argv=None) -> list[dict]:
     if args.quick:
         args.models, args.batch, args.reps, args.warmup = "lenet", "16", 3, 1
         args.penalties, args.methods = "doubleback,frobreg", "exact,hvp,fd,jvp,exact/every4"
-        args.memory = "none" if args.memory == "exact" else args.memory
+        args.memory = args.memory or "none"
         args.tag = args.tag or "quick"
+    args.memory = args.memory or "exact"
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")

@@ -72,7 +72,12 @@ class GradRegLoss(nn.Module):
                 raise TypeError("GradRegLoss: call it as crit(model, x, y) or crit(logits, y, inputs=x); "
                                 f"got a {type(model).__name__} first and no inputs=")
             check_input(x)
-            x_in = differentiable_input(x)
+            # on a call the schedule skips (and with subsample, whose penalty re-runs the model on
+            # the sub-batch) this forward's x need not require grad: the backward then skips the
+            # first layer's input gradient, as in a plain training step
+            plain_forward = (self.lam == 0 or not schedules.is_active(self.calls, self.every)
+                             or self.subsample is not None)
+            x_in = x if plain_forward else differentiable_input(x)
             replay = Replay(model, x_in.device) if self.method != "exact" else None
             out = model(x_in)
         else:

@@ -57,7 +57,7 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
         idx = schedules.subset(batch, fraction, problem_opts.get("generator"), x.device)
         problem_opts["projection"] = _subset_projection(problem_opts.get("projection"), idx, batch)
         if model is not None:
-            x = x[idx]
+            x = differentiable_input(x[idx])
             y = y[idx.to(y.device)] if isinstance(y, torch.Tensor) and y.dim() >= 1 else y
             replay = Replay(model, x.device)
             with replay.context():
