@@ -19,25 +19,114 @@ turns a Problem into a scalar whose gradient with respect to the parameters is t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gradreg_fast.penalties import _checks
 
 
+class Replay:
+    """Re-runs the model on new inputs as the original forward ran: same random numbers (dropout
+    masks) and no side effects (buffers such as BatchNorm running statistics restored afterwards).
+
+    Capture it *before* the original forward pass (``Replay(model, x.device)``); each ``run``
+    restores the captured RNG state for its duration, then puts the global RNG back.
+    """
+
+    def __init__(self, model: Callable, device: torch.device):
+        self.model = model
+        self.device = torch.device(device)
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    @contextlib.contextmanager
+    def context(self, restore_buffers: bool = True) -> Iterator[None]:
+        devices = [self.device] if self.device.type == "cuda" else []
+        buffers = list(self.model.buffers()) if isinstance(self.model, nn.Module) and restore_buffers else []
+        saved = [b.detach().clone() for b in buffers]
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu_state)
+            if self.cuda_state is not None:
+                torch.cuda.set_rng_state(self.cuda_state, self.device)
+            try:
+                yield
+            finally:
+                # through .data: the re-run's graph saved these buffers (BatchNorm keeps its running
+                # statistics as inputs of its backward, which in training mode does not read them),
+                # and restoring them must not trip autograd's version check
+                with torch.no_grad():
+                    for b, v in zip(buffers, saved):
+                        b.data.copy_(v)
+
+
 @dataclass
 class Problem:
-    """A penalty instance: everything an estimator needs."""
+    """A penalty instance: everything an estimator needs.
+
+    ``target(z)`` re-evaluates z -> u with the model (same dropout masks, no buffer side effects);
+    ``target(z, params)`` does so with the parameters replaced (torch.func.functional_call), which
+    forward-mode estimators need. Both are unavailable (``model is None``) when only the logits
+    were given (GradRegLoss's ``crit(logits, y, inputs=x)`` form).
+    """
 
     kind: str
     x: torch.Tensor            # the input as seen by the graph (requires grad)
     u: torch.Tensor            # (B, K') targets, computed from x
     R: torch.Tensor            # (n, B, K') cotangents
     scale: float
-    target: Callable[[torch.Tensor], torch.Tensor] | None  # x -> u, re-evaluating the model (None if unknown)
+    model: Callable | None = None                 # the model (None if unknown)
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # model output -> u
+    # (output, its tangent) -> tangent of u, where the transform's derivative is written out (None:
+    # forward-mode AD through ``transform``)
+    transform_jvp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    replay: Replay | None = None
+    n_proj: int = 1
+    generator: torch.Generator | None = None
+    options: dict = field(default_factory=dict)    # estimator options (fd_h, fd_scheme, ...)
+
+    def target(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        return self.transform(self.run_model(z, params))
+
+    def run_model(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        """The model's raw output at z (flattened to (B, K)), replayed as the original forward."""
+        if self.model is None:
+            raise ValueError("this estimator re-evaluates the model, which is unknown here")
+        # a functional call gets copies of the buffers (below), so there is nothing to restore
+        ctx = (self.replay.context(restore_buffers=params is None) if self.replay is not None
+               else contextlib.nullcontext())
+        with ctx:
+            if params is None:
+                out = self.model(z)
+            else:
+                # buffers are passed as copies so that in-place updates (BatchNorm statistics) in a
+                # functional call never touch the module's own buffers
+                buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+                out = torch.func.functional_call(self.model, (params, buffers), (z,))
+        return out.reshape(out.shape[0], -1)
+
+    def target_jvp(self, z: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+        """∂u/∂x · tangent at z by one forward-mode pass (torch.autograd.forward_ad), recorded by
+        reverse-mode autograd (so its parameter gradient is available to the caller's backward)."""
+        import torch.autograd.forward_ad as fwAD
+        with fwAD.dual_level():
+            out = self.run_model(fwAD.make_dual(z, tangent))
+            if self.transform_jvp is None:
+                return fwAD.unpack_dual(self.transform(out)).tangent
+            primal, t = fwAD.unpack_dual(out)
+        if t is None:
+            raise ValueError("the model output does not depend on x: a gradient penalty would be a silent 0")
+        return self.transform_jvp(primal, t)
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """The model's trainable parameters by name (needs an nn.Module)."""
+        if not isinstance(self.model, nn.Module):
+            raise ValueError("this estimator needs the model as an nn.Module to reach its parameters")
+        return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
 
 
 def differentiable_input(x: torch.Tensor) -> torch.Tensor:
@@ -69,9 +158,11 @@ def draw_projection(batch: int, num_outputs: int, *, n_proj: int, per_sample: bo
 def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, *,
                   model: Callable | None = None, projection: torch.Tensor | None = None, n_proj: int = 1,
                   per_sample: bool = False, generator: torch.Generator | None = None,
-                  loss_fn: Callable | None = None) -> Problem:
+                  loss_fn: Callable | None = None, replay: Replay | None = None,
+                  options: dict | None = None) -> Problem:
     kind = _checks.check_kind(kind)
     batch = x.shape[0]
+    transform_jvp = None
     flat = _checks.check_output(out, batch, kind)
     num = flat.shape[1]
     if not isinstance(n_proj, int) or n_proj < 1:
@@ -91,8 +182,12 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
             return losses.reshape(batch, 1)
         R = torch.ones(1, batch, 1, device=x.device, dtype=flat.dtype)
         scale = 1.0
+        if loss_fn is None:   # d CE = Σ_k (p_k − onehot(y)_k) d f_k
+            transform_jvp = lambda o, t: ((torch.softmax(o, 1) * t).sum(1) - t.gather(1, y.view(-1, 1))[:, 0]  # noqa: E731
+                                          ).reshape(batch, 1)
     elif kind == "spectreg":
         transform = lambda o: o.reshape(batch, -1)  # noqa: E731
+        transform_jvp = lambda o, t: t  # noqa: E731
         if projection is not None:
             R = _checks.check_projection(projection, batch, num).to(device=flat.device, dtype=flat.dtype)
         else:
@@ -102,12 +197,18 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     elif kind in ("frobreg", "jacreg"):
         if kind == "jacreg":
             transform = lambda o: torch.softmax(o, dim=1)  # noqa: E731
+
+            def transform_jvp(o, t):   # d softmax = p ⊙ (d f − Σ_k p_k d f_k)
+                prob = torch.softmax(o, dim=1)
+                return prob * (t - (prob * t).sum(1, keepdim=True))
         else:
             transform = lambda o: o.reshape(batch, -1)  # noqa: E731
+            transform_jvp = lambda o, t: t  # noqa: E731
         R = torch.eye(num, device=x.device, dtype=flat.dtype).unsqueeze(1).expand(num, batch, num)
         scale = 1.0
     else:  # onehot, random_onehot
         transform = lambda o: o  # noqa: E731
+        transform_jvp = lambda o, t: t  # noqa: E731
         if kind == "onehot":
             _checks.check_labels(y, batch, kind, num_classes=num)
             classes = y
@@ -116,5 +217,6 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         R = _one_hot(classes, num, flat)
         scale = 1.0
     u = transform(out)
-    target = (lambda z: transform(model(z))) if model is not None else None
-    return Problem(kind=kind, x=x, u=u, R=R, scale=scale, target=target)
+    return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform,
+                   transform_jvp=transform_jvp, replay=replay,
+                   n_proj=n_proj, generator=generator, options=dict(options or {}))

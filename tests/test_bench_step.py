@@ -1,0 +1,47 @@
+"""Smoke test of the step benchmark: --quick runs, writes its files, and its numbers are sane."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quick_run_writes_results(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out",
+                          str(tmp_path), "--methods", "exact,fd,jvp,exact/every4", "--memory", "exact"],
+                         capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "x plain" in res.stdout
+    data = json.loads((tmp_path / "bench_step_cpu_quick.json").read_text())
+    rows = data["rows"]
+    assert data["meta"]["threads"] == 1
+    impls = {(r["penalty"], r["impl"], r["method"]) for r in rows}
+    assert ("-", "plain", "-") in impls
+    assert ("frobreg", "ours", "jvp") in impls and ("doubleback", "ours", "jvp") not in impls
+    for r in rows:
+        assert r["ms"] > 0
+        if r["impl"] == "ours":
+            assert r["x_naive"] > 0
+    plain = next(r for r in rows if r["impl"] == "plain")
+    assert plain["x_plain"] == 1.0
+    exact = next(r for r in rows if r["impl"] == "ours" and r["method"] == "exact" and r["penalty"] == "frobreg")
+    assert exact["peak_mib"] > 0 and exact["mem_x_naive"] > 0
+    assert (tmp_path / "bench_step_cpu_quick.csv").read_text().startswith("model,batch,penalty")
+    assert (tmp_path / "bench_step_cpu_quick.png").stat().st_size > 1000
+
+
+def test_live_tensor_bytes_counts_a_known_allocation():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.bench_step import LiveTensorBytes
+    mode = LiveTensorBytes()
+    with mode:
+        a = torch.empty(1000, dtype=torch.float64)      # 8000 bytes
+        b = torch.empty(500, dtype=torch.float32)       # 2000 bytes, alive together with a
+        del a
+        c = torch.empty(100, dtype=torch.float64)       # 800 bytes, after a was freed
+    assert mode.peak == 10000
+    assert mode.current == 2800
+    del b, c
