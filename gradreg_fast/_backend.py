@@ -103,6 +103,7 @@ def backends() -> dict[str, BackendStatus]:
     return status
 
 
+@torch.compiler.assume_constant_result
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend a call on ``device`` uses; raises when an explicit choice cannot run there."""
     name = backend if backend is not None else os.environ.get("GRADREG_BACKEND", "auto")
