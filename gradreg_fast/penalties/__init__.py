@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from gradreg_fast._guards import run_estimator
 from gradreg_fast.penalties._checks import KINDS, check_input, check_kind
 from gradreg_fast.penalties.baselines import confidence_penalty, weight_decay
 from gradreg_fast.penalties.core import Problem, build_problem, differentiable_input
@@ -21,7 +22,8 @@ def penalty_from_output(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.
                         method: str = "exact", model: Callable | None = None, **options) -> torch.Tensor:
     """The penalty for outputs ``out`` already computed from ``x`` (x must require grad)."""
     estimator = check_method(method)
-    return estimator(build_problem(kind, out, x, y, model=model, **options))
+    problem = build_problem(kind, out, x, y, model=model, **options)
+    return run_estimator(estimator, problem, method=method, methods=METHODS, model=model, out=out)
 
 
 def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
