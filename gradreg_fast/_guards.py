@@ -1,7 +1,9 @@
 """Checks every penalty goes through, whatever the estimator (see ``run_estimator``).
 
 - NaN/Inf: a NaN or Inf in x, or a NaN in the model output (a NaN or Inf parameter on the path
-  to the output gives one), makes the penalty NaN and every parameter gradient it sends NaN. A
+  to the output gives one), makes the penalty NaN, and NaN flows into the parameter gradients it
+  sends (parameters it depends on only through ReLU masks, e.g. biases before a ReLU for FrobReg,
+  keep their exact gradient 0). A
   ReLU network's input Jacobian does not depend on the activations' values, so without this a
   non-finite input would give a finite, meaningless penalty. No host sync: the check is a
   device-side factor (1 or NaN) the penalty is multiplied by, and for finite inputs the result is
@@ -25,7 +27,8 @@ from gradreg_fast import distributed
 # Methods that never differentiate through a backward pass, so they train compiled models
 # (tests/test_compile.py checks each one that exists in gradreg_fast.METHODS).
 FIRST_ORDER_METHODS = ("fd", "hvp")
-_COMPILED_DOUBLE_BACKWARD = "CompiledFunctionBackwardBackward"
+_COMPILED_FORWARD = "CompiledFunctionBackward"                 # a compiled region in the forward graph
+_COMPILED_DOUBLE_BACKWARD = "CompiledFunctionBackwardBackward"  # its backward, differentiated again
 _AOT_PACKAGE = "torch._functorch._aot_autograd.runtime_wrappers"  # defines CompiledFunction
 
 
@@ -36,27 +39,37 @@ def nonfinite_factor(x: torch.Tensor, u: torch.Tensor, like: torch.Tensor) -> to
     return one.masked_fill(bad.to(like.device), float("nan"))
 
 
-def _compiled_double_backward_in(p: torch.Tensor) -> bool:
-    """True when p's autograd graph holds a compiled (aot_autograd) region's double-backward node."""
-    if _AOT_PACKAGE not in sys.modules or p.grad_fn is None:
-        return False  # no compiled region can exist: skip the graph walk
-    seen, stack = set(), [p.grad_fn]
+def _graph_holds(t: torch.Tensor, node_name: str) -> bool:
+    """True when t's autograd graph holds a node called node_name (only aot_autograd nodes are
+    looked for: without torch.compile's runtime loaded none can exist and nothing is walked)."""
+    if _AOT_PACKAGE not in sys.modules or t.grad_fn is None:
+        return False
+    seen, stack = set(), [t.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node.name() == _COMPILED_DOUBLE_BACKWARD:
+        if node.name() == node_name:
             return True
         stack.extend(fn for fn, _ in node.next_functions)
     return False
 
 
+def compiled_region_in(t: torch.Tensor) -> bool:
+    """True when t was computed through a torch.compile'd (aot_autograd) region."""
+    return _graph_holds(t, _COMPILED_FORWARD)
+
+
+def _working_methods(methods) -> str:
+    working = [m for m in FIRST_ORDER_METHODS if m in methods]
+    return " or ".join(f"method={m!r}" for m in working)
+
+
 def check_compiled(p: torch.Tensor, method: str, methods) -> None:
-    if _compiled_double_backward_in(p):
-        working = [m for m in FIRST_ORDER_METHODS if m in methods]
-        alternatives = (f"use method={' or '.join(repr(m) for m in working)} (no double backward), "
-                        if working else "")
+    if _graph_holds(p, _COMPILED_DOUBLE_BACKWARD):
+        working = _working_methods(methods)
+        alternatives = f"use {working} (no double backward), " if working else ""
         raise ValueError(
             f"gradreg_fast: method={method!r} needs double backward through the model, and the model "
             "(or part of it) is compiled with torch.compile, whose aot_autograd backends (inductor, "
@@ -70,7 +83,23 @@ def run_estimator(estimator: Callable, problem, *, method: str, methods, model: 
     """estimator(problem), with the DDP, torch.compile and NaN/Inf guards of this module."""
     ddp = distributed.find_ddp(model, out)
     distributed.check_ddp(ddp)
-    p = estimator(problem)
+    if ddp is not None and getattr(problem, "model", None) is ddp:
+        # estimators that re-run the model (hvp, fd, jvp) use the wrapped module: DDP's forward
+        # inside torch.func / forward-mode AD fails with find_unused_parameters=True (its _DDPSink
+        # has no jvp/setup_context), and the caller's DDP forward already prepared the reducer.
+        problem.model = ddp.module
+    try:
+        p = estimator(problem)
+    except NotImplementedError as exc:
+        # forward-mode AD (method "jvp") through a compiled region: aot_autograd has no jvp rule
+        if "forward mode AD" in str(exc) and compiled_region_in(problem.u):
+            working = _working_methods(methods)
+            raise ValueError(
+                f"gradreg_fast: method={method!r} uses forward-mode AD, which torch.compile'd "
+                f"(aot_autograd) regions of the model do not implement. Use {working or 'another method'} "
+                "with a compiled model, or compute the penalty on the uncompiled module "
+                "(compiled._orig_mod)") from exc
+        raise
     check_compiled(p, method, methods)
     p = p * nonfinite_factor(problem.x, problem.u, p)
     if ddp is not None:

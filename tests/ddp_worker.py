@@ -124,7 +124,7 @@ def run_static_graph(x, y, rank, world, method):
     """static_graph=True must raise the library's ValueError on every rank."""
     ddp = nn.parallel.DistributedDataParallel(make_model(), static_graph=True)
     try:
-        gr.GradRegLoss("spectreg", lam=LAM, method=method)(ddp, x.chunk(world)[rank], y.chunk(world)[rank])
+        gr.GradRegLoss("frobreg", lam=LAM, method=method)(ddp, x.chunk(world)[rank], y.chunk(world)[rank])
     except ValueError as exc:
         return str(exc)
     return None

@@ -7,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from gradreg_fast._guards import compiled_region_in
 from gradreg_fast.ops import sq_norm
 from gradreg_fast.penalties.core import Problem
 
@@ -21,9 +22,15 @@ def input_vjps(p: Problem, *, create_graph: bool) -> torch.Tensor:
         raise ValueError("the model output does not depend on x (no autograd graph from x to the "
                          "output): a gradient penalty would be a silent 0; check that the model uses x")
     n = p.R.shape[0]
-    grad_outputs = p.R if n > 1 else p.R[0]
-    (g,) = torch.autograd.grad(p.u, p.x, grad_outputs=grad_outputs, create_graph=create_graph,
-                               allow_unused=True, is_grads_batched=n > 1)
+    if n > 1 and compiled_region_in(p.u):
+        # is_grads_batched vmaps the backward, which compiled (aot_autograd) regions do not support
+        gs = [torch.autograd.grad(p.u, p.x, grad_outputs=p.R[j], create_graph=create_graph,
+                                  retain_graph=True, allow_unused=True)[0] for j in range(n)]
+        g = None if gs[0] is None else torch.stack(gs)
+    else:
+        grad_outputs = p.R if n > 1 else p.R[0]
+        (g,) = torch.autograd.grad(p.u, p.x, grad_outputs=grad_outputs, create_graph=create_graph,
+                                   allow_unused=True, is_grads_batched=n > 1)
     if g is None:
         raise ValueError("the model output does not depend on x: a gradient penalty would be a silent 0; "
                          "check that the model uses x")
