@@ -29,7 +29,6 @@ from gradreg_fast import distributed
 FIRST_ORDER_METHODS = ("fd", "hvp")
 _COMPILED_FORWARD = "CompiledFunctionBackward"                 # a compiled region in the forward graph
 _COMPILED_DOUBLE_BACKWARD = "CompiledFunctionBackwardBackward"  # its backward, differentiated again
-_AOT_PACKAGE = "torch._functorch._aot_autograd.runtime_wrappers"  # defines CompiledFunction
 
 
 def nonfinite_factor(x: torch.Tensor, u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -39,10 +38,23 @@ def nonfinite_factor(x: torch.Tensor, u: torch.Tensor, like: torch.Tensor) -> to
     return one.masked_fill(bad.to(like.device), float("nan"))
 
 
+def _aot_autograd_used() -> bool:
+    """False when no torch.compile aot_autograd backend has compiled anything in this process (the
+    count dynamo keeps), so no compiled region can be in a graph and no graph needs walking.
+    (torch._dynamo itself is imported by any torch.optim optimizer, so its presence says nothing.)"""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return False
+    counters = getattr(utils, "counters", None)
+    if counters is None:  # an unknown torch: walk to be safe
+        return True
+    return counters.get("aot_autograd", {}).get("total", 0) > 0
+
+
 def _graph_holds(t: torch.Tensor, node_name: str) -> bool:
-    """True when t's autograd graph holds a node called node_name (only aot_autograd nodes are
-    looked for: without torch.compile's runtime loaded none can exist and nothing is walked)."""
-    if _AOT_PACKAGE not in sys.modules or t.grad_fn is None:
+    """True when t's autograd graph holds a node called node_name (aot_autograd nodes only; the
+    walk is skipped while no aot_autograd compilation has happened)."""
+    if t.grad_fn is None or not _aot_autograd_used():
         return False
     seen, stack = set(), [t.grad_fn]
     while stack:
