@@ -3,9 +3,10 @@ x untouched, bitwise reproducible with a seeded generator.
 
 Memory held: torch has no allocator statistics for the CPU, so the profiler's memory events are
 summed over a window of steps (allocations minus frees = the change of memory held). In steady
-state a window adds nothing; a graph retained per step adds its saved tensors every step
-(test_window_detects_a_leak shows the measure sees one). Windows at steps 100 and 1000 are
-compared, and the number of live tensor objects (gc) is the same at both.
+state a window adds nothing; anything retained per step shows in every window, byte-exact
+(test_window_detects_a_leak). Two consecutive windows are measured around step 100 and around
+step 1000 (one-off lazy allocations show in one window at most), and the number of live tensor
+objects (gc) is the same at step 100 and step 1000.
 """
 import gc
 
@@ -59,6 +60,13 @@ class Run:
         return sum(e.self_cpu_memory_usage for e in prof.key_averages())
 
 
+def _growth(run) -> int:
+    """Bytes held more after each of two consecutive windows (the smaller of the two): a per-step
+    leak shows in both, a one-off lazy allocation (seen after other tests ran) in one at most."""
+    run.held_bytes(1)  # the profiler's own first-use allocations
+    return min(run.held_bytes(WINDOW - 1), run.held_bytes(WINDOW))
+
+
 def _live_tensors():
     gc.collect()
     return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
@@ -69,18 +77,16 @@ def test_thousand_steps(method):
     torch.set_num_threads(1)
     run = Run(method)
     x0, grad0 = run.x.detach().clone(), run.x.grad.clone()
-    for _ in range(100 - WINDOW):
+    for _ in range(100 - 2 * WINDOW):
         run.step()
-    run.held_bytes(1)  # the profiler's own first-use allocations
-    early = run.held_bytes(WINDOW - 1)
+    early = _growth(run)
     tensors_early = _live_tensors()
-    while len(run.losses) < STEPS - WINDOW:
+    while len(run.losses) < STEPS - 2 * WINDOW:
         run.step()
-    run.held_bytes(1)
-    late = run.held_bytes(WINDOW - 1)
+    late = _growth(run)
     tensors_late = _live_tensors() - len(run.snapshot)  # the step-100 weights kept for the repro check
     assert len(run.losses) == STEPS
-    assert early <= 0 and late <= 0, f"memory held grew: {early} B over steps ~100, {late} B over steps ~1000"
+    assert early <= 0 and late <= 0, f"memory held grew every step: {early} B around step 100, {late} B around step 1000"
     assert tensors_late <= tensors_early, f"live tensors {tensors_early} at step 100, {tensors_late} at 1000"
     # the caller's x, x.grad and requires_grad are untouched
     assert torch.equal(run.x.detach(), x0) and torch.equal(run.x.grad, grad0) and run.x.requires_grad
@@ -117,8 +123,7 @@ def test_window_detects_a_leak():
     run = Run("exact")
     for _ in range(20):
         run.step()
-    run.held_bytes(1)
-    assert run.held_bytes(WINDOW) <= 0
+    assert _growth(run) <= 0
     kept = []
-    leaked = run.held_bytes(WINDOW, keep=kept)
+    leaked = min(run.held_bytes(WINDOW, keep=kept), run.held_bytes(WINDOW, keep=kept))
     assert leaked >= 4 * WINDOW, leaked  # at least each kept loss's own 4-byte storage
