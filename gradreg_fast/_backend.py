@@ -126,3 +126,10 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         raise RuntimeError("gradreg_fast: backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 "
                            "(set before triton is imported)")
     return name
+
+
+# torch.compile traces the op wrappers with fullgraph=True only if the backend choice is a constant
+# to dynamo (backends() is not traceable). This is exactly what torch.compiler.assume_constant_result
+# does (torch 2.1-2.14); calling it here would import torch._dynamo (~1.5 s) at `import gradreg_fast`.
+# Consequence: a compiled function keeps the backend chosen when it was traced.
+resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]

@@ -5,6 +5,7 @@ from typing import Callable
 
 import torch
 
+from gradreg_fast._guards import run_estimator
 from gradreg_fast.penalties import schedules
 from gradreg_fast.penalties._checks import KINDS, check_input, check_kind
 from gradreg_fast.penalties.baselines import confidence_penalty, weight_decay
@@ -71,9 +72,9 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
             mask[idx.to(p.R.device)] = 1
             p.R = p.R * mask.reshape(1, batch, 1)
             p.scale = p.scale * batch / idx.numel()
-            return estimator(p)
+            return run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
     p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts, **problem_opts)
-    return estimator(p)
+    return run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
 
 
 def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,

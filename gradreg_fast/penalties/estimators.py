@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from gradreg_fast._guards import compiled_region_in
 from gradreg_fast.ops import sq_norm
 from gradreg_fast.penalties.core import Problem
 
@@ -44,7 +45,9 @@ def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = No
         raise ValueError("the model output does not depend on x (no autograd graph from x to the "
                          "output): a gradient penalty would be a silent 0; check that the model uses x")
     n = p.R.shape[0]
-    if n > 1 and _prefers_loop(p.model):
+    if n > 1 and (_prefers_loop(p.model) or compiled_region_in(p.u)):
+        # a loop of n reverse passes: faster for some layers (see _prefers_loop), and the only way
+        # through compiled (aot_autograd) regions, whose backward is_grads_batched cannot vmap
         gs = [torch.autograd.grad(p.u, p.x, grad_outputs=p.R[j], create_graph=create_graph, retain_graph=True,
                                   allow_unused=True)[0] for j in range(n)]
         if any(g is None for g in gs):

@@ -1,0 +1,125 @@
+"""Checks every penalty goes through, whatever the estimator (see ``run_estimator``).
+
+- NaN/Inf: a NaN or Inf in x, or a NaN in the model output (a NaN or Inf parameter on the path
+  to the output gives one), makes the penalty NaN, and NaN flows into the parameter gradients it
+  sends (parameters it depends on only through ReLU masks, e.g. biases before a ReLU for FrobReg,
+  keep their exact gradient 0). A
+  ReLU network's input Jacobian does not depend on the activations' values, so without this a
+  non-finite input would give a finite, meaningless penalty. No host sync: the check is a
+  device-side factor (1 or NaN) the penalty is multiplied by, and for finite inputs the result is
+  bitwise the unguarded one. ±Inf in the output alone (e.g. logits masked to -inf) is left to the
+  estimator's arithmetic.
+- torch.compile: aot_autograd backends (inductor, aot_eager) refuse double backward, but only
+  when ``loss.backward()`` reaches the compiled region's backward-of-backward, far from the
+  penalty. The penalty's graph is searched for that node right away, and a ValueError names the
+  methods that need no double backward.
+- DDP: see gradreg_fast.distributed.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+
+from gradreg_fast import distributed
+
+# Methods that never differentiate through a backward pass, so they train compiled models
+# (tests/test_compile.py checks each one that exists in gradreg_fast.METHODS).
+FIRST_ORDER_METHODS = ("fd", "hvp")
+_COMPILED_FORWARD = "CompiledFunctionBackward"                 # a compiled region in the forward graph
+_COMPILED_DOUBLE_BACKWARD = "CompiledFunctionBackwardBackward"  # its backward, differentiated again
+
+
+def nonfinite_factor(x: torch.Tensor, u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor: NaN when x holds a NaN/Inf or u a NaN, else exactly 1 (no host sync).
+
+    x is checked through its sum (NaN or ±Inf anywhere makes s - s NaN; a sum of finite values
+    beyond the float range, |x| ~ 1e38, counts as non-finite too): one reduction, where
+    torch.isfinite(x).all() costs several passes over x.
+    """
+    xd = x.detach()
+    total = xd.sum(dtype=torch.float64 if xd.dtype == torch.float64 else torch.float32)
+    flag = (total - total).masked_fill(torch.isnan(u.detach()).any(), float("nan"))  # 0 or NaN
+    return (flag + 1).to(device=like.device, dtype=like.dtype)
+
+
+def _aot_autograd_used() -> bool:
+    """False when no torch.compile aot_autograd backend has compiled anything in this process (the
+    count dynamo keeps), so no compiled region can be in a graph and no graph needs walking.
+    (torch._dynamo itself is imported by any torch.optim optimizer, so its presence says nothing.)"""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return False
+    counters = getattr(utils, "counters", None)
+    if counters is None:  # an unknown torch: walk to be safe
+        return True
+    return counters.get("aot_autograd", {}).get("total", 0) > 0
+
+
+def _graph_holds(t: torch.Tensor, node_name: str) -> bool:
+    """True when t's autograd graph holds a node called node_name (aot_autograd nodes only; the
+    walk is skipped while no aot_autograd compilation has happened)."""
+    if t.grad_fn is None or not _aot_autograd_used():
+        return False
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name() == node_name:
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
+
+
+def compiled_region_in(t: torch.Tensor) -> bool:
+    """True when t was computed through a torch.compile'd (aot_autograd) region."""
+    return _graph_holds(t, _COMPILED_FORWARD)
+
+
+def _working_methods(methods) -> str:
+    working = [m for m in FIRST_ORDER_METHODS if m in methods]
+    return " or ".join(f"method={m!r}" for m in working)
+
+
+def check_compiled(p: torch.Tensor, method: str, methods) -> None:
+    if _graph_holds(p, _COMPILED_DOUBLE_BACKWARD):
+        working = _working_methods(methods)
+        alternatives = f"use {working} (no double backward), " if working else ""
+        raise ValueError(
+            f"gradreg_fast: method={method!r} needs double backward through the model, and the model "
+            "(or part of it) is compiled with torch.compile, whose aot_autograd backends (inductor, "
+            "aot_eager) raise 'torch.compile with aot_autograd does not currently support double "
+            f"backward' at loss.backward(). Fix: {alternatives}compile with backend='eager', or "
+            "compute the penalty on the uncompiled module (compiled._orig_mod)")
+
+
+def run_estimator(estimator: Callable, problem, *, method: str, methods, model: Callable | None,
+                  out: torch.Tensor) -> torch.Tensor:
+    """estimator(problem), with the DDP, torch.compile and NaN/Inf guards of this module."""
+    ddp = distributed.find_ddp(model, out)
+    distributed.check_ddp(ddp)
+    if ddp is not None and getattr(problem, "model", None) is ddp:
+        # estimators that re-run the model (hvp, fd, jvp) use the wrapped module: DDP's forward
+        # inside torch.func / forward-mode AD fails with find_unused_parameters=True (its _DDPSink
+        # has no jvp/setup_context), and the caller's DDP forward already prepared the reducer.
+        problem.model = ddp.module
+    try:
+        p = estimator(problem)
+    except NotImplementedError as exc:
+        # forward-mode AD (method "jvp") through a compiled region: aot_autograd has no jvp rule
+        if "forward mode AD" in str(exc) and compiled_region_in(problem.u):
+            working = _working_methods(methods)
+            raise ValueError(
+                f"gradreg_fast: method={method!r} uses forward-mode AD, which torch.compile'd "
+                f"(aot_autograd) regions of the model do not implement. Use {working or 'another method'} "
+                "with a compiled model, or compute the penalty on the uncompiled module "
+                "(compiled._orig_mod)") from exc
+        raise
+    check_compiled(p, method, methods)
+    p = p * nonfinite_factor(problem.x, problem.u, p)
+    if ddp is not None:
+        p = distributed.reach_outputs(p, out)
+    return p

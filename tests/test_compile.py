@@ -1,0 +1,163 @@
+"""torch.compile: custom ops inside compiled regions, and penalties on compiled models.
+
+- Every op of the gradreg_fast namespace passes torch.library.opcheck (schema, fake kernel,
+  autograd registration, dynamo/aot tracing), with sample inputs from OP_SAMPLES.
+- Every public op wrapper (gradreg_fast.ops.__all__) on every available backend runs inside
+  torch.compile(fullgraph=True) with the "eager" and "aot_eager" backends (and inductor once),
+  forward and backward, matching eager.
+- A model compiled with an aot_autograd backend cannot take double backward: method="exact"
+  raises the library's ValueError at penalty time naming the methods that work; the methods in
+  COMPILE_EXPECT marked "trains" train it and match the uncompiled model.
+"""
+import pytest
+import torch
+
+import gradreg_fast as gr
+import models
+from conftest import TOLERANCES, available_backends
+from gradreg_fast._guards import FIRST_ORDER_METHODS
+from method_matrix import served_pairs
+
+# Sample inputs per schema op (fp32 CPU). A new op without an entry fails test_all_ops_have_samples.
+OP_SAMPLES = {
+    "sq_norm": lambda: (torch.randn(4, 3, 5),),
+    "sq_norm_backward": lambda: (torch.randn(4), torch.randn(4, 3, 5)),
+}
+# Sample inputs per public op wrapper: callable -> (args, kwargs) without the backend argument.
+WRAPPER_SAMPLES = {
+    "sq_norm": lambda: ((torch.randn(4, 3, 5, requires_grad=True),), {}),
+}
+# What each method does with a model compiled by an aot_autograd backend: "trains", or a fragment
+# of the library's ValueError ("exact" needs double backward, "jvp" forward-mode AD; aot_autograd
+# implements neither).
+COMPILE_EXPECT = {"exact": "needs double backward", "hvp": "trains", "fd": "trains",
+                  "jvp": "uses forward-mode AD"}
+
+
+def _schema_ops():
+    return sorted(n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("gradreg_fast::"))
+
+
+def test_all_ops_have_samples():
+    assert set(_schema_ops()) <= set(OP_SAMPLES), f"add OP_SAMPLES for {set(_schema_ops()) - set(OP_SAMPLES)}"
+    assert set(gr.ops.__all__) <= set(WRAPPER_SAMPLES), \
+        f"add WRAPPER_SAMPLES for {set(gr.ops.__all__) - set(WRAPPER_SAMPLES)}"
+
+
+@pytest.mark.skipif(not gr.backends()["cpp"].available, reason="the extension is not built")
+@pytest.mark.parametrize("op", sorted(OP_SAMPLES))
+def test_opcheck(op):
+    assert op in _schema_ops(), f"gradreg_fast::{op} is not registered"
+    torch.library.opcheck(getattr(torch.ops.gradreg_fast, op).default, OP_SAMPLES[op]())
+
+
+def _wrapper_cases():
+    return [pytest.param(name, backend, id=f"{name}-{backend}")
+            for name in sorted(WRAPPER_SAMPLES) for backend in available_backends("cpu")]
+
+
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+@pytest.mark.parametrize("name,backend", _wrapper_cases())
+def test_op_in_fullgraph_compiled_region(name, backend, compiler):
+    torch._dynamo.reset()
+    op = getattr(gr.ops, name)
+    args, kwargs = WRAPPER_SAMPLES[name]()
+
+    def fn(*a):
+        return op(*a, backend=backend, **kwargs) * 3.0
+
+    compiled = torch.compile(fn, fullgraph=True, backend=compiler)
+    out = compiled(*args)
+    ref = fn(*args)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
+    diff = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    g_out = torch.autograd.grad(out.sum(), diff)
+    g_ref = torch.autograd.grad(ref.sum(), diff)
+    for a, b in zip(g_out, g_ref):
+        torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
+
+
+@pytest.mark.skipif(not gr.backends()["cpp"].available, reason="the extension is not built")
+def test_op_under_inductor():
+    """Inductor (C++ codegen on the CPU) around the cpp op: one small case, forward and backward."""
+    torch._dynamo.reset()
+    x = torch.randn(5, 7, requires_grad=True)
+    fn = torch.compile(lambda t: gr.ops.sq_norm(t, backend="cpp").sqrt() + t.sum(1), fullgraph=True,
+                       backend="inductor")
+    out = fn(x)
+    ref = gr.reference.sq_norm(x).sqrt() + x.sum(1)
+    torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x)
+    torch.testing.assert_close(g, g_ref, **TOLERANCES[torch.float32])
+
+
+def test_compile_expectations_are_declared_and_consistent():
+    missing = [m for m in gr.METHODS if m not in COMPILE_EXPECT]
+    assert not missing, f"declare in COMPILE_EXPECT what methods {missing} do on a compiled model"
+    trains = {m for m, e in COMPILE_EXPECT.items() if e == "trains"}
+    assert trains == set(FIRST_ORDER_METHODS), \
+        "gradreg_fast._guards.FIRST_ORDER_METHODS (named in the errors) must be the methods that train compiled models"
+
+
+def _params_grad(p, model):
+    gs = torch.autograd.grad(p, list(model.parameters()), allow_unused=True, materialize_grads=True)
+    return torch.cat([g.reshape(-1) for g in gs])
+
+
+@pytest.mark.parametrize("kind,method", served_pairs(("doubleback", "frobreg")))
+def test_method_on_aot_compiled_model(kind, method):
+    """doubleback has one cotangent, frobreg K of them (a batched reverse pass, looped for
+    compiled regions)."""
+    torch._dynamo.reset()
+    model, x, y = models.make("tanh", batch=6, dtype=torch.float32)
+    compiled = torch.compile(model, backend="aot_eager")
+    expect = COMPILE_EXPECT[method]
+    if expect != "trains":
+        with pytest.raises(ValueError) as info:
+            gr.penalty(kind, compiled, x, y, method=method)
+        msg = str(info.value)
+        assert f"method={method!r}" in msg and expect in msg and "torch.compile" in msg
+        for working in FIRST_ORDER_METHODS:
+            if working in gr.METHODS:
+                assert f"method={working!r}" in msg
+        with pytest.raises(ValueError, match=expect):
+            gr.GradRegLoss(kind, lam=0.1, method=method)(compiled, x, y)
+        return
+    # trains: SGD steps on the compiled model equal those on an uncompiled copy
+    twin, _, _ = models.make("tanh", batch=6, dtype=torch.float32)
+    twin.load_state_dict(model.state_dict())
+    for _ in range(3):
+        for m, fwd in ((model, compiled), (twin, twin)):
+            loss = gr.GradRegLoss(kind, lam=1.0, method=method,
+                                  generator=torch.Generator().manual_seed(0))(fwd, x, y)
+            grads = torch.autograd.grad(loss, list(m.parameters()))
+            with torch.no_grad():
+                for p, g in zip(m.parameters(), grads):
+                    p -= 0.1 * g
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_exact_on_eager_backend_compiled_model():
+    """backend='eager' (dynamo without aot_autograd) keeps double backward: exact works and
+    equals the uncompiled model."""
+    torch._dynamo.reset()
+    model, x, y = models.make("tanh", batch=6, dtype=torch.float64)
+    compiled = torch.compile(model, backend="eager")
+    p = gr.penalty("doubleback", compiled, x, y)
+    ref = gr.penalty("doubleback", model, x, y)
+    torch.testing.assert_close(p, ref, **TOLERANCES[torch.float64])
+    torch.testing.assert_close(_params_grad(p, model), _params_grad(ref, model), **TOLERANCES[torch.float64])
+
+
+def test_without_the_check_pytorch_fails_only_at_backward():
+    """What the check prevents: PyTorch's own error comes at loss.backward(), not at the penalty."""
+    torch._dynamo.reset()
+    model, x, y = models.make("tanh", batch=6, dtype=torch.float32)
+    compiled = torch.compile(model, backend="aot_eager")
+    xr = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(compiled(xr), y), xr, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.pow(2).sum().backward()
