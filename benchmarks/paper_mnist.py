@@ -332,6 +332,18 @@ def label(r: dict) -> str:
     return r["method"]
 
 
+def _append_line(path: str, line: str) -> None:
+    """Append one line; a last line cut by a kill (no newline) is ended first, so it stays one bad line
+    (skipped by read_results) instead of corrupting the new one."""
+    with open(path, "a+b") as f:  # one line per finished run: an interrupted sweep resumes here
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+        f.write(line.encode() + b"\n")
+
+
 def run_sweep(runs: list[RunConfig], results: str, *, progress: bool = True) -> list[dict]:
     os.makedirs(os.path.dirname(os.path.abspath(results)), exist_ok=True)
     done = {record_key(r) for r in read_results(results)}
@@ -354,8 +366,7 @@ def run_sweep(runs: list[RunConfig], results: str, *, progress: bool = True) -> 
             bars[1].reset(total=cfg.iters)
             bars[1].set_description(f"{cfg.method} N={cfg.n} seed={cfg.seed}")
         rec = train_one(cfg, data, step_bar=bars[1] if bars else None)
-        with open(results, "a") as f:  # one line per finished run: an interrupted sweep resumes here
-            f.write(json.dumps(rec) + "\n")
+        _append_line(results, json.dumps(rec))
         new.append(rec)
         msg = (f"{cfg.method:11s} N={cfg.n:4d} seed={cfg.seed} test {rec['test_acc']:.4f} "
                f"train {rec['train_acc']:.4f} {rec['time_s']:.0f}s ({rec['step_ms']:.1f} ms/step)")
