@@ -157,10 +157,13 @@ class RunConfig:
     iters: int
     wd_mode: str = "isolated"   # "isolated" | "all"
     lam_override: float | None = None  # a λ other than the paper's (cp and the gradient penalties)
+    lam_scale: float = 1.0             # or the paper's λ (at this N) times this factor
 
     @property
     def lam(self) -> float:
-        return self.lam_override if self.lam_override is not None else lam_for(self.method, self.n)
+        if self.lam_override is not None:
+            return self.lam_override
+        return lam_for(self.method, self.n) * self.lam_scale
 
     @property
     def wd(self) -> float:
@@ -290,7 +293,7 @@ EXPENSIVE = ("frobreg", "jacreg")  # K = 10 input VJPs per step: about 10x a pla
 
 
 def plan(methods, sizes, seeds, iters: int, wd_mode: str, sweep_methods=SWEEP_METHODS,
-         lam_overrides: dict | None = None) -> list[RunConfig]:
+         lam_overrides: dict | None = None, lam_scales: dict | None = None) -> list[RunConfig]:
     """Run order: the N = 2000 table first -- the cheap methods seed by seed, then FrobReg and JacReg
     seed by seed (so a partial sweep already has every seed of the paper's headline comparisons) --
     then the size sweep, seed by seed."""
@@ -302,6 +305,7 @@ def plan(methods, sizes, seeds, iters: int, wd_mode: str, sweep_methods=SWEEP_ME
              for m in methods if m in sweep_methods]
     for r in runs:
         r.lam_override = (lam_overrides or {}).get(r.method)
+        r.lam_scale = (lam_scales or {}).get(r.method, 1.0)
     return runs
 
 
@@ -548,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lam", action="append", default=[], metavar="METHOD=VALUE",
                    help="a λ other than the paper's for cp or a gradient penalty (repeatable); such runs "
                         "are reported as their own rows, e.g. 'doubleback (λ=1)'")
+    p.add_argument("--lam-scale", action="append", default=[], metavar="METHOD=FACTOR",
+                   help="the paper's λ (at each N) times FACTOR, e.g. doubleback=0.02 (= 1/50: the λ if the "
+                        "paper's DoubleBack norms were of gradients of the batch-MEAN loss, summed over the "
+                        "batch); repeatable")
     p.add_argument("--results", default=None, help=f"results JSONL (default {DEFAULT_RESULTS})")
     p.add_argument("--out-dir", default=None, help=f"report folder (default {DEFAULT_DIR})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's setting)")
@@ -569,13 +577,15 @@ def main(argv: list[str] | None = None) -> int:
         a.sizes, a.seeds, a.iters = [500, TABLE_N], [0], min(a.iters, 60)
     if a.iters < 4:
         p.error("--iters must be at least 4 (the learning-rate steps sit at 50% and 75%)")
-    overrides = {}
-    for item in a.lam:
-        m, sep, v = item.partition("=")
-        if not sep or m not in ("cp",) + GRADIENT_KINDS:
-            p.error(f"--lam takes METHOD=VALUE with METHOD one of cp, {', '.join(GRADIENT_KINDS)}; got {item!r}")
-        overrides[m] = float(v)
-    runs = plan(a.methods, a.sizes, a.seeds, a.iters, a.wd_mode, lam_overrides=overrides)
+    overrides, scales = {}, {}
+    for flag, items, into in (("--lam", a.lam, overrides), ("--lam-scale", a.lam_scale, scales)):
+        for item in items:
+            m, sep, v = item.partition("=")
+            if not sep or m not in ("cp",) + GRADIENT_KINDS:
+                p.error(f"{flag} takes METHOD=NUMBER with METHOD one of cp, {', '.join(GRADIENT_KINDS)}; "
+                        f"got {item!r}")
+            into[m] = float(v)
+    runs = plan(a.methods, a.sizes, a.seeds, a.iters, a.wd_mode, lam_overrides=overrides, lam_scales=scales)
     run_sweep(runs, results, progress=not a.no_progress)
     if a.quick:
         print(report(results, out_dir, a.iters, a.wd_mode))

@@ -103,3 +103,16 @@ def test_synthetic_quick(tmp_path):
     assert {r["lam"] for r in data["runs"]} == {0.0, 1e-3}
     assert all(r["test_mse"] > 0 and r["iters"] == 30 for r in data["runs"])
     assert (tmp_path / "synthetic_fits.png").stat().st_size > 1000
+
+
+def test_plan_order_and_lambda_options(pm):
+    runs = pm.plan(list(pm.METHODS), [500, 2000], [0, 1], 10, "isolated", lam_scales={"doubleback": 0.02},
+                   lam_overrides={"spectreg": 0.1})
+    # the N=2000 table first: cheap methods for every seed, then FrobReg/JacReg, then the size sweep
+    table = [(c.method, c.seed) for c in runs if c.n == 2000]
+    assert [c.n for c in runs[:16]] == [2000] * 16 and len(table) == 16
+    assert table[-4:] == [("frobreg", 0), ("jacreg", 0), ("frobreg", 1), ("jacreg", 1)]
+    assert {c.method for c in runs if c.n == 500} == set(pm.SWEEP_METHODS)
+    lam = {(c.method, c.n): c.lam for c in runs}
+    assert lam[("doubleback", 2000)] == 50 * 0.02 and lam[("spectreg", 500)] == 0.1
+    assert lam[("cp", 2000)] == 0.01 and lam[("frobreg", 2000)] == 0.03 and lam[("jacreg", 2000)] == 1.0
