@@ -19,18 +19,41 @@ from gradreg_fast._guards import FIRST_ORDER_METHODS
 from method_matrix import served_pairs
 
 # Sample inputs per schema op (fp32 CPU). A new op without an entry fails test_all_ops_have_samples.
+_ACT = {name: code for code, name in enumerate(gr.ops.ACTIVATIONS)}
 OP_SAMPLES = {
     "sq_norm": lambda: (torch.randn(4, 3, 5),),
     "sq_norm_backward": lambda: (torch.randn(4), torch.randn(4, 3, 5)),
+    "fd_direction": lambda: (torch.randn(4, 3, 5), torch.randn(4, 3, 5), 1e-3),
+    "cross_entropy": lambda: (torch.randn(4, 6), torch.randint(6, (4,))),
+    "cross_entropy_backward": lambda: (torch.randn(4), torch.randn(4, 6), torch.randint(6, (4,)),
+                                       torch.randn(4, dtype=torch.float64)),
+    "cross_entropy_hvp": lambda: (torch.randn(4, 6), torch.rand(4) + 0.5, torch.randn(4, 6),
+                                  torch.randint(6, (4,)), torch.randn(4, dtype=torch.float64)),
+    "gaussian_like": lambda: (torch.randn(4, 3, 5), 12345, 7, True),
+    "project": lambda: (torch.randn(4, 6), 12345, 7, False),
+    "project_backward": lambda: (torch.randn(4), 12345, 7, True, 6, torch.float32),
+    "bias_act": lambda: (torch.randn(4, 6, 3), torch.randn(6), _ACT["gelu"], 1, 0.0),
+    "bias_act_grad": lambda: (torch.randn(4, 6, 3), torch.randn(4, 6, 3), torch.randn(6), None, _ACT["gelu"], 1,
+                              0.0),
+    "bias_act_grad2": lambda: (torch.randn(4, 6, 3), torch.randn(4, 6, 3), torch.randn(4, 6, 3), torch.randn(6),
+                               None, _ACT["silu"], 1, 0.0),
 }
 # Sample inputs per public op wrapper: callable -> (args, kwargs) without the backend argument.
 WRAPPER_SAMPLES = {
     "sq_norm": lambda: ((torch.randn(4, 3, 5, requires_grad=True),), {}),
+    "fd_direction": lambda: ((torch.randn(4, 3, 5, requires_grad=True), torch.randn(4, 3, 5, requires_grad=True),
+                              1e-3), {}),
+    "cross_entropy": lambda: ((torch.randn(4, 6, requires_grad=True), torch.randint(6, (4,))), {}),
+    "gaussian_like": lambda: ((torch.randn(4, 3, 5), 12345, 7), {}),
+    "project": lambda: ((torch.randn(4, 6, requires_grad=True), 12345, 7), {"per_sample": True}),
+    "bias_act": lambda: ((torch.randn(4, 6, 3, requires_grad=True), torch.randn(6, requires_grad=True)),
+                         {"act": "silu"}),
 }
+NOT_OPS = {"draw_seed", "ACTIVATIONS"}   # helpers exported next to the ops
 # What each method does with a model compiled by an aot_autograd backend: "trains", or a fragment
 # of the library's ValueError ("exact" needs double backward, "jvp" forward-mode AD; aot_autograd
 # implements neither).
-COMPILE_EXPECT = {"exact": "needs double backward", "hvp": "trains", "fd": "trains",
+COMPILE_EXPECT = {"exact": "needs double backward", "hvp": "uses forward-mode AD", "fd": "trains",
                   "jvp": "uses forward-mode AD"}
 
 
@@ -39,17 +62,31 @@ def _schema_ops():
                   if n.startswith("gradreg_fast::"))
 
 
+def _base(op: str) -> str:
+    return op.removesuffix("_triton")   # the Triton ops share the schema of the C++/CUDA op
+
+
 def test_all_ops_have_samples():
-    assert set(_schema_ops()) <= set(OP_SAMPLES), f"add OP_SAMPLES for {set(_schema_ops()) - set(OP_SAMPLES)}"
-    assert set(gr.ops.__all__) <= set(WRAPPER_SAMPLES), \
-        f"add WRAPPER_SAMPLES for {set(gr.ops.__all__) - set(WRAPPER_SAMPLES)}"
+    missing = {op for op in _schema_ops() if _base(op) not in OP_SAMPLES}
+    assert not missing, f"add OP_SAMPLES for {missing}"
+    wrappers = set(gr.ops.__all__) - NOT_OPS
+    assert wrappers <= set(WRAPPER_SAMPLES), f"add WRAPPER_SAMPLES for {wrappers - set(WRAPPER_SAMPLES)}"
 
 
-@pytest.mark.skipif(not gr.backends()["cpp"].available, reason="the extension is not built")
-@pytest.mark.parametrize("op", sorted(OP_SAMPLES))
+def _opcheck_cases():
+    cases = []
+    for op in sorted(OP_SAMPLES):
+        for name, backend in ((op, "cpp"), (f"{op}_triton", "triton")):
+            marks = pytest.mark.skipif(not gr.backends()[backend].available,
+                                       reason=f"backend {backend!r} is not available here")
+            cases.append(pytest.param(name, marks=marks, id=name))
+    return cases
+
+
+@pytest.mark.parametrize("op", _opcheck_cases())
 def test_opcheck(op):
     assert op in _schema_ops(), f"gradreg_fast::{op} is not registered"
-    torch.library.opcheck(getattr(torch.ops.gradreg_fast, op).default, OP_SAMPLES[op]())
+    torch.library.opcheck(getattr(torch.ops.gradreg_fast, op).default, OP_SAMPLES[_base(op)]())
 
 
 def _wrapper_cases():
@@ -65,13 +102,16 @@ def test_op_in_fullgraph_compiled_region(name, backend, compiler):
     args, kwargs = WRAPPER_SAMPLES[name]()
 
     def fn(*a):
-        return op(*a, backend=backend, **kwargs) * 3.0
+        out = op(*a, backend=backend, **kwargs)
+        return (out[0] if isinstance(out, tuple) else out) * 3.0
 
     compiled = torch.compile(fn, fullgraph=True, backend=compiler)
     out = compiled(*args)
     ref = fn(*args)
     torch.testing.assert_close(out, ref, **TOLERANCES[torch.float32])
     diff = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not diff:   # gaussian_like: no gradient by design
+        return
     g_out = torch.autograd.grad(out.sum(), diff)
     g_ref = torch.autograd.grad(ref.sum(), diff)
     for a, b in zip(g_out, g_ref):

@@ -85,13 +85,19 @@ def test_spectreg_explicit_projection(model_name, per_sample_r):
 
 @pytest.mark.parametrize("per_sample_r", [False, True])
 def test_spectreg_drawn_projections_match_generator(per_sample_r):
-    """Drawn r: the same draws as torch.randn from an identically seeded generator, n_proj averaged."""
+    """Drawn r: r_j from the counter-based stream at (seed, offset j), seed = draw_seed(generator)
+    (regenerated inside the fused projection op, never stored), n_proj averaged; compared with
+    torch.func on r_j materialized by the pure-PyTorch Philox reference."""
+    from gradreg_fast.ops import draw_seed
+    from gradreg_fast.reference.philox import projection_vectors
     model, x, _ = make("tanh", k=K, seed=4)
     n, B = 3, x.shape[0]
     ours = gr.penalty("spectreg", model, x, n_proj=n, per_sample=per_sample_r,
                       generator=torch.Generator().manual_seed(7))
-    r = torch.randn((n, B if per_sample_r else 1, K), generator=torch.Generator().manual_seed(7),
-                    dtype=x.dtype).expand(n, B, K)
+    seed = draw_seed(torch.Generator().manual_seed(7))
+    r = torch.stack([projection_vectors(B, K, seed, j, per_sample=per_sample_r, dtype=x.dtype, device=x.device)
+                     .expand(B, K) for j in range(n)])
+    assert r[0].std() > 0.5 and not torch.equal(r[0], r[1])   # real, distinct draws
     values = [func_penalty("spectreg", model, x, None, r=rj if per_sample_r else rj[0]) for rj in r]
     value = sum(v for v, _ in values) / n
     grads = {name: sum(g[name] for _, g in values) / n for name in values[0][1]}

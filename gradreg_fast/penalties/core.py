@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradreg_fast.ops import cross_entropy, draw_seed, project
 from gradreg_fast.penalties import _checks
 
 
@@ -139,20 +140,23 @@ def differentiable_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def default_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(out, y, reduction="none")
+    """Per-sample cross-entropy through the fused op (gradreg_fast.ops.cross_entropy): DoubleBack's
+    double backward then runs the fused Hessian-vector product instead of autograd's composite."""
+    return cross_entropy(out, y if y.dtype == torch.long else y.long())
 
 
 def _one_hot(classes: torch.Tensor, num: int, like: torch.Tensor) -> torch.Tensor:
     return F.one_hot(classes, num).to(like.dtype).unsqueeze(0)
 
 
-def draw_projection(batch: int, num_outputs: int, *, n_proj: int, per_sample: bool,
-                    generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """SpectReg's r ~ N(0, I_K) as (n, B, K): one vector shared by the batch (the paper's default)
-    or one per sample, n_proj independent draws, on ``like``'s device and dtype."""
-    shape = (n_proj, batch if per_sample else 1, num_outputs)
-    r = torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-    return r.expand(n_proj, batch, num_outputs)
+def projected_outputs(seed: int, n_proj: int, per_sample: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """o -> S (B, n) with S[b, j] = Σ_k r_j[b, k] · o[b, k], r_j ~ N(0, I_K) regenerated from
+    (seed, offset j) inside the fused projection op (gradreg_fast.ops.project): no random tensor
+    is stored, and the backward regenerates r_j."""
+    def transform(o: torch.Tensor) -> torch.Tensor:
+        flat = o.reshape(o.shape[0], -1)
+        return torch.stack([project(flat, seed, j, per_sample=per_sample) for j in range(n_proj)], dim=1)
+    return transform
 
 
 def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, *,
@@ -186,14 +190,16 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
             transform_jvp = lambda o, t: ((torch.softmax(o, 1) * t).sum(1) - t.gather(1, y.view(-1, 1))[:, 0]  # noqa: E731
                                           ).reshape(batch, 1)
     elif kind == "spectreg":
-        transform = lambda o: o.reshape(batch, -1)  # noqa: E731
-        transform_jvp = lambda o, t: t  # noqa: E731
         if projection is not None:
+            transform = lambda o: o.reshape(batch, -1)  # noqa: E731
+            transform_jvp = lambda o, t: t  # noqa: E731
             R = _checks.check_projection(projection, batch, num).to(device=flat.device, dtype=flat.dtype)
         else:
-            R = draw_projection(batch, num, n_proj=n_proj, per_sample=per_sample, generator=generator,
-                                like=flat)
-        scale = 1.0 / R.shape[0]
+            # u = the n projections themselves, R = e_j: the VJP of u[:, j] is J_iᵀ r_j
+            transform = projected_outputs(draw_seed(generator), n_proj, bool(per_sample))
+            transform_jvp = lambda o, t: transform(t)  # noqa: E731  (linear in o)
+            R = None   # e_1 … e_n in u's dtype, below
+        scale = 1.0 / (R.shape[0] if R is not None else n_proj)
     elif kind in ("frobreg", "jacreg"):
         if kind == "jacreg":
             transform = lambda o: torch.softmax(o, dim=1)  # noqa: E731
@@ -217,6 +223,10 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         R = _one_hot(classes, num, flat)
         scale = 1.0
     u = transform(out)
+    if R is None:
+        R = torch.eye(n_proj, device=u.device, dtype=u.dtype).unsqueeze(1).expand(n_proj, batch, n_proj)
+    elif R.dtype != u.dtype:
+        R = R.to(u.dtype)   # the fused cross-entropy returns float32 losses for fp16/bf16 logits
     return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform,
                    transform_jvp=transform_jvp, replay=replay,
                    n_proj=n_proj, generator=generator, options=dict(options or {}))
