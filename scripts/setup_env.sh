@@ -26,10 +26,12 @@ if [ "${EDITABLE:-0}" = "1" ]; then
 else
   pip install -q --no-build-isolation --no-deps .
 fi
-python - <<'PY'
+# report from outside the source tree, so that the installed package (with its extension) is imported
+(cd / && python - <<'PY'
 import torch, gradreg_fast
 print(f"gradreg_fast {gradreg_fast.__version__} from {gradreg_fast.__file__}")
 print(f"torch {torch.__version__}")
 for name, s in gradreg_fast.backends().items():
     print(f"  backend {name:9s} {'yes' if s.available else 'no ':3s}  {s.reason}")
 PY
+)

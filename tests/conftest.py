@@ -14,6 +14,17 @@ import pytest  # noqa: E402
 
 import gradreg_fast  # noqa: E402
 
+
+
+def pytest_sessionstart(session):
+    """GRADREG_REQUIRE_EXT=1 (set by scripts/test.sh): the C++ backend must be there, so that a
+    broken or missing build fails the run instead of quietly shrinking the backend matrix."""
+    status = gradreg_fast.backends()["cpp"]
+    if os.environ.get("GRADREG_REQUIRE_EXT") == "1" and not status.available:
+        raise pytest.UsageError(f"GRADREG_REQUIRE_EXT=1 but the cpp backend is unavailable: {status.reason} "
+                                f"(gradreg_fast imported from {gradreg_fast.__file__})")
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Absolute/relative tolerances per dtype for kernel-vs-reference comparisons (values of order 1).
