@@ -44,7 +44,9 @@ from pathlib import Path
 from typing import Callable
 
 _ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:  # run as a script: make the repository's gradreg_fast importable
+try:
+    import gradreg_fast  # noqa: F401  (the installed package, with its built extension)
+except ImportError:  # a source checkout with the extension built in place
     sys.path.insert(0, str(_ROOT))
 
 import torch  # noqa: E402
@@ -431,6 +433,10 @@ def main(argv=None) -> list[dict]:
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")
+    ext = gr.backends()["cuda" if device.startswith("cuda") else "cpp"]
+    if os.environ.get("GRADREG_REQUIRE_EXT") == "1" and not ext.available:
+        raise SystemExit(f"GRADREG_REQUIRE_EXT=1 but the compiled kernels are unavailable: {ext.reason} "
+                         f"(gradreg_fast from {gr.__file__})")
     if device == "cpu":
         torch.set_num_threads(args.threads)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
@@ -468,10 +474,12 @@ def main(argv=None) -> list[dict]:
     table = format_table(rows)
     print(table)
 
+    backends = {name: st.available for name, st in gr.backends().items()}
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
     meta = dict(command="python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 device=device, device_name=dev_name, threads=args.threads if device == "cpu" else None,
-                amp=args.amp, torch=torch.__version__, reps=args.reps,
+                amp=args.amp, torch=torch.__version__, reps=args.reps, gradreg_fast=gr.__file__,
+                backends=backends,
                 memory=("cuda max_memory_allocated growth over one step" if device.startswith("cuda") else
                         "peak live tensor storage created during one step (TorchDispatchMode accounting)"),
                 load_average=os.getloadavg(), time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
@@ -487,6 +495,7 @@ def main(argv=None) -> list[dict]:
             f.write(",".join("" if r[c] is None else str(r[c]) for c in cols) + "\n")
     with open(out / f"{stem}.txt", "w") as f:
         f.write(f"# {meta['command']}\n# {dev_name}, torch {torch.__version__}, load {meta['load_average']}\n")
+        f.write(f"# backends available: {', '.join(n for n, ok in backends.items() if ok)}\n")
         f.write(table + "\n")
     try:
         plot(rows, out / f"{stem}.png", f"gradreg_fast step cost on {dev_name} ({meta['time']})")

@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 . "${VENV:-.venv}/bin/activate"
+# measure the installed package with its compiled kernels, never a silent pure-Python fallback
+if [ "${GRADREG_SKIP_EXT:-0}" != "1" ]; then export GRADREG_REQUIRE_EXT=${GRADREG_REQUIRE_EXT:-1}; fi
 exec python benchmarks/bench_step.py "$@"
