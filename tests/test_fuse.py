@@ -63,7 +63,7 @@ def test_outputs_and_parameters_shared(name):
     model, x, _ = _make(name)
     model.eval()
     before = copy.deepcopy(model.state_dict())
-    fused = gr.fuse(model)
+    fused = gr.fuse(model, activations="all")
     assert fused is not model
     # the original is untouched: same module types, same values
     assert not any(isinstance(m, (FusedActivation, FusedLinearAct)) for m in model.modules())
@@ -79,7 +79,7 @@ def test_outputs_and_parameters_shared(name):
 
 def test_linear_act_pairs_fused():
     model, x, _ = _make("mlp")
-    fused = gr.fuse(model)
+    fused = gr.fuse(model, activations="all")
     kinds = [type(m).__name__ for m in fused]
     assert kinds.count("FusedLinearAct") == 9 and kinds.count("Identity") == 9
     assert [m.act for m in fused if isinstance(m, FusedLinearAct)] == [
@@ -91,7 +91,7 @@ def test_linear_act_pairs_fused():
 def test_state_dict_loads_both_ways(name):
     model, x, _ = _make(name)
     model.eval()
-    fused = gr.fuse(model)
+    fused = gr.fuse(model, activations="all")
     other, _, _ = _make(name)
     torch.manual_seed(1)
     for p in other.parameters():
@@ -109,7 +109,7 @@ def test_inplace():
     model, x, _ = _make("lenet")
     model.eval()
     want = model(x)
-    assert gr.fuse(model, inplace=True) is model
+    assert gr.fuse(model, activations="all", inplace=True) is model
     assert isinstance(model[1], FusedActivation) and isinstance(model[9], FusedLinearAct)
     torch.testing.assert_close(model(x), want, **FP64)
 
@@ -120,7 +120,7 @@ def test_doubleback_penalty_same(name):
     model, x, y = _make(name)
     if name == "lenet":
         model.eval()  # dropout off; the block keeps BatchNorm in training mode
-    fused = gr.fuse(model)
+    fused = gr.fuse(model, activations="all")
 
     def value_and_grads(m):
         pen = gr.penalty("doubleback", m, x, y)
@@ -132,9 +132,30 @@ def test_doubleback_penalty_same(name):
         torch.testing.assert_close(a, b, **FP64)
 
 
+def test_default_replaces_only_the_fast_activations():
+    """Default activations="fast": relu/leaky_relu/erf-GELU modules stay (their fused double backward
+    is slower than ATen's on the CPU); tanh/silu are replaced; a chosen set replaces exactly it."""
+    from gradreg_fast.nn.fuse import FAST_ACTIVATIONS
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.GELU(),
+                          nn.Linear(4, 2), nn.SiLU()).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    fused = gr.fuse(model)
+    assert [type(m).__name__ for m in fused] == ["Linear", "ReLU", "FusedLinearAct", "Identity", "Linear", "GELU",
+                                                "FusedLinearAct", "Identity"]
+    assert {fused[2].act, fused[6].act} <= set(FAST_ACTIVATIONS)
+    torch.testing.assert_close(fused(x), model(x), **FP64)
+    only_relu = gr.fuse(model, activations={"relu"})
+    assert isinstance(only_relu[0], FusedLinearAct) and type(only_relu[3]) is nn.Tanh
+    torch.testing.assert_close(only_relu(x), model(x), **FP64)
+    with pytest.raises(ValueError, match="unknown activations"):
+        gr.fuse(model, activations={"swish"})
+    with pytest.raises(ValueError, match="'fast', 'all'"):
+        gr.fuse(model, activations="most")
+
+
 def test_unfusable_left_alone():
     model = nn.Sequential(nn.Linear(3, 3), nn.Softplus(beta=2.0), nn.Linear(3, 3, bias=False), nn.ReLU())
-    fused = gr.fuse(model)
+    fused = gr.fuse(model, activations="all")
     assert type(fused[1]) is nn.Softplus and type(fused[2]) is nn.Linear
     assert isinstance(fused[3], FusedActivation)
     with pytest.raises(TypeError, match="nn.Module"):

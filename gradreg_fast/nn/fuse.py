@@ -1,6 +1,7 @@
 """``fuse(model)``: the model with its activation modules replaced by the fused bias + activation op.
 
-What is replaced (exact types only; subclasses may override forward and are left alone):
+What can be replaced (exact types only; subclasses may override forward and are left alone) — by
+default only the activations in FAST_ACTIVATIONS, ``activations="all"`` for every one:
 
     nn.ReLU → relu, nn.LeakyReLU → leaky_relu (alpha = negative_slope), nn.Tanh, nn.Sigmoid,
     nn.Softplus (only beta=1, threshold=20), nn.GELU (approximate "none" → gelu, "tanh" →
@@ -19,10 +20,18 @@ the model itself is rewired and returned.
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 from torch import nn
 
 from gradreg_fast.nn.activations import FusedActivation, FusedLinearAct
+from gradreg_fast.ops.bias_act import ACTIVATIONS
+
+# Activations whose fused double backward measured faster than autograd's composite (CPU, one
+# thread, 1M fp32 elements: benchmarks/results/ops_cpu.txt, 2.2-6.8x). The others (relu, leaky_relu,
+# linear, the erf GELU) are single vectorized ATen kernels that the fused op does not beat on the
+# CPU; fuse(..., activations="all") replaces them too.
+FAST_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu_tanh", "silu", "elu")
 
 
 def activation_spec(module: nn.Module) -> tuple[str, float | None] | None:
@@ -57,9 +66,26 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     return new
 
 
-def _fuse(module: nn.Module, backend: str | None, inplace: bool) -> nn.Module:
+def _check_activations(activations: str | Iterable[str]) -> frozenset[str]:
+    if isinstance(activations, str):
+        if activations == "fast":
+            return frozenset(FAST_ACTIVATIONS)
+        if activations == "all":
+            return frozenset(ACTIVATIONS)
+        raise ValueError(f"fuse: activations must be 'fast', 'all' or a collection of names from "
+                         f"{ACTIVATIONS}, got {activations!r}")
+    chosen = frozenset(activations)
+    unknown = sorted(chosen - set(ACTIVATIONS))
+    if unknown:
+        raise ValueError(f"fuse: unknown activations {unknown}; choose from {ACTIVATIONS}")
+    return chosen
+
+
+def _fuse(module: nn.Module, backend: str | None, inplace: bool, chosen: frozenset[str]) -> nn.Module:
     spec = activation_spec(module)
     if spec is not None:
+        if spec[0] not in chosen:
+            return module
         return FusedActivation(spec[0], spec[1], backend=backend)
     if isinstance(module, (FusedActivation, FusedLinearAct)):
         return module
@@ -68,7 +94,7 @@ def _fuse(module: nn.Module, backend: str | None, inplace: bool) -> nn.Module:
     for name in names:
         child = out._modules[name]
         if child is not None:
-            out._modules[name] = _fuse(child, backend, inplace)
+            out._modules[name] = _fuse(child, backend, inplace, chosen)
     if isinstance(out, nn.Sequential):
         for first, second in zip(names, names[1:]):
             lin = out._modules[first]
@@ -80,12 +106,17 @@ def _fuse(module: nn.Module, backend: str | None, inplace: bool) -> nn.Module:
     return out
 
 
-def fuse(model: nn.Module, *, backend: str | None = None, inplace: bool = False) -> nn.Module:
+def fuse(model: nn.Module, *, activations: str | Iterable[str] = "fast", backend: str | None = None,
+         inplace: bool = False) -> nn.Module:
     """``model`` with its activations (and Linear → activation pairs in nn.Sequential) running
-    through the fused bias + activation op; see the module docstring for what is replaced.
+    through the fused bias + activation op y = act(x + b); see the module docstring for what is
+    replaced.
 
     Args:
         model: any nn.Module.
+        activations: which activations to replace: "fast" (default: FAST_ACTIVATIONS, those whose
+            fused double backward measured faster than autograd's), "all", or a collection of names
+            from gradreg_fast.ops.ACTIVATIONS (e.g. ``{"relu", "tanh"}``).
         backend: backend of the fused op ("reference", "cpp", "cuda", "triton", "auto"; None: the
             GRADREG_BACKEND variable or auto, decided at each call from the input's device).
         inplace: False (default): return a new module tree sharing all Parameters and buffers with
@@ -96,4 +127,4 @@ def fuse(model: nn.Module, *, backend: str | None = None, inplace: bool = False)
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: model must be an nn.Module, got {type(model).__name__}")
-    return _fuse(model, backend, inplace)
+    return _fuse(model, backend, inplace, _check_activations(activations))
