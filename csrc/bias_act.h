@@ -158,6 +158,27 @@ C10_HOST_DEVICE inline T erf_(T z) {
   return std::erf(z);
 }
 
+// log(1 + t) for t >= 0 as 2 atanh(s), s = t / (2 + t) in [0, 1): for t <= 1 (softplus's use)
+// the odd series to s^15 is accurate to 2e-9 relative, with no cancellation for small t.
+template <typename T>
+C10_HOST_DEVICE inline T log1p_(T t) {
+#ifndef __CUDA_ARCH__
+  if constexpr (std::is_same_v<T, float>) {
+    const float s = t / (2.0f + t), s2 = s * s;
+    float p = 1.0f / 15.0f;
+    p = p * s2 + 1.0f / 13.0f;
+    p = p * s2 + 1.0f / 11.0f;
+    p = p * s2 + 1.0f / 9.0f;
+    p = p * s2 + 1.0f / 7.0f;
+    p = p * s2 + 1.0f / 5.0f;
+    p = p * s2 + 1.0f / 3.0f;
+    p = p * s2 + 1.0f;
+    return 2.0f * s * p;
+  }
+#endif
+  return std::log1p(t);
+}
+
 template <int64_t A, typename T>
 C10_HOST_DEVICE inline T forward(T z, T alpha) {
   if constexpr (A == kLinear) return z;
@@ -165,7 +186,8 @@ C10_HOST_DEVICE inline T forward(T z, T alpha) {
   else if constexpr (A == kLeakyRelu) return z > T(0) ? z : alpha * z;
   else if constexpr (A == kTanh) return tanh_(z);
   else if constexpr (A == kSigmoid) return sigmoid(z);
-  else if constexpr (A == kSoftplus) return z > T(kSoftplusThreshold) ? z : std::log1p(exp_(z));
+  else if constexpr (A == kSoftplus)  // log(1 + e^z) = max(z, 0) + log(1 + e^-|z|)
+    return z > T(kSoftplusThreshold) ? z : (z > T(0) ? z : T(0)) + log1p_(exp_(z < T(0) ? z : -z));
   else if constexpr (A == kGelu) return T(0.5) * z * (T(1) + erf_(z * T(kSqrt1_2)));
   else if constexpr (A == kGeluTanh) {
     const T k = T(kGeluK);

@@ -203,3 +203,55 @@ def test_wrong_device_for_backend():
         bias_act(torch.randn(2, 3), backend="fast")
     with pytest.raises(ValueError, match="b is on"):
         bias_act(torch.randn(2, 3), torch.zeros(3, device="meta"))
+
+
+_BASELINE_SCRIPT = r"""
+import sys, torch
+from gradreg_fast.ops import ACTIVATIONS, bias_act
+x, b, v, w = torch.load(sys.argv[1])
+out = {}
+for act in ACTIVATIONS:
+    xr, br, vr = (t.clone().requires_grad_(True) for t in (x, b, v))
+    y = bias_act(xr, br, act, backend="cpp")
+    (gx,) = torch.autograd.grad(y, xr, vr, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx, xr, w, allow_unused=True, materialize_grads=True)
+    out[act] = (y.detach(), gx.detach(), ggx)
+torch.save(out, sys.argv[2])
+"""
+
+
+@pytest.mark.skipif(not gr.backends()["cpp"].available, reason="the extension is not built")
+def test_cpu_baseline_loops_match_reference(tmp_path):
+    """The C++ element loops exist twice (baseline x86-64 and AVX2+FMA, chosen at run time); this
+    machine runs one of them in-process, and GRADREG_CPU_BASELINE=1 forces the baseline copy in a
+    subprocess. Both against the fp64 reference, forward / backward / double backward (fp32; the
+    low-precision dtypes are covered by the flash-attention rule tests above)."""
+    import os
+    import subprocess
+    import sys
+    g = torch.Generator().manual_seed(3)
+    dtype = torch.float32
+    x, v, w = (torch.randn(64, 37, generator=g).mul_(2) for _ in range(3))
+    b = torch.randn(37, generator=g)
+    torch.save((x, b, v, w), tmp_path / "in.pt")
+    env = {**os.environ, "GRADREG_CPU_BASELINE": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    run = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    baseline = torch.load(tmp_path / "out.pt")
+    for act in ACTIVATIONS:
+        xr, br, vr = (t.double().requires_grad_(True) for t in (x, b, v))
+        y = gr.reference.bias_act(xr, br, act)
+        (gx,) = torch.autograd.grad(y, xr, vr, create_graph=True)
+        (ggx,) = torch.autograd.grad(gx, xr, w.double(), allow_unused=True, materialize_grads=True)
+        xs, bs, vs = (t.clone().requires_grad_(True) for t in (x, b, v))
+        ys = bias_act(xs, bs, act, backend="cpp")
+        (gxs,) = torch.autograd.grad(ys, xs, vs, create_graph=True)
+        (ggxs,) = torch.autograd.grad(gxs, xs, w, allow_unused=True, materialize_grads=True)
+        for name, got_base, got_here, want in (("forward", baseline[act][0], ys, y), ("backward", baseline[act][1], gxs, gx),
+                                               ("double backward", baseline[act][2], ggxs, ggx)):
+            for got in (got_base, got_here):
+                assert got.dtype == dtype
+                torch.testing.assert_close(got.double(), want.detach(), **TOLERANCES[dtype],
+                                           msg=lambda m: f"{act} {name}: {m}")

