@@ -28,10 +28,10 @@ from gradreg_fast.nn.activations import FusedActivation, FusedLinearAct
 from gradreg_fast.ops.bias_act import ACTIVATIONS
 
 # Activations whose fused double backward measured faster than autograd's composite (CPU, one
-# thread, 1M fp32 elements: benchmarks/results/ops_cpu.txt, 2.2-6.8x). The others (relu, leaky_relu,
-# linear, the erf GELU) are single vectorized ATen kernels that the fused op does not beat on the
-# CPU; fuse(..., activations="all") replaces them too.
-FAST_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu_tanh", "silu", "elu")
+# thread, 1M fp32 elements: benchmarks/results/ops_cpu.txt, 1.3-16x). For the others (relu,
+# leaky_relu, linear) autograd's double backward is one vectorized ATen kernel that the fused op does
+# not beat on the CPU; fuse(..., activations="all") replaces them too.
+FAST_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu", "gelu_tanh", "silu", "elu")
 
 
 def activation_spec(module: nn.Module) -> tuple[str, float | None] | None:
