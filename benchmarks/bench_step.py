@@ -402,7 +402,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (CUDA events, max_memory_allocated)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu or cuda (CUDA events, max_memory_allocated); default: cuda when a GPU is visible")
     ap.add_argument("--models", default="lenet,mlp,resnet", help="comma list of lenet, mlp, resnet")
     ap.add_argument("--model", default=None, help="a user model as module:callable (replaces --models)")
     ap.add_argument("--input-shape", default=None, help="per-sample input shape for --model, e.g. 3,32,32")
