@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from gradreg_fast._guards import compiled_region_in
-from gradreg_fast.ops import sq_norm
+from gradreg_fast.ops import draw_seed, gaussian_like, sq_norm
 from gradreg_fast.penalties.core import Problem
 
 FD_SCHEMES = ("central", "forward")
@@ -236,12 +236,10 @@ def fd(p: Problem) -> torch.Tensor:
 
 
 def input_tangent(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """v ~ N(0, I) shaped like x, drawn from ``generator``.
-
-    The seam for the in-kernel Philox op (``gaussian_like``, kernels issue): swap the body for it
-    when it lands; callers only rely on the distribution and on ``generator`` reproducibility.
-    """
-    return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    """v ~ N(0, I) shaped like x, independent per sample, written by the counter-based Gaussian
+    op (gradreg_fast.ops.gaussian_like, Philox 4x32-10 in the kernel) from a seed drawn from
+    ``generator``: one seed per draw, so n draws in one call equal n calls in a row."""
+    return gaussian_like(like, draw_seed(generator), 0, per_sample=True)
 
 
 JVP_KINDS = ("frobreg", "jacreg")
