@@ -21,7 +21,7 @@ and method="exact" are measured.
 Usage (from the repository root):
 
     python benchmarks/bench_step.py                    # the full CPU table (one thread)
-    python -m benchmarks.bench_step --quick --out /tmp/r  # seconds, for CI
+    python benchmarks/bench_step.py --quick --out /tmp/r  # seconds, for CI
     python benchmarks/bench_step.py --device cuda --amp bf16   # CUDA events, bf16 autocast
     python benchmarks/bench_step.py --model mypkg.nets:make_net --input-shape 3,32,32 --batch 64
 

@@ -34,9 +34,9 @@ runs already there, so an interrupted sweep resumes. Runs for the N = 2000 table
 seed; the cheap methods first, then FrobReg and JacReg, which cost ~10x a plain step), then the size
 sweep.
 
-    python -m benchmarks.paper_mnist --quick                       # minutes: every method, tiny runs
-    python -m benchmarks.paper_mnist --iters 10000                 # the full sweep (hours on one core)
-    python -m benchmarks.paper_mnist --report                      # table + plot from the JSONL
+    python benchmarks/paper_mnist.py --quick                       # minutes: every method, tiny runs
+    python benchmarks/paper_mnist.py --iters 10000                 # the full sweep (hours on one core)
+    python benchmarks/paper_mnist.py --report                      # table + plot from the JSONL
 """
 from __future__ import annotations
 
@@ -55,7 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gradreg_fast as gr
+try:
+    import gradreg_fast as gr  # the installed package, with its built extension
+except ImportError:  # run from a source checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gradreg_fast as gr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(HERE, "results", "paper")

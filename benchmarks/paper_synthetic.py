@@ -12,8 +12,8 @@ truth sin(5x) on a dense grid of 2001 points in [-1, 1], plus the training MSE. 
 benchmarks/results/paper/: synthetic.json, synthetic.md and synthetic_fits.png (the fits of seed 0
 against the truth and the training points).
 
-    python -m benchmarks.paper_synthetic                 # the default grid, seeds 0 and 1, 10000 iterations
-    python -m benchmarks.paper_synthetic --quick         # seconds
+    python benchmarks/paper_synthetic.py                 # the default grid, seeds 0 and 1, 10000 iterations
+    python benchmarks/paper_synthetic.py --quick         # seconds
 """
 from __future__ import annotations
 
@@ -28,7 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gradreg_fast as gr
+try:
+    import gradreg_fast as gr  # the installed package, with its built extension
+except ImportError:  # run from a source checkout without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gradreg_fast as gr
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(HERE, "results", "paper")

@@ -24,8 +24,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gradreg_fast as gr  # noqa: E402
+try:
+    import gradreg_fast as gr  # the installed package, with its built extension
+except ImportError:  # a source checkout with the extension built in place
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gradreg_fast as gr
 
 
 def synthetic_data(n: int, d: int, k: int, seed: int = 0) -> TensorDataset:

@@ -49,6 +49,11 @@ def _load_extension() -> tuple[bool, str]:
 
 
 EXTENSION_LOADED, EXTENSION_REASON = _load_extension()
+if not EXTENSION_LOADED and os.environ.get("GRADREG_REQUIRE_EXT") == "1":
+    # set by scripts/test.sh and scripts/bench.sh (and inherited by their subprocesses): a copy of
+    # the package without its extension (a source tree shadowing the installed one) fails loudly
+    raise ImportError(f"gradreg_fast: GRADREG_REQUIRE_EXT=1 but the C++ extension is unavailable: "
+                      f"{EXTENSION_REASON} (gradreg_fast imported from {os.path.dirname(__file__)})")
 if not EXTENSION_LOADED:
     warnings.warn(f"gradreg_fast: C++/CUDA kernels unavailable: {EXTENSION_REASON}. "
                   "The pure-PyTorch reference backend is used.", RuntimeWarning, stacklevel=2)

@@ -25,6 +25,20 @@ def pytest_sessionstart(session):
                                 f"(gradreg_fast imported from {gradreg_fast.__file__})")
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(**extra: str) -> dict:
+    """Environment for a test's subprocess. The gradreg_fast this process imported (the installed
+    one, with its built extension) comes first on PYTHONPATH, then the source tree (for the
+    benchmarks/ and tests/ helpers): a subprocess that found the source tree's gradreg_fast first
+    would run without the extension (it lives in site-packages after ``pip install .``)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(gradreg_fast.__file__)))
+    paths = [package_parent, ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    unique = list(dict.fromkeys(p for p in paths if p))
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(unique), **extra}
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # Absolute/relative tolerances per dtype for kernel-vs-reference comparisons (values of order 1).

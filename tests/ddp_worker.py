@@ -20,8 +20,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import gradreg_fast as gr  # noqa: E402
+try:
+    import gradreg_fast as gr  # the installed package, with its built extension
+except ImportError:  # a source checkout with the extension built in place
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import gradreg_fast as gr
 
 DTYPE = torch.float64
 D_IN, K, HALF = 6, 4, 4

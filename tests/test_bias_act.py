@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import gradreg_fast as gr
-from conftest import TOLERANCES, assert_close_to_reference, backend_params
+from conftest import TOLERANCES, assert_close_to_reference, backend_params, subprocess_env
 from gradreg_fast.ops import ACTIVATIONS, bias_act
 from gradreg_fast.ops.bias_act import from_output
 
@@ -226,7 +226,6 @@ def test_cpu_baseline_loops_match_reference(tmp_path):
     machine runs one of them in-process, and GRADREG_CPU_BASELINE=1 forces the baseline copy in a
     subprocess. Both against the fp64 reference, forward / backward / double backward (fp32; the
     low-precision dtypes are covered by the flash-attention rule tests above)."""
-    import os
     import subprocess
     import sys
     g = torch.Generator().manual_seed(3)
@@ -234,10 +233,8 @@ def test_cpu_baseline_loops_match_reference(tmp_path):
     x, v, w = (torch.randn(64, 37, generator=g).mul_(2) for _ in range(3))
     b = torch.randn(37, generator=g)
     torch.save((x, b, v, w), tmp_path / "in.pt")
-    env = {**os.environ, "GRADREG_CPU_BASELINE": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     run = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+                         cwd=tmp_path, env=subprocess_env(GRADREG_CPU_BASELINE="1"), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     baseline = torch.load(tmp_path / "out.pt")
     for act in ACTIVATIONS:

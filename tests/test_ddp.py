@@ -16,9 +16,9 @@ import sys
 import pytest
 
 import gradreg_fast as gr
+from conftest import ROOT, subprocess_env
 from method_matrix import NEEDS_MODEL, STOCHASTIC_METHODS, serves
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ("default", "find_unused")
 FORMS = ("penalty", "loss", "inputs")
 TOL = 1e-12  # relative, fp64: only summation order differs (mean of two rank means vs one mean)
@@ -42,8 +42,7 @@ def expected_error(form: str, kind: str, method: str) -> str | None:
 
 def _torchrun(args, timeout=180):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + args
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
