@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import gradreg_fast as gr
+from conftest import subprocess_env
 from models import make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,5 +97,20 @@ def test_missing_extension_warns_once_and_reports():
         "    raise AssertionError('no error')\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    env = subprocess_env()
+    env.pop("GRADREG_REQUIRE_EXT", None)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_require_ext_makes_a_missing_extension_an_import_error():
+    """GRADREG_REQUIRE_EXT=1 (the test and benchmark scripts set it): no warning and fallback, but an
+    ImportError that names the variable, the cause and where the package was imported from."""
+    code = ("import sys\n"
+            "sys.modules['gradreg_fast._C'] = None\n"
+            "import gradreg_fast\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(GRADREG_REQUIRE_EXT="1"),
+                         capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "ImportError: gradreg_fast: GRADREG_REQUIRE_EXT=1 but the C++ extension is unavailable" in out.stderr
+    assert "could not be loaded" in out.stderr and "imported from" in out.stderr

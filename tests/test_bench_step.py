@@ -6,13 +6,15 @@ from pathlib import Path
 
 import torch
 
+from conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_run_writes_results(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out",
                           str(tmp_path), "--methods", "exact,fd,jvp,exact/every4", "--memory", "exact"],
-                         capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+                         capture_output=True, text=True, cwd=str(ROOT), env=subprocess_env(), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "x plain" in res.stdout
     data = json.loads((tmp_path / "bench_step_cpu_quick.json").read_text())
