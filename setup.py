@@ -8,7 +8,9 @@ GRADREG_CUDA=auto|1|0   CUDA kernels. ``1`` builds them and fails if the install
                         CUDA build or no CUDA toolkit is found; ``0`` builds the CPU kernels only;
                         ``auto`` (default) builds them exactly when the installed torch is a CUDA
                         build AND a CUDA toolkit is found (CUDA_HOME, CUDA_PATH or /usr/local/cuda).
-TORCH_CUDA_ARCH_LIST    target GPU architectures for a CUDA build, e.g. "9.0" for H100/H200.
+TORCH_CUDA_ARCH_LIST    target GPU architectures for a CUDA build, e.g. "9.0" for H100/H200. Unset, torch
+                        targets the visible GPUs; with none visible (a build node), setup.py sets
+                        DEFAULT_CUDA_ARCHS ("8.0;9.0+PTX": A100, H100/H200, PTX for newer cards) and says so.
 
 Build against the torch you run: ``pip install --no-build-isolation .``
 """
@@ -19,6 +21,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 PACKAGES = find_packages(include=["gradreg_fast", "gradreg_fast.*"])
 
 
@@ -80,6 +83,11 @@ def _extensions():
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
         define_macros.append(("GRADREG_WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            # torch would otherwise ask the (absent) GPU for its architecture and fail obscurely
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+            print(f"gradreg_fast: no GPU visible and TORCH_CUDA_ARCH_LIST unset: compiling the CUDA kernels "
+                  f"for {DEFAULT_CUDA_ARCHS} (set TORCH_CUDA_ARCH_LIST to choose, or GRADREG_CUDA=0 for none)")
     print(f"gradreg_fast: building _C with CPU kernels{' and CUDA kernels' if with_cuda else ''} "
           f"(GRADREG_CUDA={mode}, torch {torch.__version__}, CUDA toolkit {toolkit})")
     _write_build_info(torch_version=torch.__version__, with_cuda=with_cuda, extension=True)
