@@ -70,6 +70,34 @@ def test_double_backward_matches_reference(device, backend, act):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
 
 
+@pytest.mark.parametrize("device,backend", backend_params())
+@pytest.mark.parametrize("act", ["linear", "relu", "leaky_relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_zero_second_derivative_gives_zeros(device, backend, act, layout):
+    """act'' = 0: the input gradient's derivative with respect to x and b is zero, returned as zeros
+    for relu and leaky_relu (as PyTorch's own relu does, so allow_unused is not needed), while for
+    linear the input gradient IS the cotangent (unused x and b, as for PyTorch's x + b); the
+    cotangent's derivative is act'(z)·w as in the composite."""
+    unused = {"allow_unused": True, "materialize_grads": True} if act == "linear" else {}
+    x, b = _inputs((2, 3, 2, 2), 1, device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(x.shape, dtype=torch.float64, device=device)
+
+    def second(be):
+        xr, br = x.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        v = torch.randn(x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
+        v.requires_grad_(True)
+        y = bias_act(xr, br, act, alpha=_alpha(act), backend=be) if be else \
+            gr.reference.bias_act(xr, br, act, alpha=_alpha(act))
+        (gx,) = torch.autograd.grad(y, xr, v, create_graph=True)
+        return torch.autograd.grad(gx, (xr, br, v), w, **unused)
+    got, want = second(backend), second(None)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, **TOLERANCES[torch.float64])
+    assert not got[0].any() and not got[1].any()
+
+
 @pytest.mark.parametrize("device,backend", EXT_PARAMS)
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_opcheck(device, backend, act):

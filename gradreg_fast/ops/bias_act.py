@@ -121,6 +121,11 @@ def register(names: tuple[str, str, str], ops: tuple) -> None:
 
     def setup_fwd(ctx, inputs, output):
         x, b, act, dim, alpha = inputs
+        # relu's (leaky_relu's, linear's) grad op has a zero derivative with respect to y: its
+        # backward returns None there, and instead of the engine's zero-filled y-shaped cotangent,
+        # a grad_op pass and a bias reduction, backward_fwd writes zeros once (as PyTorch's own relu)
+        ctx.set_materialize_grads(False)
+        ctx.x_meta = (x.shape, x.dtype, x.device, memory_format(x))
         ctx.args = (act, dim, alpha)
         ctx.bias_dtype = b.dtype if b is not None else None
         if ACTIVATIONS[act] == "linear":  # act' = 1: nothing to save
@@ -131,9 +136,17 @@ def register(names: tuple[str, str, str], ops: tuple) -> None:
             ctx.save_for_backward(x, b, None)
 
     def backward_fwd(ctx, grad):
+        if grad is None:
+            shape, dtype, device, fmt = ctx.x_meta
+            need = ctx.needs_input_grad
+            zx = torch.empty(shape, dtype=dtype, device=device, memory_format=fmt).zero_() if need[0] else None
+            zb = torch.zeros(shape[ctx.args[1]], dtype=ctx.bias_dtype, device=device) \
+                if ctx.bias_dtype is not None and need[1] else None
+            return zx, zb, None, None, None
         x, b, y = ctx.saved_tensors
         act, dim, alpha = ctx.args
-        grad_z = grad_op(grad, x, b, y, act, dim, alpha)
+        # linear: act' = 1, grad_z IS grad (no copy; its derivative with respect to grad is the identity)
+        grad_z = grad if ACTIVATIONS[act] == "linear" else grad_op(grad, x, b, y, act, dim, alpha)
         grad_x = grad_z if ctx.needs_input_grad[0] else None
         grad_b = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
