@@ -28,13 +28,18 @@ def pytest_sessionstart(session):
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def subprocess_env(**extra: str) -> dict:
+def subprocess_env(*, source_tree: bool = True, **extra: str) -> dict:
     """Environment for a test's subprocess. The gradreg_fast this process imported (the installed
     one, with its built extension) comes first on PYTHONPATH, then the source tree (for the
     benchmarks/ and tests/ helpers): a subprocess that found the source tree's gradreg_fast first
-    would run without the extension (it lives in site-packages after ``pip install .``)."""
+    would run without the extension (it lives in site-packages after ``pip install .``).
+    ``source_tree=False`` leaves the source tree out: a script then runs as a user runs it
+    (``python benchmarks/x.py`` after ``pip install .``), which catches imports that only work
+    from the checkout's root."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(gradreg_fast.__file__)))
-    paths = [package_parent, ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    paths = [package_parent] + ([ROOT] if source_tree else [])
+    paths += [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if source_tree or
+              os.path.abspath(p or ".") != ROOT]
     unique = list(dict.fromkeys(p for p in paths if p))
     return {**os.environ, "PYTHONPATH": os.pathsep.join(unique), **extra}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from benchmarks.op_cases import OpCase
+from op_cases import OpCase
 from gradreg_fast import backends
 from gradreg_fast.ops.cross_entropy import cross_entropy
 

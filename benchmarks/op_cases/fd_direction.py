@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.op_cases import OpCase
+from op_cases import OpCase
 from gradreg_fast import backends, reference
 from gradreg_fast.ops.fd_direction import fd_direction
 

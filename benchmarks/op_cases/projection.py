@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import gradreg_fast as gr
-from benchmarks.op_cases import OpCase
+from op_cases import OpCase
 from gradreg_fast.ops import gaussian_like, project
 from gradreg_fast.reference import philox as P
 

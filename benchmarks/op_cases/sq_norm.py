@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.op_cases import OpCase
+from op_cases import OpCase
 from gradreg_fast import backends, reference
 from gradreg_fast.ops.sq_norm import sq_norm
 
