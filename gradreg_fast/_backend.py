@@ -13,6 +13,7 @@ An explicitly requested backend that cannot run raises; it never falls back sile
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -79,6 +80,32 @@ def _triton_importable() -> tuple[bool, str]:
     return True, "triton importable"
 
 
+def _major_minor(dist: str) -> tuple[int, int] | None:
+    """(major, minor) of an installed distribution, None when it is not installed or unparsable."""
+    try:
+        parts = importlib.metadata.version(dist).split(".")
+        return int(parts[0]), int("".join(ch for ch in parts[1] if ch.isdigit()) or 0)
+    except (importlib.metadata.PackageNotFoundError, ValueError, IndexError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_incompatibility() -> str | None:
+    """Why the installed Triton interpreter cannot run our kernels here, or None.
+
+    Triton up to 3.6 converts a runtime scalar to an int with int() of a 1-element array, which NumPy
+    2.4 turned into an error (TypeError: only 0-dimensional arrays can be converted to Python
+    scalars) in every kernel that loops over a runtime bound; Triton 3.7 fixed it. Compiled Triton on
+    a GPU is not affected.
+    """
+    triton_v, numpy_v = _major_minor("triton"), _major_minor("numpy")
+    if triton_v is not None and numpy_v is not None and triton_v < (3, 7) and numpy_v >= (2, 4):
+        return (f"the Triton {triton_v[0]}.{triton_v[1]} interpreter fails with NumPy "
+                f"{numpy_v[0]}.{numpy_v[1]} (int() of a 1-element array, an error since NumPy 2.4): "
+                "pip install 'numpy<2.4' or 'triton>=3.7'")
+    return None
+
+
 def backends() -> dict[str, BackendStatus]:
     """Each backend with whether it can run here and why (or why not)."""
     status = {"reference": BackendStatus(True, "pure PyTorch, always available")}
@@ -100,6 +127,8 @@ def backends() -> dict[str, BackendStatus]:
         status["triton"] = BackendStatus(False, why)
     elif torch.cuda.is_available():
         status["triton"] = BackendStatus(True, "triton on CUDA GPUs")
+    elif triton_interpret() and interpreter_incompatibility():
+        status["triton"] = BackendStatus(False, interpreter_incompatibility())
     elif triton_interpret():
         status["triton"] = BackendStatus(True, "triton interpreter on the CPU (TRITON_INTERPRET=1, slow)")
     else:

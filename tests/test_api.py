@@ -58,6 +58,28 @@ def test_explicit_unavailable_backend_raises():
             gr.ops.sq_norm(x.cuda(), backend="cpp")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter check applies without a GPU")
+@pytest.mark.parametrize("triton_v,numpy_v,broken", [((3, 6), (2, 4), True), ((3, 6), (2, 3), False),
+                                                     ((3, 7), (2, 5), False)])
+def test_incompatible_triton_interpreter_is_reported(monkeypatch, triton_v, numpy_v, broken):
+    """Triton 3.6's interpreter cannot run with NumPy >= 2.4: the backend says so and how to fix it,
+    and an explicit backend='triton' raises with that reason instead of a TypeError deep in triton."""
+    from gradreg_fast import _backend
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(_backend, "_major_minor", {"triton": triton_v, "numpy": numpy_v}.get)
+    monkeypatch.setattr(_backend, "_triton_importable", lambda: (True, "triton importable"))
+    _backend.interpreter_incompatibility.cache_clear()
+    try:
+        status = gr.backends()["triton"]
+        assert status.available is not broken
+        if broken:
+            assert "numpy<2.4" in status.reason and "triton>=3.7" in status.reason
+            with pytest.raises(RuntimeError, match="not available.*numpy<2.4"):
+                gr.ops.sq_norm(torch.randn(2, 3), backend="triton")
+    finally:
+        _backend.interpreter_incompatibility.cache_clear()
+
+
 def test_env_backend_choice(monkeypatch):
     monkeypatch.setenv("GRADREG_BACKEND", "reference")
     assert gr._backend.resolve_backend(None, torch.device("cpu")) == "reference"
@@ -71,6 +93,14 @@ def test_cpp_backend_present_in_this_build():
     if os.environ.get("GRADREG_EXPECT_NO_EXT") == "1":
         pytest.skip("GRADREG_EXPECT_NO_EXT=1: testing a pure-Python install")
     assert gr.backends()["cpp"].available, gr.backends()["cpp"].reason
+
+
+def test_triton_backend_runs_in_this_environment():
+    """The test environment installs triton (scripts/setup_env.sh) and conftest sets TRITON_INTERPRET=1
+    without a GPU: the Triton kernels must be testable here, or every Triton test would silently
+    drop out of the parametrized matrix."""
+    status = gr.backends()["triton"]
+    assert status.available, f"the Triton kernels cannot be tested here: {status.reason}"
 
 
 def test_missing_extension_warns_once_and_reports():
