@@ -28,9 +28,12 @@ from gradreg_fast.nn.activations import FusedActivation, FusedLinearAct
 from gradreg_fast.ops.bias_act import ACTIVATIONS
 
 # Activations whose fused double backward measured faster than autograd's composite (CPU, one
-# thread, 1M fp32 elements: benchmarks/results/ops_cpu.txt, 1.3-16x). For the others (relu,
-# leaky_relu, linear) autograd's double backward is one vectorized ATen kernel that the fused op does
-# not beat on the CPU; fuse(..., activations="all") replaces them too.
+# thread, 1M fp32 elements: benchmarks/results/ops_cpu.txt, 1.8-14x). relu, leaky_relu and linear
+# stay out: their double backward is one pass either way (the fused relu's 1.7x in that table comes
+# from skipping autograd's zero-filled cotangent), and in a whole training step the custom op's
+# overhead on small tensors wins: fuse(LeNet, activations="all") made the exact DoubleBack step
+# slower (26.4 vs 22.1 ms at batch 50, CPU, one thread, 2026-12-03). fuse(..., activations="all")
+# replaces them too.
 FAST_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu", "gelu_tanh", "silu", "elu")
 
 
