@@ -7,7 +7,8 @@ variant, then the next round), median over the rounds:
     naive   the same plus the penalty written the obvious way in PyTorch: create_graph=True input
             gradient (a Python loop over the K classes for FrobReg/JacReg), (CE + λ·P).backward()
     ours    gradreg_fast.GradRegLoss(kind, λ, method=..., every=...)(model, x, y).backward()
-            (every=k: one repetition is k consecutive steps, and the time is their average)
+            (every=k: one repetition is k consecutive steps, and the time is their average;
+            exact/fused: on gradreg_fast.fuse(model, activations="all"), every activation fused)
 
 and reports each time as a ratio to the plain step and to the naive step of the same penalty, plus
 peak memory. Memory: CUDA: torch.cuda.max_memory_allocated over one step (after warm-up), minus the
@@ -121,7 +122,9 @@ METHODS: dict[str, dict] = {
     "fd-forward": dict(method="fd", fd_scheme="forward"),
     "jvp": dict(method="jvp"),
     "exact/every4": dict(method="exact", every=4),
+    "exact/fused": dict(method="exact"),   # on gr.fuse(model, activations="all")
 }
+FUSED = ("exact/fused",)  # method labels that run on the fused copy of the model (shared parameters)
 JVP_ONLY = ("frobreg", "jacreg")
 
 
@@ -208,11 +211,12 @@ def make_step(v: Variant, model: nn.Module, opt, x: torch.Tensor, y: torch.Tenso
             opt.step()
     else:
         crit = gr.GradRegLoss(v.penalty, LAMBDAS[v.penalty], **METHODS[v.method])
+        net = gr.fuse(model, activations="all") if v.method in FUSED else model
 
         def step():
             opt.zero_grad(set_to_none=True)
             with ctx():
-                loss = crit(model, x, y)
+                loss = crit(net, x, y)
             loss.backward()
             opt.step()
     return step
@@ -408,8 +412,10 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=None, help="a user model as module:callable (replaces --models)")
     ap.add_argument("--input-shape", default=None, help="per-sample input shape for --model, e.g. 3,32,32")
     ap.add_argument("--batch", default="50,256", help="comma list of batch sizes")
-    ap.add_argument("--penalties", default=",".join(gr.KINDS))
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    ap.add_argument("--penalties", default=None, help=f"comma list of {', '.join(gr.KINDS)} (default: all; "
+                    "--quick: doubleback,frobreg)")
+    ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} (default: all; "
+                    "--quick: exact,hvp,fd,jvp,exact/every4)")
     ap.add_argument("--reps", type=int, default=11, help="interleaved repetitions (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
@@ -425,11 +431,14 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    if args.quick:
+    if args.quick:   # small sizes; penalties and methods given on the command line are kept
         args.models, args.batch, args.reps, args.warmup = "lenet", "16", 3, 1
-        args.penalties, args.methods = "doubleback,frobreg", "exact,hvp,fd,jvp,exact/every4"
+        args.penalties = args.penalties or "doubleback,frobreg"
+        args.methods = args.methods or "exact,hvp,fd,jvp,exact/every4"
         args.memory = args.memory or "none"
         args.tag = args.tag or "quick"
+    args.penalties = args.penalties or ",".join(gr.KINDS)
+    args.methods = args.methods or ",".join(METHODS)
     args.memory = args.memory or "exact"
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():

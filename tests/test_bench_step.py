@@ -13,8 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_quick_run_writes_results(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--quick", "--out",
-                          str(tmp_path), "--methods", "exact,fd,jvp,exact/every4", "--memory", "exact"],
-                         capture_output=True, text=True, cwd=str(ROOT), env=subprocess_env(), timeout=600)
+                          str(tmp_path), "--methods", "exact,fd,jvp,exact/every4,exact/fused", "--memory", "exact"],
+                         capture_output=True, text=True, cwd=str(tmp_path), env=subprocess_env(source_tree=False),
+                         timeout=600)  # as a user runs it after pip install: no source tree on the path
     assert res.returncode == 0, res.stderr[-3000:]
     assert "x plain" in res.stdout
     data = json.loads((tmp_path / "bench_step_cpu_quick.json").read_text())
@@ -23,6 +24,7 @@ def test_quick_run_writes_results(tmp_path):
     impls = {(r["penalty"], r["impl"], r["method"]) for r in rows}
     assert ("-", "plain", "-") in impls
     assert ("frobreg", "ours", "jvp") in impls and ("doubleback", "ours", "jvp") not in impls
+    assert ("doubleback", "ours", "exact/fused") in impls
     for r in rows:
         assert r["ms"] > 0
         if r["impl"] == "ours":
