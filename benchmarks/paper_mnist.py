@@ -411,18 +411,29 @@ def t_quantile(df: int, q: float = 0.975) -> float:
         return table.get(df, table[max(k for k in table if k <= df)] if df > 1 else table[1])
 
 
-def paired_delta(runs: dict, base: dict) -> str:
-    """Mean of (method − baseline) test accuracy over the seeds both have, with its 95% t-interval."""
+def paired_stats(runs: dict, base: dict) -> tuple[float, float, int] | None:
+    """(mean, 95% t half-width, n) of method − baseline test accuracy over the seeds both have (the
+    half-width is nan for n = 1); None when they share no seed."""
     common = sorted(set(runs) & set(base))
     if not common:
-        return "(no baseline)"
+        return None
     d = [runs[s]["test_acc"] - base[s]["test_acc"] for s in common]
     if len(d) == 1:
-        return f"{100 * d[0]:+.2f} pp (n=1)"
+        return d[0], float("nan"), 1
     dm, ds = _mean_std(d)
-    h = t_quantile(len(d) - 1) * ds / math.sqrt(len(d))
+    return dm, t_quantile(len(d) - 1) * ds / math.sqrt(len(d)), len(d)
+
+
+def paired_delta(runs: dict, base: dict) -> str:
+    """paired_stats as text, in percentage points; `*` when the interval excludes 0."""
+    stats = paired_stats(runs, base)
+    if stats is None:
+        return "(no baseline)"
+    dm, h, n = stats
+    if n == 1:
+        return f"{100 * dm:+.2f} pp (n=1)"
     flag = " *" if dm - h > 0 or dm + h < 0 else ""
-    return f"{100 * dm:+.2f} [{100 * (dm - h):+.2f}, {100 * (dm + h):+.2f}] pp (n={len(d)}){flag}"
+    return f"{100 * dm:+.2f} [{100 * (dm - h):+.2f}, {100 * (dm + h):+.2f}] pp (n={n}){flag}"
 
 
 def _mean_std(v: list[float]) -> tuple[float, float]:
@@ -559,12 +570,9 @@ def _plot(by_rule: dict, sizes: list[int], path: str, iters: int) -> None:
             continue
         accs = [100 * r["test_acc"] for r in runs.values()]
         acc.setdefault(name, []).append((n, np.mean(accs), np.std(accs, ddof=1) if len(accs) > 1 else 0.0))
-        base = by_rule.get(("baseline", n), {})
-        common = sorted(set(runs) & set(base))
-        if name != "baseline" and len(common) >= 2:
-            d = [100 * (runs[s]["test_acc"] - base[s]["test_acc"]) for s in common]
-            dm, ds = _mean_std(d)
-            delta.setdefault(name, []).append((n, dm, t_quantile(len(d) - 1) * ds / math.sqrt(len(d))))
+        stats = paired_stats(runs, by_rule.get(("baseline", n), {})) if name != "baseline" else None
+        if stats is not None and stats[2] >= 2:
+            delta.setdefault(name, []).append((n, 100 * stats[0], 100 * stats[1]))
     off = sorted(name for name, pts in delta.items() if min(p[1] for p in pts) < -OFF_SCALE_PP)
     fig, (ax, axd) = plt.subplots(1, 2, figsize=(11, 4.2))
     color = {name: f"C{i}" for i, name in enumerate(acc)}  # one colour per series in both panels
