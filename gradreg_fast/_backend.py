@@ -127,10 +127,10 @@ def backends() -> dict[str, BackendStatus]:
         status["triton"] = BackendStatus(False, why)
     elif torch.cuda.is_available():
         status["triton"] = BackendStatus(True, "triton on CUDA GPUs")
-    elif triton_interpret() and interpreter_incompatibility():
-        status["triton"] = BackendStatus(False, interpreter_incompatibility())
     elif triton_interpret():
-        status["triton"] = BackendStatus(True, "triton interpreter on the CPU (TRITON_INTERPRET=1, slow)")
+        broken = interpreter_incompatibility()
+        status["triton"] = BackendStatus(broken is None, broken or "triton interpreter on the CPU "
+                                         "(TRITON_INTERPRET=1, slow)")
     else:
         status["triton"] = BackendStatus(False, "no CUDA GPU; set TRITON_INTERPRET=1 before importing "
                                          "triton to run the kernels in the (slow) interpreter")
