@@ -124,6 +124,7 @@ METHODS: dict[str, dict] = {
     "exact/every4": dict(method="exact", every=4),
     "exact/fused": dict(method="exact"),   # on gr.fuse(model, activations="all")
 }
+QUICK_PENALTIES, QUICK_METHODS = "doubleback,frobreg", "exact,hvp,fd,jvp,exact/every4"   # --quick defaults
 FUSED = ("exact/fused",)  # method labels that run on the fused copy of the model (shared parameters)
 JVP_ONLY = ("frobreg", "jacreg")
 
@@ -413,9 +414,9 @@ def parse_args(argv=None):
     ap.add_argument("--input-shape", default=None, help="per-sample input shape for --model, e.g. 3,32,32")
     ap.add_argument("--batch", default="50,256", help="comma list of batch sizes")
     ap.add_argument("--penalties", default=None, help=f"comma list of {', '.join(gr.KINDS)} (default: all; "
-                    "--quick: doubleback,frobreg)")
+                    f"--quick: {QUICK_PENALTIES})")
     ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} (default: all; "
-                    "--quick: exact,hvp,fd,jvp,exact/every4)")
+                    f"--quick: {QUICK_METHODS})")
     ap.add_argument("--reps", type=int, default=11, help="interleaved repetitions (median)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads on CPU (default 1)")
@@ -433,8 +434,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if args.quick:   # small sizes; penalties and methods given on the command line are kept
         args.models, args.batch, args.reps, args.warmup = "lenet", "16", 3, 1
-        args.penalties = args.penalties or "doubleback,frobreg"
-        args.methods = args.methods or "exact,hvp,fd,jvp,exact/every4"
+        args.penalties = args.penalties or QUICK_PENALTIES
+        args.methods = args.methods or QUICK_METHODS
         args.memory = args.memory or "none"
         args.tag = args.tag or "quick"
     args.penalties = args.penalties or ",".join(gr.KINDS)
