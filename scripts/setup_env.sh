@@ -21,15 +21,16 @@ pip install -q --upgrade pip >/dev/null 2>&1 || true
 pip install -q "$TORCH_SPEC"
 pip install -q "triton>=3.6,<3.10" numpy ninja pybind11 setuptools wheel \
   pytest hypothesis tqdm matplotlib mlxtend
-# Triton <= 3.6's CPU interpreter (how the tests run the Triton kernels without a GPU) fails with
-# NumPy >= 2.4 (int() of a 1-element array); torch 2.11 pins triton 3.6, so keep NumPy below 2.4 there
-if python -c "import importlib.metadata as m, sys; v = m.version('triton').split('.'); sys.exit(0 if (int(v[0]), int(v[1])) < (3, 7) else 1)"; then
-  pip install -q "numpy<2.4"
-fi
 if [ "${EDITABLE:-0}" = "1" ]; then
   pip install -q --no-build-isolation --no-deps -e .
 else
   pip install -q --no-build-isolation --no-deps .
+fi
+# Triton <= 3.6's CPU interpreter (how the tests run the Triton kernels without a GPU) fails with
+# NumPy >= 2.4; torch 2.11 pins triton 3.6. The package knows the rule
+# (gradreg_fast._backend.interpreter_incompatibility): where it applies, keep NumPy below 2.4.
+if (cd / && python -c "import sys; from gradreg_fast._backend import interpreter_incompatibility as f; sys.exit(0 if f() else 1)" 2>/dev/null); then
+  pip install -q "numpy<2.4"
 fi
 # report from outside the source tree, so that the installed package (with its extension) is imported
 (cd / && python - <<'PY'
