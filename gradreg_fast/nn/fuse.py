@@ -30,10 +30,10 @@ from gradreg_fast.ops.bias_act import ACTIVATIONS
 # Activations whose fused double backward measured faster than autograd's composite (CPU, one
 # thread, 1M fp32 elements: benchmarks/results/ops_cpu.txt, 1.8-14x). relu, leaky_relu and linear
 # stay out: their double backward is one pass either way (the fused relu's 1.7x in that table comes
-# from skipping autograd's zero-filled cotangent), and in a whole training step the custom op's
-# overhead on small tensors wins: fuse(LeNet, activations="all") made the exact DoubleBack step
-# slower (26.4 vs 22.1 ms at batch 50, CPU, one thread, 2026-12-03). fuse(..., activations="all")
-# replaces them too.
+# from skipping autograd's zero-filled cotangent), and in a whole training step fusing them bought
+# nothing measurable: benchmarks/results/bench_step_cpu_fused.txt (LeNet, batch 50, exact DoubleBack
+# 3.40x the plain step unfused vs 3.34x with fuse(model, activations="all"); two runs of that
+# command differ by ~10% per entry). fuse(..., activations="all") replaces them too.
 FAST_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu", "gelu_tanh", "silu", "elu")
 
 
