@@ -13,8 +13,13 @@ With G[j] = ∂(Σ_b R[j, b] · u_b)/∂x (n, B, ...) the penalty is P = scale �
     fd     finite differences of the parameter gradient along G[j]/‖G[j]‖ (first-order passes only)
     jvp    forward-mode Hutchinson for FrobReg/JacReg: ‖J‖_F² = E_v ‖J v‖², v ~ N(0, I_D)
 
-The non-exact methods return a *surrogate* scalar: its value is the penalty, its parameter gradient
+The non-exact methods return a *surrogate*: its value is the penalty, its parameter gradient
 is the estimate; they give no gradient with respect to x itself (nor to anything upstream of x).
+
+Each estimator builds the per-sample terms P_b = scale · Σ_j ‖G[j, b]‖² (and per-sample surrogates
+whose parameter gradient is ∇_θ P_b) and reduces them once, in ``reduce_samples``, as
+``p.options["reduction"]`` says: "mean" (default, the batch mean), "sum", or "none" (the (B,)
+vector itself, so that Σ_b w_b P_b has the gradient Σ_b w_b ∇_θ P_b).
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from gradreg_fast.penalties.core import Problem
 FD_SCHEMES = ("central", "forward")
 DEFAULT_FD_H = 1e-3
 ESTIMATOR_OPTIONS = ("fd_h", "fd_scheme")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = None) -> torch.Tensor:
@@ -74,10 +80,25 @@ def _prefers_loop(model) -> bool:
 
 
 def _penalty_value(p: Problem, g: torch.Tensor) -> torch.Tensor:
-    """scale · mean_b Σ_j ‖G[j, b]‖² from G (n, B, ...), through the fused sq_norm op."""
+    """Per-sample scale · Σ_j ‖G[j, b]‖² (B,) from G (n, B, ...), through the fused sq_norm op."""
     n, batch = g.shape[0], g.shape[1]
     norms = sq_norm(g.reshape((n * batch,) + tuple(g.shape[2:]))).reshape(n, batch)
-    return p.scale * norms.sum(0).mean()
+    return p.scale * norms.sum(0)
+
+
+def _reduction(p: Problem) -> str:
+    reduction = p.options.get("reduction", "mean")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def reduce_samples(p: Problem, per_sample: torch.Tensor) -> torch.Tensor:
+    """The per-sample terms (B,) reduced as ``p.options["reduction"]`` says (mean, sum or none)."""
+    reduction = _reduction(p)
+    if reduction == "mean":
+        return per_sample.mean()
+    return per_sample.sum() if reduction == "sum" else per_sample
 
 
 def _surrogate(value: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
@@ -98,7 +119,7 @@ def exact(p: Problem) -> torch.Tensor:
                          "differentiable graph (an op in the model has no double backward, or the "
                          "model has no parameters on the path from x): method='exact' cannot train "
                          "with this penalty; method='fd' needs first derivatives only")
-    return _penalty_value(p, g)
+    return reduce_samples(p, _penalty_value(p, g))
 
 
 def _needs_model(p: Problem, method: str, alternatives: str) -> None:
@@ -136,20 +157,26 @@ def hvp(p: Problem) -> torch.Tensor:
     g = input_vjps(p, create_graph=False, retain_graph=True).detach()
     value = _penalty_value(p, g)
     if _uses_batch_statistics(p.model):
-        return _surrogate(value, _hvp_functional(p, g))
+        # the batch statistics couple the samples: only the reduced penalty's gradient is one pass
+        if _reduction(p) == "none":
+            raise ValueError("method='hvp' with BatchNorm in training mode gives the gradient of the "
+                             "reduced penalty only (the batch statistics couple the samples): use "
+                             "reduction='mean' or 'sum', or method='exact' for per-sample penalties")
+        coef = 2.0 * p.scale / (g.shape[1] if _reduction(p) == "mean" else 1)
+        return _surrogate(reduce_samples(p, value), _hvp_functional(p, g, coef))
     x0 = p.x.detach()
-    coef = 2.0 * p.scale / g.shape[1]
+    coef = 2.0 * p.scale
     linear = 0
     for j in range(g.shape[0]):
         ut = p.target_jvp(x0, g[j].to(x0.dtype))
         if not ut.requires_grad:
             raise ValueError("method='hvp': the model's input Jacobian does not depend on any parameter "
                              "that requires grad")
-        linear = linear + coef * (p.R[j] * ut).sum()
-    return _surrogate(value, linear)
+        linear = linear + coef * (p.R[j] * ut).sum(1)    # per sample: ∇_θ of it is ∇_θ P_b
+    return reduce_samples(p, _surrogate(value, linear))
 
 
-def _hvp_functional(p: Problem, g: torch.Tensor) -> torch.Tensor:
+def _hvp_functional(p: Problem, g: torch.Tensor, coef: float) -> torch.Tensor:
     """Σ_p ⟨∇_θ P, θ_p⟩ with ∇_θ P by torch.func.jvp over torch.func.vjp (forward-over-reverse)."""
     params = p.parameters()
     if not params:
@@ -163,7 +190,6 @@ def _hvp_functional(p: Problem, g: torch.Tensor) -> torch.Tensor:
             return pullback(torch.ones((), dtype=p.u.dtype, device=p.u.device))[0]
         return torch.func.jvp(param_grad, (x0,), (gj.to(x0.dtype),))[1]
 
-    coef = 2.0 * p.scale / g.shape[1]
     linear = 0
     for j in range(g.shape[0]):
         tangent = directional(p.R[j].detach(), g[j])
@@ -211,14 +237,14 @@ def fd(p: Problem) -> torch.Tensor:
     norms = g.to(work).reshape(n, batch, -1).norm(dim=2)                      # (n, B)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     d = g.to(work) / safe.reshape((n, batch) + (1,) * (g.dim() - 2))          # 0 where ‖G‖ = 0
-    weights = (2.0 * p.scale / batch) * norms / step                          # (n, B)
+    weights = 2.0 * p.scale * norms / step                                    # (n, B)
     autocast_on = torch.is_autocast_enabled(p.x.device.type)
-    linear = torch.zeros((), device=p.x.device, dtype=work)
+    linear = torch.zeros((batch,), device=p.x.device, dtype=work)   # per sample
 
     def weighted(z: torch.Tensor, j: int) -> torch.Tensor:
         with torch.autocast(p.x.device.type, enabled=False):
             u = p.target(z)
-        return (weights[j].reshape(batch, 1) * u.to(work) * p.R[j].to(work)).sum()
+        return (weights[j].reshape(batch, 1) * u.to(work) * p.R[j].to(work)).sum(1)
 
     zdtype = work if autocast_on else p.x.dtype   # the model's own dtype unless autocast decides
     for j in range(n):
@@ -230,9 +256,9 @@ def fd(p: Problem) -> torch.Tensor:
             if autocast_on:
                 base = weighted(x0.to(zdtype), j)
             else:
-                base = (weights[j].reshape(batch, 1) * p.u * p.R[j]).sum()
+                base = (weights[j].reshape(batch, 1) * p.u * p.R[j]).sum(1)
             linear = linear + (plus - base)
-    return _surrogate(value, linear)
+    return reduce_samples(p, _surrogate(value, linear))
 
 
 def input_tangent(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -271,8 +297,8 @@ def jvp(p: Problem) -> torch.Tensor:
             # in every torch version): dp = p ⊙ (df − Σ_k p_k df_k)
             prob = torch.softmax(primal, dim=1)
             jv = prob * (jv - (prob * jv).sum(1, keepdim=True))
-        total = total + sq_norm(jv).mean()
-    return total / p.n_proj
+        total = total + sq_norm(jv)
+    return reduce_samples(p, total / p.n_proj)
 
 
 METHODS: dict[str, Callable[[Problem], torch.Tensor]] = {"exact": exact, "hvp": hvp, "fd": fd, "jvp": jvp}
