@@ -6,12 +6,15 @@ Backends:
     "cuda"       CUDA kernels of the extension (built with GRADREG_CUDA=1 or auto on a CUDA torch).
     "triton"     Triton kernels: on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
 
-Choice: the ``backend=`` argument of an op, else the GRADREG_BACKEND environment variable, else
+Choice: the ``backend=`` argument of an op, else the ``backend=`` of the enclosing gr.penalty /
+GradRegLoss call (``use_backend``), else the GRADREG_BACKEND environment variable, else
 "auto" (CUDA tensors: cuda, then triton, then reference; CPU tensors: cpp, then reference).
 An explicitly requested backend that cannot run raises; it never falls back silently.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.metadata
 import importlib.util
@@ -137,9 +140,51 @@ def backends() -> dict[str, BackendStatus]:
     return status
 
 
+# The backend= of gr.penalty / GradRegLoss: the default of every op called inside ``use_backend``,
+# between an op's own backend= and GRADREG_BACKEND. An op's backward runs the kernels of the backend
+# its forward chose, so the choice holds through loss.backward() too.
+_SCOPED_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("gradreg_fast_backend",
+                                                                            default=None)
+
+
+def check_backend(backend, argument: str = "backend") -> str | None:
+    """``backend`` validated as ``GRADREG_BACKEND`` is at run time: None (the default), "auto", or a
+    name from BACKENDS that can run here. Raises TypeError/ValueError naming ``argument``."""
+    if backend is None:
+        return None
+    if not isinstance(backend, str):
+        raise TypeError(f"{argument} must be a string, one of {', '.join(BACKENDS + ('auto',))} "
+                        f"(or None), got {type(backend).__name__}")
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"{argument}={backend!r} is not a backend; choose one of "
+                         f"{', '.join(BACKENDS + ('auto',))} (or None: GRADREG_BACKEND, else auto)")
+    if backend != "auto":
+        status = backends()[backend]
+        if not status.available:
+            runnable = [b for b, s in backends().items() if s.available]
+            raise ValueError(f"{argument}={backend!r} cannot run here: {status.reason} (runnable: "
+                             f"{', '.join(runnable + ['auto'])}); an explicit backend never falls back")
+    return backend
+
+
+@contextlib.contextmanager
+def use_backend(backend: str | None):
+    """Ops called inside (with backend=None) use ``backend``; None leaves the default as it is."""
+    if backend is None:
+        yield
+        return
+    token = _SCOPED_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _SCOPED_BACKEND.reset(token)
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend a call on ``device`` uses; raises when an explicit choice cannot run there."""
-    name = backend if backend is not None else os.environ.get("GRADREG_BACKEND", "auto")
+    scoped = _SCOPED_BACKEND.get() if backend is None else None
+    name = (backend if backend is not None else scoped if scoped is not None
+            else os.environ.get("GRADREG_BACKEND", "auto"))
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
     status = backends()
@@ -147,7 +192,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
         return next(b for b in order if status[b].available)
     if not status[name].available:
-        source = "backend=" if backend is not None else "GRADREG_BACKEND="
+        source = "backend=" if backend is not None or scoped is not None else "GRADREG_BACKEND="
         raise RuntimeError(f"gradreg_fast: backend {name!r} ({source}{name}) is not available: "
                            f"{status[name].reason}")
     if name == "cpp" and device.type != "cpu":

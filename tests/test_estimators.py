@@ -189,12 +189,15 @@ def test_every_k_is_unbiased_over_k_calls(method):
     crit = gr.GradRegLoss("doubleback", lam=2.0, method=method, every=k)
     plain = gr.GradRegLoss("doubleback", lam=2.0, method=method)
     expected = flat_grad(model, plain(model, x, y))
-    grads, pens = [], []
+    grads, pens, active = [], [], []
     for _ in range(2 * k):
         grads.append(flat_grad(model, crit(model, x, y)))
         pens.append(crit.last_penalty)
-    assert [p is not None for p in pens] == [True, False, False] * 2
-    torch.testing.assert_close(pens[0], k * plain.last_penalty)
+        active.append(crit.last_active)
+    assert active == [True, False, False] * 2
+    # last_penalty: the unscaled P of the last active call, kept through the skipped calls
+    for pen in pens:
+        torch.testing.assert_close(pen, plain.last_penalty)
     torch.testing.assert_close(sum(grads[:k]) / k, expected)
     assert crit.calls == 2 * k
 

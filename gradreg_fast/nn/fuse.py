@@ -24,6 +24,7 @@ from typing import Iterable
 
 from torch import nn
 
+from gradreg_fast._backend import check_backend
 from gradreg_fast.nn.activations import FusedActivation, FusedLinearAct
 from gradreg_fast.ops.bias_act import ACTIVATIONS
 
@@ -130,4 +131,9 @@ def fuse(model: nn.Module, *, activations: str | Iterable[str] = "fast", backend
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: model must be an nn.Module, got {type(model).__name__}")
+    # checked here, as GRADREG_BACKEND is: an unknown or unrunnable backend raises now, not at the
+    # first forward (the device checks, e.g. 'cpp' on CUDA tensors, still come at the call)
+    check_backend(backend, "fuse: backend")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"fuse: inplace must be True or False, got {inplace!r}")
     return _fuse(model, backend, inplace, _check_activations(activations))

@@ -1,16 +1,20 @@
 """GradRegLoss: a drop-in regularized loss, base(model(x), y) + λ · penalty."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradreg_fast.penalties import (ESTIMATOR_OPTIONS, PROBLEM_OPTIONS, check_method, penalty_from_output,
-                                    schedules)
-from gradreg_fast.penalties._checks import check_input, check_kind, check_lam
+from gradreg_fast._backend import check_backend, use_backend
+from gradreg_fast.penalties import (ESTIMATOR_OPTIONS, PROBLEM_OPTIONS, check_method, grad_enabled_copy,
+                                    grad_mode_off, penalty_from_output, schedules)
+from gradreg_fast.penalties._checks import (check_input, check_kind, check_lam, check_penalty_options,
+                                            check_reduction)
 from gradreg_fast.penalties.core import Replay, differentiable_input
+
+_STATE_KEYS = ("calls", "seed", "generator_state", "generator_device")
 
 
 class GradRegLoss(nn.Module):
@@ -22,9 +26,23 @@ class GradRegLoss(nn.Module):
     - ``crit(logits, y, inputs=x)``: drop-in where logits are already computed as ``model(x)`` from
       an x that requires grad (``x.requires_grad_()`` before the forward pass).
 
-    ``loss.backward()`` then yields the regularized parameter gradients. The two parts of the last
-    call are kept, detached, in ``last_base`` and ``last_penalty`` for logging (``last_penalty`` is
-    None on calls where the penalty is skipped: lam == 0, or an inactive call with every > 1).
+    ``loss.backward()`` then yields the regularized parameter gradients.
+
+    Logging (every call sets all three, whatever the schedule):
+
+    - ``last_base``: the base loss of the last call, detached.
+    - ``last_penalty``: the unscaled penalty P (not λ·P, not every·P) of the last call that computed
+      it, detached; skipped calls (every > 1) keep the previous value. None only before the first
+      computed penalty or with lam == 0 (never computed).
+    - ``last_active``: whether the last call computed the penalty (its loss holds λ·every·P).
+
+    Grad mode: under torch.no_grad() or torch.inference_mode() (validation loops, PyTorch
+    Lightning's validation_step) ``crit(model, x, y)`` returns the detached value
+    base + λ·P, P computed on a copy of x with gradients enabled (the model runs once, under
+    enable_grad); the schedule is not advanced (``calls`` unchanged, every and subsample do not
+    apply) and the generator's state is restored afterwards, so validation leaves training
+    unchanged. ``crit(logits, y, inputs=x)`` cannot work there (the logits have no graph): a
+    ValueError names grad mode.
 
     Methods other than "exact" re-run the model, so they need the ``crit(model, x, y)`` form; they
     replay the original forward's random numbers (dropout masks) and restore buffers (BatchNorm
@@ -34,56 +52,152 @@ class GradRegLoss(nn.Module):
     the call counter lives in this instance (``crit.calls``, active on calls 0, k, 2k, ...; set
     ``crit.calls = 0`` to restart). ``subsample=fraction`` computes it on a random sub-batch.
 
+    Checkpoints: ``state_dict()`` holds the call counter and, with ``seed=``, the state of the
+    generator the loss owns, so a run resumed from a checkpoint draws the same projections and
+    follows the same schedule as the uninterrupted run. A ``generator=`` passed in stays the
+    caller's (save its ``get_state()`` yourself); with neither, draws come from torch's global RNG.
+
     Args:
         penalty: penalty kind ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot").
-        lam: λ >= 0, finite. With lam == 0 the penalty is not computed (last_penalty is None).
-        base: base loss ``base(logits, y) -> scalar`` (default: mean cross-entropy).
+        lam: λ >= 0, finite (int or float). With lam == 0 the penalty is not computed.
+        base: base loss ``base(logits, y)`` (default: cross-entropy with this ``reduction``); a scalar
+            with reduction "mean"/"sum", per-sample (B,) with "none".
         method: estimator (see gradreg_fast.METHODS): "exact", "hvp", "fd", "jvp".
         every: penalty on one call in ``every``, scaled by ``every`` (default 1: every call).
         subsample: fraction in (0, 1] of the batch the penalty is computed on (default: all).
+        reduction: "mean" (default), "sum", or "none": the loss per sample, base_i + λ·P_i, (B,).
+        backend: backend of the penalty's ops (see gradreg_fast.backends(); None: GRADREG_BACKEND,
+            else auto); checked here: a backend that cannot run raises, it never falls back.
+        seed: seed of a torch.Generator the loss owns (created on x's device at the first call) for
+            the penalty's random draws; saved in state_dict. Not together with generator=.
         **penalty_options: projection, n_proj, per_sample, generator, loss_fn, fd_h, fd_scheme
-            (see gradreg_fast.penalty).
+            (see gradreg_fast.penalty), each checked here.
     """
 
     def __init__(self, penalty: str, lam: float, base: Callable | None = None, *, method: str = "exact",
-                 every: int = 1, subsample: float | None = None, **penalty_options):
+                 every: int = 1, subsample: float | None = None, reduction: str = "mean",
+                 backend: str | None = None, seed: int | None = None, **penalty_options):
         super().__init__()
         self.kind = check_kind(penalty)
         self.lam = check_lam(lam)
         check_method(method)
         self.every = schedules.check_every(every)
         self.subsample = schedules.check_subsample(subsample)
+        self.reduction = check_reduction(reduction)
+        self.backend = check_backend(backend)
         self.calls = 0
         allowed = set(PROBLEM_OPTIONS) | set(ESTIMATOR_OPTIONS)
         unknown = set(penalty_options) - allowed
         if unknown:
             raise TypeError(f"GradRegLoss got unknown options {sorted(unknown)}; allowed: {sorted(allowed)}")
+        check_penalty_options(self.kind, method, **penalty_options)
+        if base is not None and not callable(base):
+            raise TypeError(f"base must be a callable base(logits, y) -> loss (or None: cross-entropy), "
+                            f"got {type(base).__name__}")
+        if self.reduction == "none" and self.subsample is not None:
+            raise ValueError("reduction='none' gives one penalty per sample of the batch; with subsample "
+                             "only a random sub-batch has one: use subsample=None or reduction='mean'/'sum'")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed must be an int (the seed of the loss's own generator) or None, got {seed!r}")
+            if penalty_options.get("generator") is not None:
+                raise ValueError("pass either seed= (the loss owns its generator and checkpoints it) or "
+                                 "generator= (yours), not both")
+        self.seed = seed
+        self._generator: torch.Generator | None = None   # owned (seed=), created at the first call
         self.method = method
         self.base = base if base is not None else F.cross_entropy
+        self._default_base = base is None
         self.penalty_options = penalty_options
         self.last_base: torch.Tensor | None = None
         self.last_penalty: torch.Tensor | None = None
+        self.last_active = False
 
+    # -- state ---------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        gen = self._generator
+        return {"calls": self.calls, "seed": self.seed,
+                "generator_state": gen.get_state() if gen is not None else None,
+                "generator_device": str(gen.device) if gen is not None else None}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
+            raise ValueError(f"GradRegLoss.load_state_dict: expected the extra state {list(_STATE_KEYS)} written "
+                             f"by GradRegLoss.state_dict(), got {state!r}")
+        calls = state["calls"]
+        if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
+            raise ValueError(f"GradRegLoss.load_state_dict: calls must be an int >= 0, got {calls!r}")
+        if state["seed"] != self.seed:
+            raise ValueError(f"GradRegLoss.load_state_dict: the checkpoint's loss was built with seed="
+                             f"{state['seed']!r}, this one with seed={self.seed!r}; construct it with the same seed")
+        self.calls = calls
+        self._generator = None
+        if state["generator_state"] is not None:
+            gen = torch.Generator(device=state["generator_device"])
+            gen.set_state(state["generator_state"])
+            self._generator = gen
+
+    def _options(self, device: torch.device) -> dict:
+        """The penalty options, with the owned generator (created on ``device`` at the first call)."""
+        if self.seed is None:
+            return self.penalty_options
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        elif self._generator.device.type != torch.device(device).type:
+            raise ValueError(f"GradRegLoss(seed=...): its generator lives on {self._generator.device} (first "
+                             f"call or checkpoint), x is on {device}; keep the loss on one device")
+        return {**self.penalty_options, "generator": self._generator}
+
+    def _base_loss(self, out: torch.Tensor, y) -> torch.Tensor:
+        if self._default_base:
+            return F.cross_entropy(out, y, reduction=self.reduction)
+        base = self.base(out, y)
+        expected = (out.shape[0],) if self.reduction == "none" else ()
+        if not isinstance(base, torch.Tensor) or tuple(base.shape) != expected:
+            shape = tuple(base.shape) if isinstance(base, torch.Tensor) else type(base).__name__
+            raise ValueError(f"base must return {'per-sample losses of shape ' + str(expected) if expected else 'a scalar'}"
+                             f" with reduction={self.reduction!r}, got {shape}; e.g. reduce it inside base")
+        return base
+
+    # -- calls ---------------------------------------------------------------------------------------
     def forward(self, model_or_logits, x_or_y: torch.Tensor, y: torch.Tensor | None = None, *,
                 inputs: torch.Tensor | None = None) -> torch.Tensor:
+        if grad_mode_off():
+            return self._evaluate(model_or_logits, x_or_y, y, inputs)
+        with use_backend(self.backend):
+            return self._train(model_or_logits, x_or_y, y, inputs)
+
+    def _split_call(self, model_or_logits, x_or_y, y, inputs):
         if inputs is None:
             model, x = model_or_logits, x_or_y
             if not callable(model) or isinstance(model, torch.Tensor):
                 raise TypeError("GradRegLoss: call it as crit(model, x, y) or crit(logits, y, inputs=x); "
                                 f"got a {type(model).__name__} first and no inputs=")
             check_input(x)
+            return model, x, y
+        if y is not None:
+            raise TypeError("GradRegLoss: with inputs=x call it as crit(logits, y, inputs=x)")
+        return None, inputs, x_or_y
+
+    @staticmethod
+    def _check_labels(y, x: torch.Tensor) -> None:
+        if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] != x.shape[0]:
+            raise ValueError(f"y must have one entry per sample: x has batch size {x.shape[0]}, "
+                             f"y has shape {tuple(y.shape)}")
+
+    def _train(self, model_or_logits, x_or_y, y, inputs) -> torch.Tensor:
+        model, x, y = self._split_call(model_or_logits, x_or_y, y, inputs)
+        active = self.lam > 0 and schedules.is_active(self.calls, self.every)
+        if model is not None:
             # on a call the schedule skips (and with subsample, whose penalty re-runs the model on
             # the sub-batch) this forward's x need not require grad: the backward then skips the
             # first layer's input gradient, as in a plain training step
-            plain_forward = (self.lam == 0 or not schedules.is_active(self.calls, self.every)
-                             or self.subsample is not None)
+            plain_forward = not active or self.subsample is not None
             x_in = x if plain_forward else differentiable_input(x)
             replay = Replay(model, x_in.device) if self.method != "exact" else None
             out = model(x_in)
         else:
-            if y is not None:
-                raise TypeError("GradRegLoss: with inputs=x call it as crit(logits, y, inputs=x)")
-            model, out, y, x_in, replay = None, model_or_logits, x_or_y, inputs, None
+            out, x_in, replay = model_or_logits, x, None
             check_input(x_in)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"GradRegLoss: logits must be a tensor, got {type(out).__name__}")
@@ -91,25 +205,60 @@ class GradRegLoss(nn.Module):
                 raise ValueError("GradRegLoss: with inputs=x the logits must be computed from x after "
                                  "x.requires_grad_(): x.requires_grad_(); logits = model(x); "
                                  "crit(logits, y, inputs=x)")
-        if isinstance(y, torch.Tensor) and y.dim() >= 1 and y.shape[0] != x_in.shape[0]:
-            raise ValueError(f"y must have one entry per sample: x has batch size {x_in.shape[0]}, "
-                             f"y has shape {tuple(y.shape)}")
-        base = self.base(out, y)
+        self._check_labels(y, x_in)
+        base = self._base_loss(out, y)
         loss = base
-        pen = None
-        active = schedules.is_active(self.calls, self.every)
         self.calls += 1
-        if self.lam > 0 and active:
+        if active:
             pen = penalty_from_output(self.kind, out, x_in, y, method=self.method, model=model, replay=replay,
-                                      subsample=self.subsample, **self.penalty_options)
-            if self.every > 1:
-                pen = pen * self.every
-            loss = base + self.lam * pen
+                                      subsample=self.subsample, reduction=self.reduction,
+                                      **self._options(x_in.device))
+            loss = base + self.lam * (pen * self.every if self.every > 1 else pen)
+            self.last_penalty = pen.detach()
         self.last_base = base.detach()
-        self.last_penalty = pen.detach() if pen is not None else None
+        self.last_active = active
+        return loss
+
+    def _evaluate(self, model_or_logits, x_or_y, y, inputs) -> torch.Tensor:
+        """The loss's value under no_grad / inference_mode (see the class docstring)."""
+        if inputs is not None:
+            raise ValueError("GradRegLoss: crit(logits, y, inputs=x) was called with gradients off "
+                             "(torch.no_grad() or torch.inference_mode(), e.g. a validation step): logits "
+                             "computed there have no graph to x, so no penalty exists. Call crit(model, x, y) "
+                             "instead (it turns grad mode on for the penalty itself), or compute the logits "
+                             "with grad mode on")
+        model, x, y = self._split_call(model_or_logits, x_or_y, y, inputs)
+        if self.lam == 0:
+            out = model(x)
+            self._check_labels(y, x)
+            base = self._base_loss(out, y)
+            self.last_base, self.last_active = base.detach(), False
+            return base.detach()
+        options = self._options(x.device)
+        gen = options.get("generator")
+        saved = gen.get_state() if gen is not None else None
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), use_backend(self.backend):
+                xc, yc = grad_enabled_copy(x), grad_enabled_copy(y)
+                options = {k: grad_enabled_copy(v) for k, v in options.items()}
+                x_in = differentiable_input(xc)
+                replay = Replay(model, x_in.device) if self.method != "exact" else None
+                out = model(x_in)
+                self._check_labels(yc, x_in)
+                base = self._base_loss(out, yc)
+                pen = penalty_from_output(self.kind, out, x_in, yc, method=self.method, model=model,
+                                          replay=replay, reduction=self.reduction, **options)
+                loss = (base + self.lam * pen).detach()
+        finally:
+            if saved is not None:
+                gen.set_state(saved)
+        self.last_base, self.last_penalty, self.last_active = base.detach(), pen.detach(), True
         return loss
 
     def extra_repr(self) -> str:
         extra = (f", every={self.every}" if self.every > 1 else "") + \
-            (f", subsample={self.subsample}" if self.subsample is not None else "")
+            (f", subsample={self.subsample}" if self.subsample is not None else "") + \
+            (f", reduction={self.reduction!r}" if self.reduction != "mean" else "") + \
+            (f", backend={self.backend!r}" if self.backend is not None else "") + \
+            (f", seed={self.seed}" if self.seed is not None else "")
         return f"penalty={self.kind!r}, lam={self.lam}, method={self.method!r}{extra}"

@@ -5,9 +5,11 @@ from typing import Callable
 
 import torch
 
+from gradreg_fast._backend import check_backend, use_backend
 from gradreg_fast._guards import run_estimator
 from gradreg_fast.penalties import schedules
-from gradreg_fast.penalties._checks import KINDS, check_input, check_kind
+from gradreg_fast.penalties._checks import (KINDS, REDUCTIONS, check_input, check_kind, check_penalty_options,
+                                            check_reduction)
 from gradreg_fast.penalties.baselines import confidence_penalty, weight_decay
 from gradreg_fast.penalties.core import Problem, Replay, build_problem, differentiable_input
 from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS
@@ -41,19 +43,42 @@ def _subset_projection(projection, idx: torch.Tensor, batch: int):
     return projection  # malformed: build_problem reports it
 
 
+def grad_mode_off() -> bool:
+    """True under torch.no_grad() or torch.inference_mode(), where a penalty cannot be built in place."""
+    return not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
+
+
+def grad_enabled_copy(t):
+    """A tensor usable under enable_grad (call inside ``with torch.inference_mode(False)``): a clone
+    of an inference tensor, anything else as it is (never the caller's tensor modified)."""
+    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
+
+
 def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None = None, *,
                         method: str = "exact", model: Callable | None = None, replay: Replay | None = None,
-                        subsample: float | None = None, **options) -> torch.Tensor:
+                        subsample: float | None = None, reduction: str = "mean", **options) -> torch.Tensor:
     """The penalty for outputs ``out`` already computed from ``x`` (x must require grad).
 
     ``model`` (with ``replay``, captured before ``out`` was computed) lets estimators and
     ``subsample`` re-run the model; without it only method="exact" applies. ``out`` may be None
     when ``subsample`` and ``model`` are given (the model then runs on the sub-batch only).
+    ``reduction``: "mean" (batch mean), "sum" (batch sum; with subsample, B/m times the sub-batch
+    sum) or "none" (the (B,) per-sample penalties; not with subsample).
     """
     estimator = check_method(method)
+    check_reduction(reduction)
     problem_opts, estimator_opts = _split_options(options)
+    estimator_opts["reduction"] = reduction
+    if out is not None and isinstance(out, torch.Tensor) and not out.requires_grad and grad_mode_off():
+        raise ValueError("the model output was computed with gradients off (torch.no_grad() or "
+                         "torch.inference_mode()), so it has no graph to x and no input gradient exists: "
+                         "compute it with grad mode on, or pass the model (crit(model, x, y) or "
+                         "gr.penalty(kind, model, x, y)), which re-enables gradients itself")
     fraction = schedules.check_subsample(subsample)
     if fraction is not None:
+        if reduction == "none":
+            raise ValueError("reduction='none' gives one penalty per sample of the batch; with subsample "
+                             "only a random sub-batch has one: use subsample=None or reduction='mean'/'sum'")
         batch = x.shape[0]
         idx = schedules.subset(batch, fraction, problem_opts.get("generator"), x.device)
         problem_opts["projection"] = _subset_projection(problem_opts.get("projection"), idx, batch)
@@ -63,6 +88,11 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
             replay = Replay(model, x.device)
             with replay.context():
                 out = model(x)
+            if reduction == "sum":   # the sub-batch sum times B/m: unbiased for the batch sum
+                p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts,
+                                  **problem_opts)
+                value = run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
+                return value * (batch / idx.numel())
         else:
             if out is None:
                 raise ValueError("penalty_from_output needs out (or model with subsample)")
@@ -81,8 +111,9 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
             y: torch.Tensor | None = None, *, method: str = "exact", projection: torch.Tensor | None = None,
             n_proj: int = 1, per_sample: bool = False, generator: torch.Generator | None = None,
             loss_fn: Callable | None = None, fd_h: float | None = None, fd_scheme: str | None = None,
-            every: int = 1, step: int | None = None, subsample: float | None = None) -> torch.Tensor:
-    """Gradient penalty of ``model`` at inputs ``x``, averaged over the batch.
+            every: int = 1, step: int | None = None, subsample: float | None = None, reduction: str = "mean",
+            backend: str | None = None) -> torch.Tensor:
+    """Gradient penalty of ``model`` at inputs ``x``, averaged over the batch (``reduction``).
 
     With f = model, J_i = ∂f(x_i)/∂x_i and p = softmax(f):
 
@@ -111,23 +142,56 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         every, step: lazy regularization: with every=k the penalty is k·P when step % k == 0 and
             0 (no work) otherwise; ``step`` (the training step) is required when every > 1.
         subsample: fraction in (0, 1]: the penalty on a random sub-batch (unbiased).
+        reduction: "mean" (default: mean_i P_i as above), "sum" (Σ_i P_i) or "none": the (B,)
+            per-sample penalties P_i, each differentiable with the same estimator semantics
+            (∇_θ Σ_i w_i P_i is the weighted sum of the per-sample gradients; not with subsample).
+        backend: backend of the penalty's ops ("reference", "cpp", "cuda", "triton", "auto"; None:
+            GRADREG_BACKEND, else auto). Checked now, as the environment variable is: a backend
+            that cannot run here raises; it never falls back.
+
+    Grad mode: under torch.no_grad() or torch.inference_mode() the penalty's value is computed
+    with gradients enabled on a copy of x (inference tensors are cloned) and returned detached.
 
     Returns:
-        A scalar tensor: the penalty, differentiable with respect to the model's parameters.
+        The penalty, differentiable with respect to the model's parameters: a scalar, or (B,) with
+        reduction="none".
     """
     kind = check_kind(kind)
     check_input(x)
     check_method(method)
     every = schedules.check_every(every)
     schedules.check_subsample(subsample)
+    check_reduction(reduction)
+    check_backend(backend)
     if not callable(model):
         raise TypeError(f"model must be callable (an nn.Module or function), got {type(model).__name__}")
+    check_penalty_options(kind, method, projection=projection, n_proj=n_proj, per_sample=per_sample,
+                          generator=generator, loss_fn=loss_fn, fd_h=fd_h, fd_scheme=fd_scheme)
+    if reduction == "none" and subsample is not None and subsample != 1:
+        raise ValueError("reduction='none' gives one penalty per sample of the batch; with subsample "
+                         "only a random sub-batch has one: use subsample=None or reduction='mean'/'sum'")
     if every > 1:
         if isinstance(step, bool) or not isinstance(step, int):
             raise ValueError(f"every={every} needs the training step: penalty(..., every={every}, step=t) "
                              "(penalty() keeps no state; GradRegLoss counts calls itself)")
         if not schedules.is_active(step, every):
-            return torch.zeros((), device=x.device, dtype=x.dtype)
+            return torch.zeros((x.shape[0],) if reduction == "none" else (), device=x.device, dtype=x.dtype)
+    if grad_mode_off():
+        # validation loops run under no_grad / inference_mode: the value is still well defined
+        with torch.inference_mode(False), torch.enable_grad():
+            value = penalty(kind, model, grad_enabled_copy(x), grad_enabled_copy(y), method=method,
+                            projection=grad_enabled_copy(projection), n_proj=n_proj, per_sample=per_sample,
+                            generator=generator, loss_fn=loss_fn, fd_h=fd_h, fd_scheme=fd_scheme, every=every,
+                            step=step, subsample=subsample, reduction=reduction, backend=backend)
+        return value.detach()
+    with use_backend(backend):
+        return _penalty(kind, model, x, y, method=method, projection=projection, n_proj=n_proj,
+                        per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,
+                        fd_scheme=fd_scheme, every=every, subsample=subsample, reduction=reduction)
+
+
+def _penalty(kind, model, x, y, *, method, projection, n_proj, per_sample, generator, loss_fn, fd_h, fd_scheme,
+             every, subsample, reduction) -> torch.Tensor:
     x_in = differentiable_input(x)
     replay = Replay(model, x.device) if method != "exact" else None
     # with subsample the model runs on the sub-batch only (inside penalty_from_output)
@@ -135,8 +199,9 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     value = penalty_from_output(kind, out, x_in, y, method=method, model=model, replay=replay,
                                 subsample=subsample, projection=projection, n_proj=n_proj,
                                 per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,
-                                fd_scheme=fd_scheme)
+                                fd_scheme=fd_scheme, reduction=reduction)
     return value * every if every > 1 else value
 
 
-__all__ = ["KINDS", "METHODS", "penalty", "penalty_from_output", "confidence_penalty", "weight_decay"]
+__all__ = ["KINDS", "METHODS", "REDUCTIONS", "penalty", "penalty_from_output", "confidence_penalty",
+           "weight_decay"]

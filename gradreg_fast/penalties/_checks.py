@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -63,13 +64,67 @@ def check_output(out: torch.Tensor, batch: int, kind: str) -> torch.Tensor:
 
 
 def check_lam(lam) -> float:
-    try:
-        value = float(lam)
-    except (TypeError, ValueError):
-        raise TypeError(f"lam must be a real number, got {type(lam).__name__}") from None
+    # a str ("0.1") or a bool (True) is a mistake that float() would accept silently
+    if isinstance(lam, (bool, str, bytes)) or not isinstance(lam, (numbers.Real, torch.Tensor)) or (
+            isinstance(lam, torch.Tensor) and (lam.numel() != 1 or lam.is_complex() or lam.dtype == torch.bool)):
+        raise TypeError(f"lam must be a real number (int or float, e.g. lam=0.1), got {lam!r} "
+                        f"({type(lam).__name__})")
+    value = float(lam)
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"lam must be finite and >= 0, got {lam}")
     return value
+
+
+REDUCTIONS = ("mean", "sum", "none")
+FD_SCHEMES = ("central", "forward")   # as gradreg_fast.penalties.estimators.FD_SCHEMES
+JVP_KINDS = ("frobreg", "jacreg")     # as gradreg_fast.penalties.estimators.JVP_KINDS
+
+
+def check_reduction(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(repr(r) for r in REDUCTIONS)} (\"none\": the "
+                         f"(B,) per-sample penalties), got {reduction!r}")
+    return reduction
+
+
+def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, per_sample=False,
+                          generator=None, loss_fn=None, fd_h=None, fd_scheme=None) -> None:
+    """Every option of gr.penalty / GradRegLoss checked before any work: type, range, and whether it
+    applies to this kind and method (an option that would be ignored raises instead)."""
+    if isinstance(n_proj, bool) or not isinstance(n_proj, int) or n_proj < 1:
+        raise ValueError(f"n_proj must be a positive integer (the number of random projections), got {n_proj!r}")
+    if n_proj != 1 and kind != "spectreg" and method != "jvp":
+        raise ValueError(f"n_proj={n_proj} applies to kind='spectreg' and method='jvp' only, not "
+                         f"kind={kind!r} with method={method!r}")
+    if not isinstance(per_sample, bool):
+        raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
+    if per_sample and kind != "spectreg":
+        raise ValueError(f"per_sample=True applies to kind='spectreg' only, not {kind!r}")
+    if projection is not None:
+        if kind != "spectreg":
+            raise ValueError(f"projection applies to 'spectreg' only, not {kind!r}")
+        if not isinstance(projection, torch.Tensor) or not projection.is_floating_point():
+            raise TypeError("projection must be a floating tensor of shape (K,), (B, K) or (n, B, K), got "
+                            f"{type(projection).__name__ if not isinstance(projection, torch.Tensor) else projection.dtype}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, "
+                        f"got {type(generator).__name__}")
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (logits, y) -> per-sample losses, got {type(loss_fn).__name__}")
+        if kind != "doubleback":
+            raise ValueError(f"loss_fn applies to kind='doubleback' only, not {kind!r}")
+    if (fd_h is not None or fd_scheme is not None) and method != "fd":
+        raise ValueError(f"fd_h and fd_scheme apply to method='fd' only, not method={method!r}")
+    if fd_h is not None and (isinstance(fd_h, bool) or not isinstance(fd_h, numbers.Real)
+                             or not math.isfinite(fd_h) or fd_h <= 0):
+        raise ValueError(f"fd_h must be a finite number > 0 (the step relative to the batch RMS of x, "
+                         f"default 1e-3), got {fd_h!r}")
+    if fd_scheme is not None and fd_scheme not in FD_SCHEMES:
+        raise ValueError(f"fd_scheme must be one of {', '.join(repr(s) for s in FD_SCHEMES)}, got {fd_scheme!r}")
+    if method == "jvp" and kind not in JVP_KINDS:
+        raise ValueError(f"method='jvp' estimates ‖J‖_F² and serves {', '.join(JVP_KINDS)} only, not "
+                         f"{kind!r}; for {kind!r} use method='exact', 'hvp' or 'fd'")
 
 
 def check_projection(r: torch.Tensor, batch: int, num_outputs: int) -> torch.Tensor:
