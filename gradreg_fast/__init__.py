@@ -10,6 +10,7 @@ from gradreg_fast import reference, ops
 from gradreg_fast.penalties import KINDS, METHODS, confidence_penalty, penalty, weight_decay
 from gradreg_fast.nn import GradRegLoss
 from gradreg_fast.nn.fuse import fuse
+from gradreg_fast.penalties.functional import functional_penalty
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,4 @@ __all__ = [
     "BACKENDS", "KINDS", "METHODS", "GradRegLoss", "backends", "confidence_penalty", "ops", "penalty",
     "reference", "weight_decay",
 ]
-__all__ += ["fuse"]
+__all__ += ["fuse", "functional_penalty"]
