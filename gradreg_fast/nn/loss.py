@@ -14,7 +14,7 @@ from gradreg_fast.penalties._checks import (check_input, check_kind, check_lam, 
                                             check_reduction)
 from gradreg_fast.penalties.core import Replay, differentiable_input
 
-_STATE_KEYS = ("calls", "seed", "generator_state", "generator_device")
+_STATE_KEYS = ("calls", "seed", "generator_state", "generator_device", "last_penalty")
 
 
 class GradRegLoss(nn.Module):
@@ -52,8 +52,8 @@ class GradRegLoss(nn.Module):
     the call counter lives in this instance (``crit.calls``, active on calls 0, k, 2k, ...; set
     ``crit.calls = 0`` to restart). ``subsample=fraction`` computes it on a random sub-batch.
 
-    Checkpoints: ``state_dict()`` holds the call counter and, with ``seed=``, the state of the
-    generator the loss owns, so a run resumed from a checkpoint draws the same projections and
+    Checkpoints: ``state_dict()`` holds the call counter, ``last_penalty`` and, with ``seed=``, the
+    state of the generator the loss owns, so a run resumed from a checkpoint draws the same projections and
     follows the same schedule as the uninterrupted run. A ``generator=`` passed in stays the
     caller's (save its ``get_state()`` yourself); with neither, draws come from torch's global RNG.
 
@@ -118,7 +118,8 @@ class GradRegLoss(nn.Module):
         gen = self._generator
         return {"calls": self.calls, "seed": self.seed,
                 "generator_state": gen.get_state() if gen is not None else None,
-                "generator_device": str(gen.device) if gen is not None else None}
+                "generator_device": str(gen.device) if gen is not None else None,
+                "last_penalty": self.last_penalty}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
@@ -131,6 +132,7 @@ class GradRegLoss(nn.Module):
             raise ValueError(f"GradRegLoss.load_state_dict: the checkpoint's loss was built with seed="
                              f"{state['seed']!r}, this one with seed={self.seed!r}; construct it with the same seed")
         self.calls = calls
+        self.last_penalty = state["last_penalty"]
         self._generator = None
         if state["generator_state"] is not None:
             gen = torch.Generator(device=state["generator_device"])
