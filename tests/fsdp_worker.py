@@ -1,0 +1,203 @@
+"""Worker for tests/test_fsdp.py, run as
+``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py OUT.json``.
+
+The DDP worker's cases (tests/ddp_worker.py: the same fp64 MLP, data, call forms, two SGD steps and
+the one-process references on the concatenated batch and on the halves, imported from there) with
+the model sharded by FSDP2 instead: every Linear and the root wrapped in ``fully_shard`` (gloo,
+CPU), each rank on its half of the batch. Configurations:
+
+  default  fully_shard's defaults (reshard after forward, except the root)
+  keep     reshard_after_forward=False everywhere
+  bf16     MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32) on an fp32 model,
+           compared with the fp64 reference (bf16 rounding, see test_fsdp.BF16_TOL)
+
+plus, with the default configuration: gradient accumulation over two micro-batches with
+``set_requires_gradient_sync(False)`` on the first, a penalty computed and dropped without a
+backward before an ordinary step, and whether FSDP's settings and sharding are back as the user set
+them after each step. Rank 0 writes, per case, the largest relative differences of the parameter
+gradients (gathered with full_tensor) and loss values to OUT.json; test_fsdp.py asserts on them.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ddp_worker as common  # noqa: E402  (make_model, data, objective, run_reference, ...)
+from ddp_worker import FORMS, LAM, SEED, STEPS, gr, rel  # noqa: E402
+
+CONFIGS = {
+    "default": dict(forms=FORMS, dtype=torch.float64, shard={}),
+    "keep": dict(forms=("loss",), dtype=torch.float64, shard={"reshard_after_forward": False}),
+    "bf16": dict(forms=("loss",), dtype=torch.float32,
+                 shard={"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}),
+}
+
+
+def sharded_model(config: str) -> nn.Module:
+    model = common.make_model().to(CONFIGS[config]["dtype"])
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, **CONFIGS[config]["shard"])
+    fully_shard(model, **CONFIGS[config]["shard"])
+    return model
+
+
+def full_grads(model: nn.Module) -> torch.Tensor:
+    """The parameter gradients of the whole (unsharded) model, in fp64; 0 where a parameter has none
+    (as ddp_worker.flat_grads: a penalty alone does not reach the output layer's bias)."""
+    parts = []
+    for p in model.parameters():
+        g = p.grad
+        if g is None:
+            parts.append(torch.zeros(p.numel(), dtype=torch.float64))
+            continue
+        g = g.full_tensor() if isinstance(g, DTensor) else g
+        parts.append(g.reshape(-1).to(torch.float64))
+    return torch.cat(parts)
+
+
+def settings(model: nn.Module) -> list:
+    """FSDP's per-group settings the penalty defers, and whether each weight is sharded."""
+    out = []
+    for m in model.modules():
+        state = getattr(m, "_get_fsdp_state", None)
+        if state is None:
+            continue
+        for g in state()._fsdp_param_groups:
+            out.append([bool(g.reduce_grads), bool(g.reshard_after_backward)])
+    out.append([isinstance(p, DTensor) for p in model.parameters()])
+    return out
+
+
+def step_loop(model, config, form, kind, method, x, y, rank, world, before_step=None):
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    xs = xs.to(CONFIGS[config]["dtype"])
+    gen = torch.Generator()
+    grads, values, restored = [], [], True
+    expected = settings(model)
+    for step in range(STEPS):
+        model.zero_grad(set_to_none=True)
+        if before_step is not None:
+            before_step(model, xs, ys, gen, step)
+        gen.manual_seed(SEED + step)  # the same draws on every rank (SpectReg's shared r)
+        value = common.objective(form, kind, method, model, xs, ys, gen)
+        value.backward()
+        restored = restored and settings(model) == expected
+        grads.append(full_grads(model))
+        total = value.detach().to(torch.float64).clone()
+        dist.all_reduce(total)
+        values.append(total / world)
+        common.sgd(model)
+    return torch.stack(grads), torch.stack(values), restored
+
+
+def compare(grads, values, restored, form, kind, method, x, y, rank, world):
+    gathered = [torch.empty_like(grads) for _ in range(world)]
+    dist.all_gather(gathered, grads)
+    if rank != 0:
+        return None
+    result = {"ranks_differ": rel(gathered[1], gathered[0]), "restored": restored}
+    for name, halves in (("concat", False), ("halves", True)):
+        ref_grads, ref_values = common.run_reference(form, kind, method, x, y, halves)
+        result[f"grad_vs_{name}"] = rel(grads, ref_grads)
+        result[f"value_vs_{name}"] = rel(values, ref_values)
+    return result
+
+
+def run_case(config, form, kind, method, x, y, rank, world):
+    model = sharded_model(config)
+    grads, values, restored = step_loop(model, config, form, kind, method, x, y, rank, world)
+    return compare(grads, values, restored, form, kind, method, x, y, rank, world)
+
+
+def run_dropped(method, x, y, rank, world):
+    """A penalty computed and dropped without a backward must leave an ordinary step untouched."""
+    def drop(model, xs, ys, gen, step):
+        gen.manual_seed(SEED + step)
+        p = gr.penalty("frobreg", model, xs, method=method, generator=gen)
+        del p
+    model = sharded_model("default")
+    grads, values, restored = step_loop(model, "default", "loss", "doubleback", method, x, y, rank, world,
+                                        before_step=drop)
+    return compare(grads, values, restored, "loss", "doubleback", method, x, y, rank, world)
+
+
+def run_accumulation(method, x, y, rank, world):
+    """Two micro-batches per rank, the first with set_requires_gradient_sync(False): the reduced
+    gradient equals one process on the whole batch (the mean of four quarter-batch objectives)."""
+    model = sharded_model("default")
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    gen = torch.Generator()
+    model.zero_grad(set_to_none=True)
+    for i, (xm, ym) in enumerate(zip(xs.chunk(2), ys.chunk(2))):
+        model.set_requires_gradient_sync(i == 1)
+        gen.manual_seed(SEED)
+        (common.objective("loss", "doubleback", method, model, xm, ym, gen) / 2).backward()
+    grads = full_grads(model)
+    gathered = [torch.empty_like(grads) for _ in range(world)]
+    dist.all_gather(gathered, grads)
+    if rank != 0:
+        return None
+    ref = common.make_model()
+    total = 0
+    for xq, yq in zip(x.chunk(2 * world), y.chunk(2 * world)):
+        total = total + common.objective("loss", "doubleback", method, ref, xq, yq, gen) / (2 * world)
+    total.backward()
+    return {"ranks_differ": rel(gathered[1], gathered[0]), "grad_vs_concat": rel(grads, common.flat_grads(ref))}
+
+
+def local_vs_concat(x, y, rank, world):
+    """How far one rank's own (unreduced) gradient is from the whole batch's: a test that passes
+    only within a much smaller tolerance cannot be passing on unreduced gradients."""
+    if rank != 0:
+        return None
+    xs, ys = x.chunk(world)[0], y.chunk(world)[0]
+    local, _ = common.run_reference("loss", "doubleback", "exact", xs, ys, False)
+    concat, _ = common.run_reference("loss", "doubleback", "exact", x, y, False)
+    return rel(local, concat)
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == 2, "run with --nproc_per_node=2"
+    x, y = common.data()
+    cases, extra = {}, {}
+
+    def record(table, name, fn, *args):
+        try:
+            table[name] = fn(*args)
+        except Exception as exc:  # recorded; test_fsdp.py decides what is expected
+            table[name] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    for config, spec in CONFIGS.items():
+        for form in spec["forms"]:
+            for kind in gr.KINDS:
+                for method in gr.METHODS:
+                    record(cases, f"{config}-{form}-{kind}-{method}", run_case, config, form, kind, method,
+                           x, y, rank, world)
+    for method in ("exact", "hvp", "fd"):
+        record(extra, f"dropped-{method}", run_dropped, method, x, y, rank, world)
+        record(extra, f"accumulation-{method}", run_accumulation, method, x, y, rank, world)
+    extra["local_vs_concat"] = local_vs_concat(x, y, rank, world)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump({"cases": cases, "extra": extra, "methods": list(gr.METHODS), "kinds": list(gr.KINDS),
+                       "torch": torch.__version__}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
