@@ -107,6 +107,7 @@ def run_estimator(estimator: Callable, problem, *, method: str, methods, model: 
         # inside torch.func / forward-mode AD fails with find_unused_parameters=True (its _DDPSink
         # has no jvp/setup_context), and the caller's DDP forward already prepared the reducer.
         problem.model = ddp.module
+    estimator = distributed.fsdp_estimator(estimator, model, out, method)  # FSDP2: a no-op otherwise
     try:
         p = estimator(problem)
     except NotImplementedError as exc:
