@@ -118,6 +118,8 @@ setup(
         "test": ["pytest", "hypothesis"],
         "bench": ["tqdm", "matplotlib"],
         "experiments": ["mlxtend", "tqdm", "matplotlib"],
+        # examples/lightning_digits.py and its test (any torch the package supports satisfies it)
+        "lightning": ["lightning>=2.1,<3", "mlxtend"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -21,6 +21,9 @@ pip install -q --upgrade pip >/dev/null 2>&1 || true
 pip install -q "$TORCH_SPEC"
 pip install -q "triton>=3.6,<3.10" numpy ninja pybind11 setuptools wheel \
   pytest hypothesis tqdm matplotlib mlxtend
+# PyTorch Lightning for examples/lightning_digits.py and its test (the optional extra .[lightning]);
+# installed with the torch spec on the same line so that the resolver keeps the torch chosen above
+pip install -q "lightning>=2.1,<3" "$TORCH_SPEC"
 if [ "${EDITABLE:-0}" = "1" ]; then
   pip install -q --no-build-isolation --no-deps -e .
 else
