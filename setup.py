@@ -11,6 +11,9 @@ GRADREG_CUDA=auto|1|0   CUDA kernels. ``1`` builds them and fails if the install
 TORCH_CUDA_ARCH_LIST    target GPU architectures for a CUDA build, e.g. "9.0" for H100/H200. Unset, torch
                         targets the visible GPUs; with none visible (a build node), setup.py sets
                         DEFAULT_CUDA_ARCHS ("8.0;9.0+PTX": A100, H100/H200, PTX for newer cards) and says so.
+GRADREG_PTXAS_VERBOSE=1 adds -Xptxas=-v to the CUDA compile: ptxas prints each kernel's registers, spills and
+                        shared memory into the build log (scripts/cuda_build_check.sh turns it into
+                        benchmarks/results/gpu_resources_cuda.md). No effect on the code generated.
 
 Build against the torch you run: ``pip install --no-build-isolation .``
 """
@@ -81,6 +84,8 @@ def _extensions():
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+        if _flag("GRADREG_PTXAS_VERBOSE", "0") in ("1", "true", "yes"):
+            extra["nvcc"].append("-Xptxas=-v")
         define_macros.append(("GRADREG_WITH_CUDA", None))
         ext_cls = cpp_extension.CUDAExtension
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():

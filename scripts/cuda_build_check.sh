@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Build the extension WITH its CUDA kernels against a CUDA build of torch (no GPU needed) and check that
 # every op with a CPU kernel also has a CUDA kernel registered. Used by CI: a CUDA source that does not
-# compile must never land.
+# compile must never land. The build runs with GRADREG_PTXAS_VERBOSE=1 (setup.py: nvcc -Xptxas=-v): every
+# kernel's registers, stack, spills and shared memory are summarized from the build log, and written as
+# a markdown table to CUDA_RESOURCE_REPORT when that is set, e.g.
+#   TORCH_CUDA_ARCH_LIST="8.0;9.0" CUDA_RESOURCE_REPORT=benchmarks/results/gpu_resources_cuda.md scripts/cuda_build_check.sh
 #
 #   CUDA_VENV=.venv-cuda  CUDA_TORCH_SPEC=torch==2.14.1  TORCH_CUDA_ARCH_LIST=9.0  CUDA_HOME=/usr/local/cuda
 set -euo pipefail
@@ -21,10 +24,16 @@ export MAX_JOBS=${MAX_JOBS:-2}
 SRC=$(mktemp -d)
 trap 'rm -rf "$SRC"' EXIT
 tar -c --exclude='./.venv*' --exclude=./build --exclude='*.so' --exclude='./.git' . | tar -x -C "$SRC"
+LOG="$SRC/build.log"
 start=$(date +%s)
-(cd "$SRC" && GRADREG_CUDA=1 pip install --no-build-isolation --no-deps . 2>&1 | tail -n 20)
+if ! (cd "$SRC" && GRADREG_CUDA=1 GRADREG_PTXAS_VERBOSE=1 pip install -v --no-build-isolation --no-deps . > "$LOG" 2>&1); then
+  tail -n 40 "$LOG"; echo "CUDA build failed"; exit 1
+fi
 echo "CUDA build of gradreg_fast._C took $(( $(date +%s) - start )) s"
+REPORT=${CUDA_RESOURCE_REPORT:+$(realpath -m "$CUDA_RESOURCE_REPORT")}
 cd /tmp
+# ptxas -v of every kernel (registers, spills, shared memory): a summary here, the table on request
+python -m gradreg_fast.triton.aot cuda "$LOG" --threads 256 ${REPORT:+--report "$REPORT"}
 python - <<'PY'
 import torch
 import gradreg_fast

@@ -14,6 +14,47 @@ import pytest  # noqa: E402
 
 import gradreg_fast  # noqa: E402
 
+# Every Triton launch is recorded (gradreg_fast/triton/_launch.py). tests/test_triton_aot.py compiles the
+# specializations of LAUNCH_TABLE for sm_80 and sm_90; at the end of an interpreted run, any launched
+# specialization that the table lacks is compiled for both here, and one that does not compile fails
+# the session. GRADREG_RECORD_LAUNCHES=tests/triton_launches.jsonl pytest ... adds them to the table.
+LAUNCH_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_launches.jsonl")
+_RECORD = "GRADREG_RECORD_LAUNCHES"
+_CHECK_LAUNCHES = None
+if os.environ.get(_RECORD):
+    os.environ[_RECORD] = os.path.abspath(os.environ[_RECORD])  # subprocesses run elsewhere
+elif os.environ.get("TRITON_INTERPRET") == "1":
+    import tempfile  # noqa: E402
+    _fd, _CHECK_LAUNCHES = tempfile.mkstemp(prefix="gradreg_launches_", suffix=".jsonl")
+    os.close(_fd)
+    os.environ[_RECORD] = _CHECK_LAUNCHES  # inherited by the tests' subprocesses
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CHECK_LAUNCHES is None:
+        return
+    import subprocess
+    import sys
+
+    from gradreg_fast.triton.aot import unlisted
+    missing = unlisted(_CHECK_LAUNCHES, LAUNCH_TABLE)
+    if not missing:
+        os.unlink(_CHECK_LAUNCHES)
+        return
+    with open(_CHECK_LAUNCHES, "w") as f:
+        f.write("\n".join(missing) + "\n")
+    env = {k: v for k, v in subprocess_env().items() if k not in ("TRITON_INTERPRET", _RECORD)}
+    run = subprocess.run([sys.executable, "-m", "gradreg_fast.triton.aot", "triton", _CHECK_LAUNCHES],
+                         env=env, capture_output=True, text=True)
+    os.unlink(_CHECK_LAUNCHES)
+    print(f"\n{len(missing)} launched Triton specialization(s) are not in {LAUNCH_TABLE}; compiled here for "
+          f"sm_80/sm_90: {run.stdout.strip()}\n{run.stderr.strip()[-3000:] if run.returncode else ''}"
+          f"\nAdd them to the table: rerun "
+          f"the tests with GRADREG_RECORD_LAUNCHES=tests/triton_launches.jsonl, then regenerate the report: "
+          f"python -m gradreg_fast.triton.aot triton tests/triton_launches.jsonl "
+          f"--report benchmarks/results/gpu_resources_triton.md")
+    if run.returncode != 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_sessionstart(session):

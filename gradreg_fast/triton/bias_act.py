@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from gradreg_fast.ops.bias_act import ACT_CODE, geometry, memory_format
+from gradreg_fast.triton._launch import launch_kernel
 
 # Coefficients of P and Q, lowest degree first (fitted with numpy at Chebyshev nodes).
 ERF_SMALL = (1.128379167095513, -0.37612638903177553, 0.11283791670652926, -0.026866170594406182, 0.005223977199712658, -0.0008548306409616672, 0.0001205471382158921, -1.4913713278303188e-05, 1.6313591021541446e-06, -1.5202359983515584e-07, 9.454661204489945e-09)
@@ -278,8 +279,8 @@ def launch(mode: int, main: torch.Tensor, ref: torch.Tensor | None, a: torch.Ten
     BLOCK = 1024
     grid = (triton.cdiv(n, BLOCK),)
     with torch.cuda.device(main.device) if main.is_cuda else contextlib.nullcontext():
-        bias_act_kernel[grid](dummy, ref_v, a_v, g_v, b_v, n, C, inner, alpha,
-                              ACT=act, MODE=mode, HAS_REF=ref is not None, HAS_BIAS=b is not None,
-                              F64=main.dtype == torch.float64, BLOCK=BLOCK)
+        launch_kernel(bias_act_kernel, grid, dummy, ref_v, a_v, g_v, b_v, n, C, inner, alpha,
+                      ACT=act, MODE=mode, HAS_REF=ref is not None, HAS_BIAS=b is not None,
+                      F64=main.dtype == torch.float64, BLOCK=BLOCK)
     return out
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from gradreg_fast.triton._cast import cast_for_store
+from gradreg_fast.triton._launch import launch_kernel
 
 from gradreg_fast import reference
 
@@ -118,7 +119,8 @@ def cross_entropy_forward(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.
     lse = torch.empty(B, device=z.device, dtype=torch.float64)
     if B:
         rows, block_k = _tile(B, K)
-        ce_forward_kernel[(triton.cdiv(B, rows),)](z, y.contiguous(), loss, lse, B, K, ROWS=rows, BLOCK_K=block_k)
+        launch_kernel(ce_forward_kernel, (triton.cdiv(B, rows),), z, y.contiguous(), loss, lse, B, K,
+                      ROWS=rows, BLOCK_K=block_k)
     return loss, lse
 
 
@@ -129,8 +131,8 @@ def cross_entropy_backward(grad: torch.Tensor, logits: torch.Tensor, y: torch.Te
     out = torch.empty_like(z)
     if B:
         rows, block_k = _tile(B, K)
-        ce_backward_kernel[(triton.cdiv(B, rows),)](_per_sample(grad, z), z, y.contiguous(), _lse(lse), out,
-                                                    B, K, ROWS=rows, BLOCK_K=block_k)
+        launch_kernel(ce_backward_kernel, (triton.cdiv(B, rows),), _per_sample(grad, z), z, y.contiguous(),
+                      _lse(lse), out, B, K, ROWS=rows, BLOCK_K=block_k)
     return out
 
 
@@ -143,6 +145,6 @@ def cross_entropy_hvp(u: torch.Tensor, scale: torch.Tensor, logits: torch.Tensor
     dot = torch.empty(B, device=z.device, dtype=reference.acc_dtype(z.dtype))
     if B:
         rows, block_k = _tile(B, K)
-        ce_hvp_kernel[(triton.cdiv(B, rows),)](uc, _per_sample(scale, z), z, y.contiguous(), _lse(lse),
-                                               hvp, dot, B, K, ROWS=rows, BLOCK_K=block_k)
+        launch_kernel(ce_hvp_kernel, (triton.cdiv(B, rows),), uc, _per_sample(scale, z), z, y.contiguous(),
+                      _lse(lse), hvp, dot, B, K, ROWS=rows, BLOCK_K=block_k)
     return hvp, dot

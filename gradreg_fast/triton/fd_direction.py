@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from gradreg_fast.triton._cast import cast_for_store
+from gradreg_fast.triton._launch import launch_kernel
 
 from gradreg_fast import reference
 from gradreg_fast.triton.sq_norm import BLOCK, default_split, rows, sq_norm_into
@@ -81,10 +82,10 @@ def fd_direction(x: torch.Tensor, g: torch.Tensor, h: float,
     h_t = torch.full((1,), h, device=x.device, dtype=norms.dtype)
     split = default_split(B, N, x.device) if split is None else split
     if split <= 1:
-        fd_direction_row_kernel[(B,)](x2, g2, out, norms, N, h_t, BLOCK=BLOCK)
+        launch_kernel(fd_direction_row_kernel, (B,), x2, g2, out, norms, N, h_t, BLOCK=BLOCK)
         return out, norms
     sq_norm_into(g2, norms, split)
     # blocks along the row on grid axis 1 (limit 65535 blocks of BLOCK elements per row)
-    fd_direction_apply_kernel[(B, triton.cdiv(N, BLOCK))](x2, g2, out, norms, N, h_t, BLOCK=BLOCK)
-    _sqrt_kernel[(triton.cdiv(B, BLOCK),)](norms, B, BLOCK=BLOCK)
+    launch_kernel(fd_direction_apply_kernel, (B, triton.cdiv(N, BLOCK)), x2, g2, out, norms, N, h_t, BLOCK=BLOCK)
+    launch_kernel(_sqrt_kernel, (triton.cdiv(B, BLOCK),), norms, B, BLOCK=BLOCK)
     return out, norms

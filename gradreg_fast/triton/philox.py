@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from gradreg_fast.reference.philox import MASK32, TWO_PI
+from gradreg_fast.triton._launch import launch_kernel
 
 _M0: tl.constexpr = tl.constexpr(0xD2511F53)
 _M1: tl.constexpr = tl.constexpr(0xCD9E8D57)
@@ -155,7 +156,7 @@ def gaussian_like(x: torch.Tensor, seed: int, offset: int, per_sample: bool) -> 
     target = out.view(-1)[:row] if row == numel else torch.empty(row, dtype=x.dtype, device=x.device)
     block_q = 256
     grid = (triton.cdiv(row, 4 * block_q),)
-    _gaussian_kernel[grid](target, row, *_stream_words(seed, offset), BLOCK_Q=block_q)
+    launch_kernel(_gaussian_kernel, grid, target, row, *_stream_words(seed, offset), BLOCK_Q=block_q)
     if row != numel:
         out.copy_(target.reshape(x.shape[1:]).expand(x.shape))
     return out
@@ -174,8 +175,8 @@ def project(out: torch.Tensor, seed: int, offset: int, per_sample: bool) -> torc
     block_k = min(64, triton.next_power_of_2(K))
     block_b = max(1, min(64, 1024 // block_k, triton.next_power_of_2(B)))
     grid = (triton.cdiv(B, block_b),)
-    _project_kernel[grid](x, s, B, K, *_stream_words(seed, offset), PER_SAMPLE=per_sample,
-                          ACC=_acc(x.dtype), BLOCK_B=block_b, BLOCK_K=block_k)
+    launch_kernel(_project_kernel, grid, x, s, B, K, *_stream_words(seed, offset), PER_SAMPLE=per_sample,
+                  ACC=_acc(x.dtype), BLOCK_B=block_b, BLOCK_K=block_k)
     return s
 
 
@@ -189,7 +190,7 @@ def project_backward(grad: torch.Tensor, seed: int, offset: int, per_sample: boo
     if total == 0:
         return out
     block = 1024
-    _project_backward_kernel[(triton.cdiv(total, block),)](
-        g, out, total, num_outputs, *_stream_words(seed, offset), PER_SAMPLE=per_sample,
-        ACC=_acc(dtype), BLOCK=block)
+    launch_kernel(_project_backward_kernel, (triton.cdiv(total, block),),
+                  g, out, total, num_outputs, *_stream_words(seed, offset), PER_SAMPLE=per_sample,
+                  ACC=_acc(dtype), BLOCK=block)
     return out

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from gradreg_fast.triton._cast import cast_for_store
+from gradreg_fast.triton._launch import launch_kernel
 
 from gradreg_fast import reference
 
@@ -77,7 +78,7 @@ def sq_norm_into(x2: torch.Tensor, out: torch.Tensor, split: int | None = None) 
     split = triton.cdiv(N, chunk)
     if split > 1:
         out.zero_()
-    sq_norm_rows_kernel[(B, split)](x2, out, N, chunk, BLOCK=BLOCK, ATOMIC=split > 1)
+    launch_kernel(sq_norm_rows_kernel, (B, split), x2, out, N, chunk, BLOCK=BLOCK, ATOMIC=split > 1)
     return out
 
 
@@ -93,5 +94,6 @@ def sq_norm_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     total = x2.numel()
     if total:
-        sq_norm_backward_kernel[(triton.cdiv(total, BLOCK),)](g, x2, out, x2.shape[1], total, BLOCK=BLOCK)
+        launch_kernel(sq_norm_backward_kernel, (triton.cdiv(total, BLOCK),), g, x2, out, x2.shape[1], total,
+                      BLOCK=BLOCK)
     return out
