@@ -230,6 +230,9 @@ class GradRegLoss(nn.Module):
                              "instead (it turns grad mode on for the penalty itself), or compute the logits "
                              "with grad mode on")
         model, x, y = self._split_call(model_or_logits, x_or_y, y, inputs)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            # DDP's forward under enable_grad would arm its reducer for a backward that never comes
+            model = model.module
         if self.lam == 0:
             out = model(x)
             self._check_labels(y, x)
