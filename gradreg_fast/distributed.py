@@ -1,6 +1,7 @@
-"""Gradient penalties under torch.nn.parallel.DistributedDataParallel (DDP).
+"""Gradient penalties under torch.nn.parallel.DistributedDataParallel (DDP) and FSDP2
+(torch.distributed.fsdp.fully_shard; see FSDPDeferral below, tested in tests/test_fsdp.py).
 
-What holds (tested in tests/test_ddp.py with torchrun, 2 gloo processes, fp64):
+What holds under DDP (tested in tests/test_ddp.py with torchrun, 2 gloo processes, fp64):
 
 - Every penalty and method works on a DDP-wrapped model with DDP's default settings and with
   ``find_unused_parameters=True``: double backward (``autograd.grad(create_graph=True)`` followed
@@ -90,7 +91,12 @@ def reach_outputs(p: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 _FSDP_STATE_MODULE = "torch.distributed.fsdp._fully_shard._fsdp_state"
 _FSDP_POST_BACKWARD_NODE = "RegisterPostBackwardFunctionBackward"
-_FSDP_GROUP_SETTINGS = ("reduce_grads", "all_reduce_grads", "reshard_after_backward")
+# FSDPParamGroup attributes a deferral overrides, with the values it holds them at: no reduction, no
+# resharding after backward, none after forward either (post_forward_mesh_info None: a second
+# forward during the deferral, e.g. a second penalty's, must not free weights a first one's graph reads)
+_FSDP_DEFERRED = {"reduce_grads": False, "all_reduce_grads": False, "reshard_after_backward": False,
+                  "post_forward_mesh_info": None}
+_FSDP_GROUP_SETTINGS = tuple(_FSDP_DEFERRED)
 # methods that run under a deferral (see FSDPDeferral); "fd" needs none: its passes are first-order
 # forwards and backwards through FSDP's own hooks, which FSDP handles as for any loss
 FSDP_DEFERRED_METHODS = ("exact", "hvp", "jvp")
@@ -167,9 +173,11 @@ class FSDPDeferral:
     graphs of ``hvp``/``jvp``), and FSDP's per-module post-backward hook may fire before the last of
     them: it would reshard (freeing the unsharded weights the later nodes still read: "setStorage
     ... storage of size 0") and reduce-scatter a partial gradient. With every group's
-    ``reduce_grads`` and ``reshard_after_backward`` off (what ``set_requires_gradient_sync(False)``
-    and ``set_reshard_after_backward(False)`` set), FSDP's hooks only accumulate unsharded gradients;
-    a callback queued by the penalty's backward node runs after FSDP's own end-of-backward callback,
+    ``reduce_grads``, ``reshard_after_backward`` and resharding after forward off (what
+    ``set_requires_gradient_sync(False)``, ``set_reshard_after_backward(False)`` and
+    ``set_reshard_after_forward(False)`` set), FSDP's hooks only accumulate unsharded gradients; a
+    callback queued by the first backward that reaches a parameter (the penalty's, through
+    _DeferredReduction, or any other) runs after FSDP's own end-of-backward callback,
     restores the user's settings and runs FSDP's post-backward on every group (reduce-scatter, then
     reshard as the user configured). One deferral per root context is shared by all penalties
     computed before the backward.
@@ -185,6 +193,8 @@ class FSDPDeferral:
         self.saved: list | None = None
         self.pending: set[int] = set()
         self.in_backward = False
+        self.finish_queued = False
+        self.hooks: list = []
 
     @classmethod
     def for_states(cls, states: list) -> "FSDPDeferral":
@@ -203,13 +213,38 @@ class FSDPDeferral:
         except AttributeError as exc:
             raise _fsdp_internals_error(f"FSDPParamGroup has no {exc.name!r}") from exc
         for g in self.groups:
-            for name in _FSDP_GROUP_SETTINGS:
-                setattr(g, name, False)
+            for name, value in _FSDP_DEFERRED.items():
+                setattr(g, name, value)
         for s in self.states:
             for module in getattr(s, "_modules", ()):
                 module.unshard()   # all-gathers into the same storage the saved graphs reference
+        self.finish_queued = False
+        # any backward that reaches a parameter ends the deferral, the penalty's own or another
+        # (e.g. the base loss's while a penalty computed for logging is still alive): no backward
+        # can leave its gradients unreduced
+        for s in self.states:
+            for g in getattr(s, "_fsdp_param_groups", ()):
+                for fsdp_param in getattr(g, "fsdp_params", ()):
+                    param = getattr(fsdp_param, "_unsharded_param", None)
+                    if isinstance(param, torch.Tensor) and param.requires_grad:
+                        self.hooks.append(param.register_post_accumulate_grad_hook(self._reached))
+
+    def _reached(self, _param: torch.Tensor) -> None:
+        self.queue_finish()
+
+    def queue_finish(self) -> None:
+        """From inside a backward: end the deferral when that backward ends. Queued from a callback,
+        the reduction runs after every callback the backward queued (FSDP's own end-of-backward)."""
+        if self.finish_queued or self.saved is None:
+            return
+        self.finish_queued = True
+        self.in_backward = True
+        _queue_callback(lambda: _queue_callback(self.finish))
 
     def _restore(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
         if self.saved is None:
             return
         for g, values in zip(self.groups, self.saved):
@@ -252,6 +287,9 @@ class FSDPDeferral:
 
 
 class _Token:
+    """One penalty's claim on a deferral, held by the penalty's autograd graph: freed without a
+    backward having started through it, it lets the deferral go (FSDPDeferral.dropped)."""
+
     def __init__(self, deferral: FSDPDeferral):
         self.deferral = deferral
         self.started = False
@@ -280,10 +318,7 @@ class _DeferredReduction(torch.autograd.Function):
         if not tok.started:
             tok.started = True
             deferral.begin()            # no-op unless a backward on another penalty ended it
-            deferral.in_backward = True
-            # queued from a callback, the reduction runs after every callback the backward queued
-            # (FSDP's own end-of-backward among them)
-            _queue_callback(lambda: _queue_callback(deferral.finish))
+            deferral.queue_finish()
         return grad, None
 
 
@@ -367,7 +402,7 @@ def fsdp_estimator(estimator: Callable, model: Callable | None, out: torch.Tenso
     deferral. fd: unchanged (its passes are first-order, which FSDP's hooks serve as for any loss),
     but refused when the sharded model computes in bf16/fp16: its step (fd_h = 1e-3 of the input
     scale) is below 16-bit resolution, and the difference quotient is rounding noise (measured:
-    gradient off by 9-135% with MixedPrecisionPolicy(param_dtype=bfloat16), tests/test_fsdp.py).
+    gradient off by 3-135% with MixedPrecisionPolicy(param_dtype=bfloat16), tests/test_fsdp.py).
     """
     if method not in FSDP_DEFERRED_METHODS and method != "fd":
         return estimator

@@ -73,7 +73,7 @@ def settings(model: nn.Module) -> list:
         if state is None:
             continue
         for g in state()._fsdp_param_groups:
-            out.append([bool(g.reduce_grads), bool(g.reshard_after_backward)])
+            out.append([bool(g.reduce_grads), bool(g.reshard_after_backward), g.post_forward_mesh_info is None])
     out.append([isinstance(p, DTensor) for p in model.parameters()])
     return out
 
@@ -155,6 +155,57 @@ def run_accumulation(method, x, y, rank, world):
     return {"ranks_differ": rel(gathered[1], gathered[0]), "grad_vs_concat": rel(grads, common.flat_grads(ref))}
 
 
+def _gathered_vs(model, reference_grads, rank, world, restored):
+    grads = full_grads(model)
+    gathered = [torch.empty_like(grads) for _ in range(world)]
+    dist.all_gather(gathered, grads)
+    if rank != 0:
+        return None
+    return {"ranks_differ": rel(gathered[1], gathered[0]), "grad_vs_concat": rel(grads, reference_grads()),
+            "restored": restored}
+
+
+def run_kept(method, x, y, rank, world):
+    """A penalty computed and kept alive (e.g. for logging) while only the base loss is
+    differentiated: that backward must still reduce-scatter, and the settings come back."""
+    model = sharded_model("default")
+    expected = settings(model)
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    kept = gr.penalty("frobreg", model, xs, method=method, generator=torch.Generator().manual_seed(SEED))
+    nn.functional.cross_entropy(model(xs), ys).backward()
+    restored = settings(model) == expected
+
+    def reference():
+        ref = common.make_model()
+        nn.functional.cross_entropy(ref(x), y).backward()
+        return common.flat_grads(ref)
+    result = _gathered_vs(model, reference, rank, world, restored)
+    del kept
+    return result
+
+
+def run_two_penalties(method, x, y, rank, world):
+    """Two penalties, each with its own forward, summed and differentiated once."""
+    model = sharded_model("default")
+    expected = settings(model)
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    gen = torch.Generator()
+
+    def objective(m, xb, yb):
+        gen.manual_seed(SEED)
+        return (gr.penalty("frobreg", m, xb, method=method, generator=gen)
+                + gr.GradRegLoss("doubleback", lam=LAM, method=method)(m, xb, yb))
+    objective(model, xs, ys).backward()
+    restored = settings(model) == expected
+
+    def reference():   # the mean of the two ranks' objectives (fd's step is per half)
+        ref = common.make_model()
+        halves = [objective(ref, xh, yh) for xh, yh in zip(x.chunk(world), y.chunk(world))]
+        (sum(halves) / world).backward()
+        return common.flat_grads(ref)
+    return _gathered_vs(model, reference, rank, world, restored)
+
+
 def local_vs_concat(x, y, rank, world):
     """How far one rank's own (unreduced) gradient is from the whole batch's: a test that passes
     only within a much smaller tolerance cannot be passing on unreduced gradients."""
@@ -190,6 +241,8 @@ def main() -> None:
     for method in ("exact", "hvp", "fd"):
         record(extra, f"dropped-{method}", run_dropped, method, x, y, rank, world)
         record(extra, f"accumulation-{method}", run_accumulation, method, x, y, rank, world)
+        record(extra, f"kept-{method}", run_kept, method, x, y, rank, world)
+        record(extra, f"two_penalties-{method}", run_two_penalties, method, x, y, rank, world)
     extra["local_vs_concat"] = local_vs_concat(x, y, rank, world)
     if rank == 0:
         with open(out_path, "w") as f:

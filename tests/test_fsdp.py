@@ -9,8 +9,9 @@ root wrapped in fully_shard (about 25 s); the tests below check its results case
   - FSDP's settings and sharding are back as the user set them after every step,
   - with MixedPrecisionPolicy(param_dtype=bfloat16) exact/hvp/jvp stay within bf16 rounding of the
     fp64 reference, and fd is refused with a ValueError naming the methods that work,
-  - gradient accumulation with set_requires_gradient_sync(False) and a penalty dropped without a
-    backward leave the gradients right.
+  - gradient accumulation with set_requires_gradient_sync(False), a penalty dropped without a
+    backward, a penalty kept alive while only the base loss is differentiated, and two penalties
+    summed into one backward leave the gradients right.
 """
 import json
 import os
@@ -95,6 +96,22 @@ def test_dropped_penalty_leaves_next_step_right(results, method):
     assert "error" not in r, r
     tol = TOL_BY_METHOD.get(method, dict(halves=TOL, concat=TOL))
     assert r["restored"] and r["ranks_differ"] <= TOL and r["grad_vs_concat"] <= tol["concat"], r
+
+
+@pytest.mark.parametrize("method", ["exact", "hvp", "fd"])
+def test_base_backward_while_penalty_kept_alive_reduces(results, method):
+    """A penalty kept alive (not differentiated) must not leave another backward unreduced."""
+    r = results["extra"][f"kept-{method}"]
+    assert "error" not in r, r
+    assert r["restored"] and r["ranks_differ"] <= TOL and r["grad_vs_concat"] <= TOL, r
+
+
+@pytest.mark.parametrize("method", ["exact", "hvp", "fd"])
+def test_two_penalties_one_backward(results, method):
+    """Two penalties, each with its own forward through the sharded model, summed: one backward."""
+    r = results["extra"][f"two_penalties-{method}"]
+    assert "error" not in r, r
+    assert r["restored"] and r["ranks_differ"] <= TOL and r["grad_vs_concat"] <= TOL, r
 
 
 def test_unknown_fsdp_internals_refused_naming_fd():
