@@ -315,10 +315,14 @@ class _DeferredReduction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         tok = ctx.tok
         deferral = tok.deferral
-        if not tok.started:
-            tok.started = True
-            deferral.begin()            # no-op unless a backward on another penalty ended it
-            deferral.queue_finish()
+        if tok.started or id(tok) not in deferral.pending:
+            raise ValueError(
+                "gradreg_fast: this penalty on a sharded (fully_shard) model is differentiated after a "
+                "backward that already reduce-scattered the gradients and resharded the weights its graph "
+                "reads (a second backward with retain_graph=True, or a penalty computed before another "
+                "backward). Compute the penalty again for each backward, or sum the penalties into one loss")
+        tok.started = True
+        deferral.queue_finish()
         return grad, None
 
 

@@ -13,8 +13,10 @@ CPU), each rank on its half of the batch. Configurations:
 
 plus, with the default configuration: gradient accumulation over two micro-batches with
 ``set_requires_gradient_sync(False)`` on the first, a penalty computed and dropped without a
-backward before an ordinary step, and whether FSDP's settings and sharding are back as the user set
-them after each step. Rank 0 writes, per case, the largest relative differences of the parameter
+backward before an ordinary step, a penalty kept alive while only the cross-entropy is
+differentiated, two penalties summed into one backward, a penalty differentiated after another
+backward (must raise), and whether FSDP's settings and sharding are back as the user set them after
+each step. Rank 0 writes, per case, the largest relative differences of the parameter
 gradients (gathered with full_tensor) and loss values to OUT.json; test_fsdp.py asserts on them.
 """
 from __future__ import annotations
@@ -184,6 +186,20 @@ def run_kept(method, x, y, rank, world):
     return result
 
 
+def run_stale(method, x, y, rank, world):
+    """A penalty differentiated after another backward ended its deferral: the library's ValueError
+    at that backward (FSDP has resharded the weights its graph reads)."""
+    model = sharded_model("default")
+    xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
+    stale = gr.penalty("frobreg", model, xs, method=method, generator=torch.Generator().manual_seed(SEED))
+    nn.functional.cross_entropy(model(xs), ys).backward()
+    try:
+        stale.backward()
+    except ValueError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
 def run_two_penalties(method, x, y, rank, world):
     """Two penalties, each with its own forward, summed and differentiated once."""
     model = sharded_model("default")
@@ -243,6 +259,8 @@ def main() -> None:
         record(extra, f"accumulation-{method}", run_accumulation, method, x, y, rank, world)
         record(extra, f"kept-{method}", run_kept, method, x, y, rank, world)
         record(extra, f"two_penalties-{method}", run_two_penalties, method, x, y, rank, world)
+    for method in ("exact", "hvp"):
+        record(extra, f"stale-{method}", run_stale, method, x, y, rank, world)
     extra["local_vs_concat"] = local_vs_concat(x, y, rank, world)
     if rank == 0:
         with open(out_path, "w") as f:

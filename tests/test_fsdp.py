@@ -15,12 +15,15 @@ root wrapped in fully_shard (about 25 s); the tests below check its results case
 """
 import json
 import os
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 
 import gradreg_fast as gr
+from conftest import ROOT, subprocess_env
 from gradreg_fast import distributed
 from method_matrix import STOCHASTIC_METHODS
 from test_ddp import STOCHASTIC_KINDS, TOL, TOL_BY_METHOD, _torchrun, expected_error
@@ -114,6 +117,14 @@ def test_two_penalties_one_backward(results, method):
     assert r["restored"] and r["ranks_differ"] <= TOL and r["grad_vs_concat"] <= TOL, r
 
 
+@pytest.mark.parametrize("method", ["exact", "hvp"])
+def test_stale_penalty_backward_raises(results, method):
+    """Differentiated after another backward reduced and resharded: a ValueError, not a crash deep
+    in autograd ("storage of size 0") or an unreduced gradient."""
+    msg = results["extra"][f"stale-{method}"]["error"]
+    assert msg is not None and "Compute the penalty again" in msg, msg
+
+
 def test_unknown_fsdp_internals_refused_naming_fd():
     """A torch whose FSDP2 lacks what the deferral uses gets a ValueError naming method='fd'."""
     state = types.SimpleNamespace(_fsdp_param_groups=[types.SimpleNamespace(reduce_grads=True)], _modules=(),
@@ -125,6 +136,18 @@ def test_unknown_fsdp_internals_refused_naming_fd():
 def test_unsharded_model_not_detected():
     model = torch.nn.Linear(3, 2)
     assert distributed.find_fsdp(model, model(torch.randn(2, 3))) is None
+
+
+def test_memory_benchmark_runs(tmp_path):
+    """benchmarks/fsdp_memory.py end to end on a tiny model (it launches torchrun itself)."""
+    out = tmp_path / "mem.md"
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "fsdp_memory.py"), "--hidden", "16",
+                           "--d-in", "8", "--batch", "4", "--steps", "1", "--methods", "none,exact",
+                           "--out", str(out)], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = out.read_text()
+    assert "| none |" in table and "| exact |" in table and "FSDP2 / DDP" in table
 
 
 def test_example_runs():
