@@ -24,10 +24,10 @@ import torch
 
 from gradreg_fast import distributed
 
-# Methods that use only first-order reverse mode (no backward of a backward, no forward-mode AD),
-# so they train torch.compile'd models (tests/test_compile.py checks each one in gradreg_fast.METHODS).
-# "hvp" is not among them: its forward-mode pass has no rule in aot_autograd regions.
-FIRST_ORDER_METHODS = ("fd",)
+# Methods that train torch.compile'd models (tests/test_compile.py checks each one in gradreg_fast.METHODS):
+# fd uses first-order reverse mode only; hvp and jvp differentiate a functional call of the compiled
+# module's original (the same function), so no compiled region meets their forward-mode passes.
+COMPILED_MODEL_METHODS = ("fd", "hvp", "jvp")
 _COMPILED_FORWARD = "CompiledFunctionBackward"                 # a compiled region in the forward graph
 _COMPILED_DOUBLE_BACKWARD = "CompiledFunctionBackwardBackward"  # its backward, differentiated again
 
@@ -81,7 +81,7 @@ def compiled_region_in(t: torch.Tensor) -> bool:
 
 
 def _working_methods(methods) -> str:
-    working = [m for m in FIRST_ORDER_METHODS if m in methods]
+    working = [m for m in COMPILED_MODEL_METHODS if m in methods]
     return " or ".join(f"method={m!r}" for m in working)
 
 
@@ -110,6 +110,16 @@ def run_estimator(estimator: Callable, problem, *, method: str, methods, model: 
     estimator = distributed.fsdp_estimator(estimator, model, out, method)  # FSDP2: a no-op otherwise
     try:
         p = estimator(problem)
+    except RuntimeError as exc:
+        # a custom autograd.Function (without setup_context / jvp) inside the model under the
+        # torch.func transforms of hvp and jvp
+        if "functorch transforms" not in str(exc) and "torch.func" not in str(exc):
+            raise
+        raise ValueError(
+            f"gradreg_fast: method={method!r} runs the model under torch.func transforms, and the model "
+            "contains a custom autograd.Function (or a custom op) that does not support them "
+            f"({str(exc).splitlines()[0][:160]}). Use method='fd' (first derivatives only), or "
+            "method='exact' if the model is twice differentiable") from exc
     except NotImplementedError as exc:
         # forward-mode AD (method "jvp") through a compiled region: aot_autograd has no jvp rule
         if "forward mode AD" in str(exc) and compiled_region_in(problem.u):
@@ -119,6 +129,12 @@ def run_estimator(estimator: Callable, problem, *, method: str, methods, model: 
                 f"(aot_autograd) regions of the model do not implement. Use {working or 'another method'} "
                 "with a compiled model, or compute the penalty on the uncompiled module "
                 "(compiled._orig_mod)") from exc
+        if "forward AD" in str(exc) or "forward mode AD" in str(exc) or "jvp" in str(exc):
+            raise ValueError(
+                f"gradreg_fast: method={method!r} differentiates the model's backward in forward mode, and an "
+                f"op in the model has no forward-mode derivative ({str(exc).splitlines()[0][:200]}). Use "
+                "method='fd' (first derivatives only), or method='exact' if the model is twice "
+                "differentiable") from exc
         raise
     check_compiled(p, method, methods)
     p = p * nonfinite_factor(problem.x, problem.u, p)

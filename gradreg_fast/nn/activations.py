@@ -49,7 +49,12 @@ class FusedLinearAct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.weight)
-        return bias_act(z, self.bias, self.act, dim=-1,
+        bias = self.bias
+        if bias is not None and bias.dtype != z.dtype:
+            # under autocast the matmul runs in the low-precision dtype and the bias stays fp32: add it
+            # in z's dtype, as nn.Linear's addmm does (a differentiable cast: the bias still trains)
+            bias = bias.to(z.dtype)
+        return bias_act(z, bias, self.act, dim=-1,
                         alpha=self.alpha if self.act in ("leaky_relu", "elu") else None, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,7 @@ from gradreg_fast.penalties import (ESTIMATOR_OPTIONS, PROBLEM_OPTIONS, check_me
                                     grad_mode_off, penalty_from_output, schedules)
 from gradreg_fast.penalties._checks import (check_input, check_kind, check_lam, check_penalty_options,
                                             check_reduction)
-from gradreg_fast.penalties.core import Replay, differentiable_input
+from gradreg_fast.penalties.core import Replay, differentiable_input, run_forward
 
 _STATE_KEYS = ("calls", "seed", "generator_state", "generator_device", "last_penalty")
 
@@ -197,7 +197,7 @@ class GradRegLoss(nn.Module):
             plain_forward = not active or self.subsample is not None
             x_in = x if plain_forward else differentiable_input(x)
             replay = Replay(model, x_in.device) if self.method != "exact" else None
-            out = model(x_in)
+            out = run_forward(model, x_in, self.method if active and self.subsample is None else None)
         else:
             out, x_in, replay = model_or_logits, x, None
             check_input(x_in)
@@ -248,7 +248,7 @@ class GradRegLoss(nn.Module):
                 options = {k: grad_enabled_copy(v) for k, v in options.items()}
                 x_in = differentiable_input(xc)
                 replay = Replay(model, x_in.device) if self.method != "exact" else None
-                out = model(x_in)
+                out = run_forward(model, x_in, self.method)
                 self._check_labels(yc, x_in)
                 base = self._base_loss(out, yc)
                 pen = penalty_from_output(self.kind, out, x_in, yc, method=self.method, model=model,

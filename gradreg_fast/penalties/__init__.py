@@ -11,7 +11,7 @@ from gradreg_fast.penalties import schedules
 from gradreg_fast.penalties._checks import (KINDS, REDUCTIONS, check_input, check_kind, check_penalty_options,
                                             check_reduction)
 from gradreg_fast.penalties.baselines import confidence_penalty, weight_decay
-from gradreg_fast.penalties.core import Problem, Replay, build_problem, differentiable_input
+from gradreg_fast.penalties.core import Problem, Replay, build_problem, differentiable_input, run_forward
 from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS
 
 PROBLEM_OPTIONS = ("projection", "n_proj", "per_sample", "generator", "loss_fn")
@@ -87,7 +87,7 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
             y = y[idx.to(y.device)] if isinstance(y, torch.Tensor) and y.dim() >= 1 else y
             replay = Replay(model, x.device)
             with replay.context():
-                out = model(x)
+                out = run_forward(model, x, method)
             if reduction == "sum":   # the sub-batch sum times B/m: unbiased for the batch sum
                 p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts,
                                   **problem_opts)
@@ -195,7 +195,7 @@ def _penalty(kind, model, x, y, *, method, projection, n_proj, per_sample, gener
     x_in = differentiable_input(x)
     replay = Replay(model, x.device) if method != "exact" else None
     # with subsample the model runs on the sub-batch only (inside penalty_from_output)
-    out = model(x_in) if subsample is None else None
+    out = run_forward(model, x_in, method) if subsample is None else None
     value = penalty_from_output(kind, out, x_in, y, method=method, model=model, replay=replay,
                                 subsample=subsample, projection=projection, n_proj=n_proj,
                                 per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,

@@ -29,14 +29,47 @@ from torch import nn
 
 from gradreg_fast.ops import cross_entropy, draw_seed, project
 from gradreg_fast.penalties import _checks
+from gradreg_fast.reference import philox
+
+
+def math_attention():
+    """A context in which scaled_dot_product_attention (and nn.MultiheadAttention, which calls it) runs
+    its math kernel: the fused flash/efficient kernels have neither a double backward nor a forward-mode
+    derivative, the math kernel has both. Used around the forwards whose second derivatives the
+    library takes itself (method="exact"'s forward, hvp's and jvp's functional re-runs)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def run_forward(model: Callable, x: torch.Tensor, method: str | None) -> torch.Tensor:
+    """``model(x)`` for a penalty the library computes itself: on the math attention kernel when the
+    method differentiates this forward twice (method="exact"), the model's own kernels otherwise."""
+    if method == "exact":
+        with math_attention():
+            return model(x)
+    return model(x)
+
+
+def batch_coupled(model) -> bool:
+    """True when the model normalizes with batch statistics (BatchNorm in training mode, or with
+    track_running_stats=False): its samples interact, so a per-sample input gradient is that of the
+    batch. InstanceNorm, GroupNorm and LayerNorm normalize within a sample and do not couple."""
+    return isinstance(model, nn.Module) and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or not m.track_running_stats)
+        for m in model.modules())
 
 
 class Replay:
     """Re-runs the model on new inputs as the original forward ran: same random numbers (dropout
-    masks) and no side effects (buffers such as BatchNorm running statistics restored afterwards).
+    masks), same buffers as before that forward (BatchNorm running statistics, spectral norm's power
+    iteration vectors), and no side effects (the buffers are put back as the original forward left
+    them).
 
-    Capture it *before* the original forward pass (``Replay(model, x.device)``); each ``run``
-    restores the captured RNG state for its duration, then puts the global RNG back.
+    Capture it *before* the original forward pass (``Replay(model, x.device)``): it snapshots the RNG
+    state and the buffers then; each ``context`` restores both for its duration.
     """
 
     def __init__(self, model: Callable, device: torch.device):
@@ -44,35 +77,48 @@ class Replay:
         self.device = torch.device(device)
         self.cpu_state = torch.get_rng_state()
         self.cuda_state = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        self.buffers_before = ({k: b.detach().clone() for k, b in model.named_buffers()}
+                               if isinstance(model, nn.Module) else {})
+
+    def buffer_copies(self) -> dict[str, torch.Tensor]:
+        """Fresh copies of the buffers as they were before the original forward (for functional calls,
+        whose in-place buffer updates must touch neither the module nor the snapshot)."""
+        return {k: b.clone() for k, b in self.buffers_before.items()}
 
     @contextlib.contextmanager
     def context(self, restore_buffers: bool = True) -> Iterator[None]:
         devices = [self.device] if self.device.type == "cuda" else []
-        buffers = list(self.model.buffers()) if isinstance(self.model, nn.Module) and restore_buffers else []
-        saved = [b.detach().clone() for b in buffers]
+        buffers = (dict(self.model.named_buffers()) if isinstance(self.model, nn.Module) and restore_buffers
+                   else {})
+        after = {k: b.detach().clone() for k, b in buffers.items()}
         with torch.random.fork_rng(devices=devices, device_type="cuda"):
             torch.set_rng_state(self.cpu_state)
             if self.cuda_state is not None:
                 torch.cuda.set_rng_state(self.cuda_state, self.device)
             try:
+                # through .data: the original forward's graph may have saved these buffers (BatchNorm
+                # keeps its running statistics as inputs of its backward, which in training mode does
+                # not read them), and swapping them must not trip autograd's version check
+                with torch.no_grad():
+                    for k, b in buffers.items():
+                        if k in self.buffers_before:
+                            b.data.copy_(self.buffers_before[k])
                 yield
             finally:
-                # through .data: the re-run's graph saved these buffers (BatchNorm keeps its running
-                # statistics as inputs of its backward, which in training mode does not read them),
-                # and restoring them must not trip autograd's version check
                 with torch.no_grad():
-                    for b, v in zip(buffers, saved):
-                        b.data.copy_(v)
+                    for k, b in buffers.items():
+                        b.data.copy_(after[k])
 
 
 @dataclass
 class Problem:
     """A penalty instance: everything an estimator needs.
 
-    ``target(z)`` re-evaluates z -> u with the model (same dropout masks, no buffer side effects);
-    ``target(z, params)`` does so with the parameters replaced (torch.func.functional_call), which
-    forward-mode estimators need. Both are unavailable (``model is None``) when only the logits
-    were given (GradRegLoss's ``crit(logits, y, inputs=x)`` form).
+    ``target(z)`` re-evaluates z -> u with the model (same dropout masks and buffers as the original
+    forward, no buffer side effects); ``target(z, params)`` does so with the parameters replaced
+    (torch.func.functional_call) and composite ops only (``transform_func``), which the torch.func
+    estimators need. Both are unavailable (``model is None``) when only the logits were given
+    (GradRegLoss's ``crit(logits, y, inputs=x)`` form).
     """
 
     kind: str
@@ -82,16 +128,29 @@ class Problem:
     scale: float
     model: Callable | None = None                 # the model (None if unknown)
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # model output -> u
-    # (output, its tangent) -> tangent of u, where the transform's derivative is written out (None:
-    # forward-mode AD through ``transform``)
-    transform_jvp: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # the same map written with composite torch ops, for torch.func transforms (None: ``transform``,
+    # which is composite already); the fused custom ops have no forward-mode rule
+    transform_func: Callable[[torch.Tensor], torch.Tensor] | None = None
     replay: Replay | None = None
     n_proj: int = 1
     generator: torch.Generator | None = None
     options: dict = field(default_factory=dict)    # estimator options (fd_h, fd_scheme, ...)
 
+    @property
+    def attached(self) -> bool:
+        """Whether the caller's x requires grad (a leaf they marked, or the output of upstream layers such
+        as an embedding): then the penalty's gradient flows into x too, for every method."""
+        return not self.x.is_leaf
+
+    @property
+    def coupled(self) -> bool:
+        """Whether the samples interact inside the model (batch statistics; see ``batch_coupled``)."""
+        return batch_coupled(self.model)
+
     def target(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
-        return self.transform(self.run_model(z, params))
+        if params is None:
+            return self.transform(self.run_model(z))
+        return (self.transform_func or self.transform)(self.run_model(z, params))
 
     def run_model(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
         """The model's raw output at z (flattened to (B, K)), replayed as the original forward."""
@@ -104,30 +163,25 @@ class Problem:
             if params is None:
                 out = self.model(z)
             else:
-                # buffers are passed as copies so that in-place updates (BatchNorm statistics) in a
-                # functional call never touch the module's own buffers
-                buffers = {k: b.clone() for k, b in self.model.named_buffers()}
-                out = torch.func.functional_call(self.model, (params, buffers), (z,))
+                # buffers as the original forward saw them, passed as copies so that in-place updates
+                # (BatchNorm statistics, spectral norm's power iteration) never touch the module's own
+                module = self.functional_module()
+                buffers = (self.replay.buffer_copies() if self.replay is not None
+                           else {k: b.clone() for k, b in module.named_buffers()})
+                with math_attention():
+                    out = torch.func.functional_call(module, (params, buffers), (z,))
         return out.reshape(out.shape[0], -1)
 
-    def target_jvp(self, z: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-        """∂u/∂x · tangent at z by one forward-mode pass (torch.autograd.forward_ad), recorded by
-        reverse-mode autograd (so its parameter gradient is available to the caller's backward)."""
-        import torch.autograd.forward_ad as fwAD
-        with fwAD.dual_level():
-            out = self.run_model(fwAD.make_dual(z, tangent))
-            if self.transform_jvp is None:
-                return fwAD.unpack_dual(self.transform(out)).tangent
-            primal, t = fwAD.unpack_dual(out)
-        if t is None:
-            raise ValueError("the model output does not depend on x: a gradient penalty would be a silent 0")
-        return self.transform_jvp(primal, t)
+    def functional_module(self) -> nn.Module:
+        """The module the torch.func estimators call (a torch.compile'd module's original: the compiled
+        region has no forward-mode rule, and the two compute the same function)."""
+        if not isinstance(self.model, nn.Module):
+            raise ValueError("this estimator needs the model as an nn.Module to reach its parameters")
+        return getattr(self.model, "_orig_mod", self.model)
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """The model's trainable parameters by name (needs an nn.Module)."""
-        if not isinstance(self.model, nn.Module):
-            raise ValueError("this estimator needs the model as an nn.Module to reach its parameters")
-        return {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+        return {k: p for k, p in self.functional_module().named_parameters() if p.requires_grad}
 
 
 def differentiable_input(x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +213,16 @@ def projected_outputs(seed: int, n_proj: int, per_sample: bool) -> Callable[[tor
     return transform
 
 
+def projected_outputs_composite(seed: int, n_proj: int, per_sample: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The same map as ``projected_outputs`` (the same r_j, from the pure-PyTorch Philox reference)
+    in composite torch ops, for torch.func transforms."""
+    def transform(o: torch.Tensor) -> torch.Tensor:
+        flat = o.reshape(o.shape[0], -1)
+        return torch.stack([philox.project(flat, seed & ((1 << 64) - 1), j, per_sample=per_sample)
+                            for j in range(n_proj)], dim=1)
+    return transform
+
+
 def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, *,
                   model: Callable | None = None, projection: torch.Tensor | None = None, n_proj: int = 1,
                   per_sample: bool = False, generator: torch.Generator | None = None,
@@ -166,7 +230,7 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                   options: dict | None = None) -> Problem:
     kind = _checks.check_kind(kind)
     batch = x.shape[0]
-    transform_jvp = None
+    transform_func = None   # composite twin of ``transform`` where that uses a fused op
     flat = _checks.check_output(out, batch, kind)
     num = flat.shape[1]
     if not isinstance(n_proj, int) or n_proj < 1:
@@ -186,35 +250,28 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
             return losses.reshape(batch, 1)
         R = torch.ones(1, batch, 1, device=x.device, dtype=flat.dtype)
         scale = 1.0
-        if loss_fn is None:   # d CE = Σ_k (p_k − onehot(y)_k) d f_k
-            transform_jvp = lambda o, t: ((torch.softmax(o, 1) * t).sum(1) - t.gather(1, y.view(-1, 1))[:, 0]  # noqa: E731
-                                          ).reshape(batch, 1)
+        if loss_fn is None:
+            transform_func = lambda o: F.cross_entropy(o, y.long(), reduction="none").reshape(batch, 1)  # noqa: E731
     elif kind == "spectreg":
         if projection is not None:
             transform = lambda o: o.reshape(batch, -1)  # noqa: E731
-            transform_jvp = lambda o, t: t  # noqa: E731
             R = _checks.check_projection(projection, batch, num).to(device=flat.device, dtype=flat.dtype)
         else:
             # u = the n projections themselves, R = e_j: the VJP of u[:, j] is J_iᵀ r_j
-            transform = projected_outputs(draw_seed(generator), n_proj, bool(per_sample))
-            transform_jvp = lambda o, t: transform(t)  # noqa: E731  (linear in o)
+            seed = draw_seed(generator)
+            transform = projected_outputs(seed, n_proj, bool(per_sample))
+            transform_func = projected_outputs_composite(seed, n_proj, bool(per_sample))
             R = None   # e_1 … e_n in u's dtype, below
         scale = 1.0 / (R.shape[0] if R is not None else n_proj)
     elif kind in ("frobreg", "jacreg"):
         if kind == "jacreg":
             transform = lambda o: torch.softmax(o, dim=1)  # noqa: E731
-
-            def transform_jvp(o, t):   # d softmax = p ⊙ (d f − Σ_k p_k d f_k)
-                prob = torch.softmax(o, dim=1)
-                return prob * (t - (prob * t).sum(1, keepdim=True))
         else:
             transform = lambda o: o.reshape(batch, -1)  # noqa: E731
-            transform_jvp = lambda o, t: t  # noqa: E731
         R = torch.eye(num, device=x.device, dtype=flat.dtype).unsqueeze(1).expand(num, batch, num)
         scale = 1.0
     else:  # onehot, random_onehot
         transform = lambda o: o  # noqa: E731
-        transform_jvp = lambda o, t: t  # noqa: E731
         if kind == "onehot":
             _checks.check_labels(y, batch, kind, num_classes=num)
             classes = y
@@ -228,5 +285,5 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     elif R.dtype != u.dtype:
         R = R.to(u.dtype)   # the fused cross-entropy returns float32 losses for fp16/bf16 logits
     return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform,
-                   transform_jvp=transform_jvp, replay=replay,
+                   transform_func=transform_func, replay=replay,
                    n_proj=n_proj, generator=generator, options=dict(options or {}))

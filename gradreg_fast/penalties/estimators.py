@@ -13,8 +13,11 @@ With G[j] = ∂(Σ_b R[j, b] · u_b)/∂x (n, B, ...) the penalty is P = scale �
     fd     finite differences of the parameter gradient along G[j]/‖G[j]‖ (first-order passes only)
     jvp    forward-mode Hutchinson for FrobReg/JacReg: ‖J‖_F² = E_v ‖J v‖², v ~ N(0, I_D)
 
-The non-exact methods return a *surrogate*: its value is the penalty, its parameter gradient
-is the estimate; they give no gradient with respect to x itself (nor to anything upstream of x).
+The non-exact methods return a *surrogate*: its value is the penalty, its gradient the estimate
+(fd: a scalar built from ordinary forward passes; hvp and jvp: a value whose backward runs the
+forward-over-reverse products). When the caller's x requires grad (an input they marked, or the
+output of upstream layers such as an embedding), every method also differentiates with respect to x,
+so the layers upstream of x are trained by the penalty too.
 
 Each estimator builds the per-sample terms P_b = scale · Σ_j ‖G[j, b]‖² (and per-sample surrogates
 whose parameter gradient is ∇_θ P_b) and reduces them once, in ``reduce_samples``, as
@@ -51,7 +54,7 @@ def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = No
         raise ValueError("the model output does not depend on x (no autograd graph from x to the "
                          "output): a gradient penalty would be a silent 0; check that the model uses x")
     n = p.R.shape[0]
-    if n > 1 and (_prefers_loop(p.model) or compiled_region_in(p.u)):
+    if n > 1 and (_prefers_loop(p.model) or compiled_region_in(p.u) or _custom_function_in(p.u)):
         # a loop of n reverse passes: faster for some layers (see _prefers_loop), and the only way
         # through compiled (aot_autograd) regions, whose backward is_grads_batched cannot vmap
         gs = [torch.autograd.grad(p.u, p.x, grad_outputs=p.R[j], create_graph=create_graph, retain_graph=True,
@@ -72,6 +75,23 @@ def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = No
 _LOOP_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
                 torch.nn.modules.pooling._AvgPoolNd, torch.nn.modules.pooling._AdaptiveAvgPoolNd,
                 torch.nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def _custom_function_in(t: torch.Tensor) -> bool:
+    """Whether t's graph holds a custom autograd.Function (not a torch.library op such as ours). Its
+    backward may be once_differentiable, which under is_grads_batched (vmap) silently drops the
+    second-order dependence instead of raising; the loop of reverse passes keeps the node that raises."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and not cls.__module__.startswith("torch._library"):
+            return True
+        stack.extend(fn for fn, _ in node.next_functions)
+    return False
 
 
 def _prefers_loop(model) -> bool:
@@ -106,12 +126,35 @@ def _surrogate(value: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
     return value.detach() + (linear - linear.detach()).to(value.dtype)
 
 
+# autograd nodes that raise when differentiated: ops without a double backward (NotImplemented, e.g.
+# the flash attention kernels) and custom Functions whose backward is once_differentiable (Error)
+_NOT_TWICE_DIFFERENTIABLE = ("torch::autograd::NotImplemented", "torch::autograd::Error",
+                             "torch::autograd::DelayedError")
+
+
+def _not_twice_differentiable(g: torch.Tensor) -> str | None:
+    """The name of a node in g's graph that cannot be differentiated (None when there is none)."""
+    seen, stack = set(), [g.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = node.name()
+        if name in _NOT_TWICE_DIFFERENTIABLE:
+            return name
+        stack.extend(fn for fn, _ in node.next_functions)
+    return None
+
+
 def exact(p: Problem) -> torch.Tensor:
     """Double backpropagation: the penalty with create_graph=True, differentiated by autograd.
 
-    scale · mean_b Σ_j ‖G[j, b]‖², exact value and exact parameter gradient. One forward pass
+    P_b = scale · Σ_j ‖G[j, b]‖², exact value and exact parameter gradient. One forward pass
     (the caller's), one batched create_graph backward for all n cotangents, and the caller's
-    final backward through both graphs.
+    final backward through both graphs. The input gradient's graph is searched for ops that cannot
+    be differentiated again (an op without a double backward, a once_differentiable custom
+    Function): with one, the gradient would be wrong or fail far from here, so the call refuses.
     """
     g = input_vjps(p, create_graph=True)
     if not g.requires_grad:
@@ -119,6 +162,16 @@ def exact(p: Problem) -> torch.Tensor:
                          "differentiable graph (an op in the model has no double backward, or the "
                          "model has no parameters on the path from x): method='exact' cannot train "
                          "with this penalty; method='fd' needs first derivatives only")
+    blocker = _not_twice_differentiable(g)
+    if blocker is not None:
+        raise ValueError(
+            f"method='exact' needs the model's double backward, and an op in the model has none "
+            f"(autograd node {blocker}: an op whose backward is not differentiable, such as a custom "
+            "autograd.Function marked once_differentiable or a fused attention kernel). Use method='fd' "
+            "(first derivatives only). For attention, call the penalty as crit(model, x, y) or "
+            "gr.penalty(kind, model, x): the library then runs the forward on the twice-differentiable "
+            "math kernel; with precomputed logits, run the forward under "
+            "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)")
     return reduce_samples(p, _penalty_value(p, g))
 
 
@@ -130,71 +183,115 @@ def _needs_model(p: Problem, method: str, alternatives: str) -> None:
             f"or use {alternatives}")
 
 
-def _uses_batch_statistics(model) -> bool:
-    return isinstance(model, torch.nn.Module) and any(
-        isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.training for m in model.modules())
+def _needs_module(p: Problem, method: str) -> None:
+    _needs_model(p, method, "method='exact'")
+    if not isinstance(p.model, torch.nn.Module):
+        raise ValueError(
+            f"method={method!r} differentiates the model functionally (torch.func.functional_call over its "
+            f"named parameters), so it needs the model as an nn.Module, got {type(p.model).__name__}: pass "
+            "the module itself, or use method='exact' or method='fd', which take any callable")
+
+
+class _Deferred(torch.autograd.Function):
+    """value (B,) whose backward, given the caller's per-sample weights w (B,), returns the gradients
+    of Σ_b w_b P_b with respect to ``inputs`` (the parameters, and x when it requires grad).
+
+    ``pre`` holds those gradients for w = 1 (computed at the penalty call, so that a model the method
+    cannot serve is refused there, not in the caller's backward). When the penalty is reduced (mean
+    or sum) the caller's weights are equal across the batch and the backward scales ``pre``;
+    with reduction="none" it calls ``grads_fn(w)`` for the weights the caller applied.
+    """
+
+    @staticmethod
+    def forward(ctx, value, grads_fn, pre, uniform, *inputs):
+        ctx.grads_fn, ctx.pre, ctx.uniform = grads_fn, pre, uniform
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, w):
+        if ctx.uniform:
+            c = w.reshape(-1)[0]
+            grads = [None if g is None else c.to(g.dtype) * g for g in ctx.pre]
+        else:
+            with torch.enable_grad():
+                grads = ctx.grads_fn(w.detach())
+        return (None, None, None, None, *grads)
+
+
+def _differentiated(p: Problem) -> tuple[list[str], list[torch.Tensor]]:
+    params = p.parameters()
+    if not params and not p.attached:
+        raise ValueError("the model has no trainable parameters (and x does not require grad): "
+                         "the penalty has nothing to differentiate")
+    return list(params), list(params.values()) + ([p.x] if p.attached else [])
+
+
+def _deferred(p: Problem, value: torch.Tensor, grads_fn: Callable) -> torch.Tensor:
+    _, inputs = _differentiated(p)
+    with torch.enable_grad():
+        pre = grads_fn(torch.ones_like(value))
+    return _Deferred.apply(value, grads_fn, pre, _reduction(p) != "none", *inputs)
+
+
+def directional_grads(p: Problem, pairs) -> list[torch.Tensor]:
+    """Σ over (r, d) in ``pairs`` of  d/dε ∇_{θ, x} ⟨r, u(x + ε d)⟩ |ε=0  (r (B, K'), d shaped like x),
+    by torch.func.jvp over torch.func.vjp of a functional call of the model (forward-over-reverse).
+
+    That is (∂G_r/∂θ)ᵀ d with G_r = ∇_x ⟨r, u⟩ (symmetry of mixed second derivatives), and
+    (∂G_r/∂x)ᵀ d for x when x requires grad. Forward-over-reverse through torch.func is right for
+    every op with a forward-mode rule for its backward, including LayerNorm, BatchNorm's batch
+    statistics and softmax, where reverse-mode autograd through a forward-mode tangent is not.
+    Returns one gradient per entry of ``_differentiated(p)``.
+    """
+    names, _ = _differentiated(p)
+    params = p.parameters()
+    primals = {k: params[k].detach() for k in names}
+    x0 = p.x.detach()
+    one = torch.ones((), dtype=p.u.dtype, device=p.u.device)
+    attached = p.attached
+
+    def gradient(z: torch.Tensor, r: torch.Tensor):
+        def scalar(prm, zz):
+            return (p.target(zz, prm) * r).sum()
+        if attached:
+            _, pull = torch.func.vjp(scalar, primals, z)
+            dprm, dz = pull(one)
+            return [dprm[k] for k in names] + [dz]
+        _, pull = torch.func.vjp(lambda prm: scalar(prm, z), primals)
+        return [pull(one)[0][k] for k in names]
+
+    total = None
+    for r, d in pairs:
+        r = r.detach()
+        _, tangents = torch.func.jvp(lambda z: gradient(z, r), (x0,), (d.to(x0.dtype),))
+        total = list(tangents) if total is None else [a + b for a, b in zip(total, tangents)]
+    return [t.detach() for t in total]
+
+
+def _per_sample(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return w.to(like.dtype).reshape((w.shape[0],) + (1,) * (like.dim() - 1))
 
 
 def hvp(p: Problem) -> torch.Tensor:
-    """Exact second-order product without a second-order backward graph:
+    """Exact second-order product without a second-order backward graph (forward-over-reverse):
 
-        ∇_θ P = (2·scale/B) Σ_j (∂G[j]/∂θ)ᵀ G[j] = (2·scale/B) Σ_j ∇_θ ⟨R[j], (∂u/∂x) · G[j]⟩ |G fixed
+        ∇_θ Σ_b w_b P_b = 2·scale Σ_j (∂G[j]/∂θ)ᵀ (w ⊙ G[j]) = 2·scale Σ_j d/dε ∇_θ ⟨R[j], u(x + ε w ⊙ G[j])⟩
 
-    G comes from one first-order reverse pass (no graph kept). (∂u/∂x)·G[j] is one forward-mode
-    pass (torch.autograd.forward_ad, tangent G[j]) of the model, and the surrogate's gradient is
-    taken by the caller's single backward together with the base loss: the directional derivative
-    of the parameter gradient along G, i.e. forward-over-reverse evaluated in the order
-    reverse-over-forward, which needs neither torch.func.vjp inside jvp nor a functional copy of
-    the model, and works for any callable model whose ops have forward-mode AD. One forward-mode
-    pass per cotangent (K for FrobReg/JacReg).
-
-    Models with BatchNorm in training mode take the torch.func route instead (torch.func.jvp of
-    torch.func.vjp of a functional_call, the cotangents one by one): reverse-mode autograd through
-    batch norm's forward-mode formula misses the dependence through the batch statistics (they are
-    non-differentiable outputs of the op), which would make the reverse-over-forward product wrong.
+    G comes from one first-order reverse pass (no graph kept); the value is exact. The parameter
+    gradient is computed inside the caller's backward (so for the weights w the caller applied: 1/B
+    for the mean) by torch.func.jvp over torch.func.vjp of a functional call of the model, one
+    pass per cotangent (K for FrobReg/JacReg), on composite ops and the math attention kernel. It
+    holds with BatchNorm's batch statistics too (G[j] is then the batch's input gradient).
     """
-    _needs_model(p, "hvp", "method='exact'")
+    _needs_module(p, "hvp")
     g = input_vjps(p, create_graph=False, retain_graph=True).detach()
     value = _penalty_value(p, g)
-    if _uses_batch_statistics(p.model):
-        # the batch statistics couple the samples: only the reduced penalty's gradient is one pass
-        if _reduction(p) == "none":
-            raise ValueError("method='hvp' with BatchNorm in training mode gives the gradient of the "
-                             "reduced penalty only (the batch statistics couple the samples): use "
-                             "reduction='mean' or 'sum', or method='exact' for per-sample penalties")
-        coef = 2.0 * p.scale / (g.shape[1] if _reduction(p) == "mean" else 1)
-        return _surrogate(reduce_samples(p, value), _hvp_functional(p, g, coef))
-    x0 = p.x.detach()
     coef = 2.0 * p.scale
-    linear = 0
-    for j in range(g.shape[0]):
-        ut = p.target_jvp(x0, g[j].to(x0.dtype))
-        if not ut.requires_grad:
-            raise ValueError("method='hvp': the model's input Jacobian does not depend on any parameter "
-                             "that requires grad")
-        linear = linear + coef * (p.R[j] * ut).sum(1)    # per sample: ∇_θ of it is ∇_θ P_b
-    return reduce_samples(p, _surrogate(value, linear))
 
-
-def _hvp_functional(p: Problem, g: torch.Tensor, coef: float) -> torch.Tensor:
-    """Σ_p ⟨∇_θ P, θ_p⟩ with ∇_θ P by torch.func.jvp over torch.func.vjp (forward-over-reverse)."""
-    params = p.parameters()
-    if not params:
-        raise ValueError("method='hvp': the model has no trainable parameters")
-    x0 = p.x.detach()
-    primals = {k: v.detach() for k, v in params.items()}
-
-    def directional(r: torch.Tensor, gj: torch.Tensor) -> dict:
-        def param_grad(z):
-            _, pullback = torch.func.vjp(lambda prm: (p.target(z, prm) * r).sum(), primals)
-            return pullback(torch.ones((), dtype=p.u.dtype, device=p.u.device))[0]
-        return torch.func.jvp(param_grad, (x0,), (gj.to(x0.dtype),))[1]
-
-    linear = 0
-    for j in range(g.shape[0]):
-        tangent = directional(p.R[j].detach(), g[j])
-        linear = linear + sum((coef * tangent[k].detach() * params[k]).sum() for k in params)
-    return linear
+    def grads(w: torch.Tensor) -> list[torch.Tensor]:
+        ws = coef * _per_sample(w, g[0])
+        return directional_grads(p, [(p.R[j], ws * g[j]) for j in range(g.shape[0])])
+    return reduce_samples(p, _deferred(p, value, grads))
 
 
 def _fd_options(p: Problem) -> tuple[float, str]:
@@ -227,16 +324,28 @@ def fd(p: Problem) -> torch.Tensor:
     """
     _needs_model(p, "fd", "method='exact'")
     h, scheme = _fd_options(p)
+    coupled = p.coupled
+    if coupled and _reduction(p) == "none":
+        raise ValueError("method='fd' on a model with batch statistics (BatchNorm in training mode) "
+                         "perturbs the batch as a whole, so it gives the gradient of the reduced penalty "
+                         "only: use reduction='mean' or 'sum', or method='exact' or 'hvp' for per-sample "
+                         "penalties")
     g = input_vjps(p, create_graph=False, retain_graph=True).detach()
     value = _penalty_value(p, g)
     n, batch = g.shape[0], g.shape[1]
     work = torch.promote_types(p.x.dtype, torch.float32)
     x0 = p.x.detach().to(work)
+    # perturbed passes start from x itself when x requires grad (upstream layers get their gradient)
+    xs = p.x.to(work) if p.attached else x0
     rms = x0.pow(2).mean().sqrt()
     step = h * torch.where(rms > 0, rms, torch.ones_like(rms))
-    norms = g.to(work).reshape(n, batch, -1).norm(dim=2)                      # (n, B)
+    gw = g.to(work)
+    if coupled:   # one direction for the whole batch: G[j] is the batch's input gradient
+        norms = gw.reshape(n, -1).norm(dim=1).reshape(n, 1).expand(n, batch)
+    else:
+        norms = gw.reshape(n, batch, -1).norm(dim=2)                          # (n, B)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    d = g.to(work) / safe.reshape((n, batch) + (1,) * (g.dim() - 2))          # 0 where ‖G‖ = 0
+    d = gw / safe.reshape((n, batch) + (1,) * (g.dim() - 2))                  # 0 where ‖G‖ = 0
     weights = 2.0 * p.scale * norms / step                                    # (n, B)
     autocast_on = torch.is_autocast_enabled(p.x.device.type)
     linear = torch.zeros((batch,), device=p.x.device, dtype=work)   # per sample
@@ -248,13 +357,13 @@ def fd(p: Problem) -> torch.Tensor:
 
     zdtype = work if autocast_on else p.x.dtype   # the model's own dtype unless autocast decides
     for j in range(n):
-        plus = weighted((x0 + step * d[j]).to(zdtype), j)
+        plus = weighted((xs + step * d[j]).to(zdtype), j)
         if scheme == "central":
-            minus = weighted((x0 - step * d[j]).to(zdtype), j)
+            minus = weighted((xs - step * d[j]).to(zdtype), j)
             linear = linear + 0.5 * (plus - minus)
         else:
             if autocast_on:
-                base = weighted(x0.to(zdtype), j)
+                base = weighted(xs.to(zdtype), j)
             else:
                 base = (weights[j].reshape(batch, 1) * p.u * p.R[j]).sum(1)
             linear = linear + (plus - base)
@@ -272,33 +381,45 @@ JVP_KINDS = ("frobreg", "jacreg")
 
 
 def jvp(p: Problem) -> torch.Tensor:
-    """Forward-mode Hutchinson estimate of ‖J‖_F² (FrobReg, JacReg): (1/n) Σ_j mean_b ‖J_b v_jb‖².
+    """Forward-mode Hutchinson estimate of ‖J‖_F² (FrobReg, JacReg): P_b = (1/n) Σ_j ‖J_b v_jb‖².
 
     v_j ~ N(0, I_D) per sample (n = n_proj draws from ``generator``); E_v ‖J v‖² = ‖J‖_F², so value
-    and parameter gradient are unbiased. J v is one forward-mode pass (torch.autograd.forward_ad)
-    per draw, recorded by reverse-mode autograd so that the caller's backward differentiates it
-    (no create_graph, no K reverse passes).
+    and parameter gradient are unbiased. J v is one forward-mode pass (torch.func.jvp) per draw; the
+    parameter gradient, ∇_θ ‖J v‖² = 2 (∂(J v)/∂θ)ᵀ (J v) = 2 d/dε ∇_θ ⟨J v, u(x + ε v)⟩, is a
+    forward-over-reverse product computed inside the caller's backward (``directional_grads``), so
+    it is right on LayerNorm, softmax and attention too. No create_graph, no K reverse passes.
+    Models with batch statistics (BatchNorm in training mode) are refused: there the samples
+    interact and the per-sample ‖J_b‖_F² is not the quantity method='exact' computes.
     """
     if p.kind not in JVP_KINDS:
         raise ValueError(f"method='jvp' estimates ‖J‖_F² and serves {', '.join(JVP_KINDS)} only, not "
                          f"{p.kind!r}; for {p.kind!r} use method='exact', 'hvp' or 'fd'")
-    _needs_model(p, "jvp", "method='exact'")
-    import torch.autograd.forward_ad as fwAD
+    _needs_module(p, "jvp")
+    if p.coupled:
+        raise ValueError("method='jvp' estimates per-sample Jacobian norms, and this model normalizes with "
+                         "batch statistics (BatchNorm in training mode), which couple the samples: use "
+                         "method='exact' or method='hvp' (or put the BatchNorm layers in eval mode)")
+    if not p.u.requires_grad:
+        raise ValueError("the model output does not depend on x (no autograd graph from x to the "
+                         "output): a gradient penalty would be a silent 0; check that the model uses x")
     x0 = p.x.detach()
-    total = 0
-    for _ in range(p.n_proj):
-        v = input_tangent(x0, p.generator)
-        with fwAD.dual_level():
-            primal, jv = fwAD.unpack_dual(p.run_model(fwAD.make_dual(x0, v)))
-        if jv is None:
-            raise ValueError("the model output does not depend on x: a gradient penalty would be a silent 0")
-        if p.kind == "jacreg":
-            # tangent of softmax written out (forward AD through softmax is not reverse-differentiable
-            # in every torch version): dp = p ⊙ (df − Σ_k p_k df_k)
-            prob = torch.softmax(primal, dim=1)
-            jv = prob * (jv - (prob * jv).sum(1, keepdim=True))
-        total = total + sq_norm(jv)
-    return reduce_samples(p, total / p.n_proj)
+    # parameters that require grad, under grad mode: nn.MultiheadAttention otherwise takes its fused
+    # inference path, which has no forward-mode derivative
+    primals = {k: v.detach().requires_grad_(True) for k, v in p.parameters().items()}
+    draws, total = [], 0
+    with torch.enable_grad():
+        for _ in range(p.n_proj):
+            v = input_tangent(x0, p.generator)
+            _, jv = torch.func.jvp(lambda z: p.target(z, primals), (x0,), (v,))
+            jv = jv.detach()
+            draws.append((jv, v))
+            total = total + sq_norm(jv)
+    value = total / p.n_proj
+
+    def grads(w: torch.Tensor) -> list[torch.Tensor]:
+        ws = (2.0 / p.n_proj) * _per_sample(w, draws[0][0])
+        return directional_grads(p, [(ws * jv, v) for jv, v in draws])
+    return reduce_samples(p, _deferred(p, value, grads))
 
 
 METHODS: dict[str, Callable[[Problem], torch.Tensor]] = {"exact": exact, "hvp": hvp, "fd": fd, "jvp": jvp}

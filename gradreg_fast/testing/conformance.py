@@ -1,0 +1,235 @@
+"""One cell of the conformance matrix: a zoo model × a penalty kind × an estimator, run through the
+public API (``gradreg_fast.penalty``) and checked against ``ground_truth`` (fp64, torch only).
+
+A cell ends in one of:
+
+    exact     value and every parameter gradient within ``EXACT_RTOL`` of the ground truth
+    unbiased  a random estimator whose mean over many draws passes z-tests on the value and on the
+              gradient (along the true gradient and along a random direction), with draws enough that
+              a 10% bias would fail
+    approx    finite differences: the value is exact, the gradient within the measured error reported
+    refuses   a ValueError/NotImplementedError at the call that names a method that works
+    WRONG / BIASED / ERROR   a wrong value or gradient, a biased estimate, or a raw error: a defect
+
+    python -m gradreg_fast.testing.conformance           # the whole matrix as a markdown table
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import gradreg_fast as gr
+from gradreg_fast.testing import ground_truth, zoo
+
+EXACT_RTOL = 1e-6
+FD_SMOOTH_RTOL = 1e-3     # fd at its default step on twice continuously differentiable models (fp64)
+JVP_Z = 3.5               # |z| above this fails
+JVP_POWER = 0.025         # standard error at most 2.5% of the truth: a 10% bias gives z >= 4
+JVP_MAX_CALLS = 400
+JVP_N_PROJ = 2
+JVP_REPEAT = 16           # jvp cells run on the zoo batch repeated 16 times: 16x the independent draws per call
+KINDS = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot")
+METHODS = ("exact", "hvp", "fd", "jvp")
+GEN_SEED = 7
+RNG_SEED = 123
+REFUSAL = re.compile(r"method=['\"](exact|hvp|fd|jvp)['\"]")
+
+
+@dataclass
+class Cell:
+    model: str
+    kind: str
+    method: str
+    status: str
+    value_err: float = float("nan")
+    grad_err: float = float("nan")
+    message: str = ""
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("exact", "unbiased", "approx", "refuses")
+
+    def symbol(self) -> str:
+        if self.status == "exact":
+            return "✓ exact"
+        if self.status == "unbiased":
+            return "✓ unbiased"
+        if self.status == "approx":
+            return f"≈ {self.grad_err:.0e}"
+        if self.status == "refuses":
+            return "✗ refuses"
+        return f"**{self.status}**"
+
+
+def _restore(model: torch.nn.Module, saved: dict) -> None:
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(saved[k])
+
+
+class Matrix:
+    """Runs cells, caching the zoo cases and their ground truths."""
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.dtype = dtype
+        self._cases: dict[str, tuple] = {}
+        self._truth: dict[tuple, ground_truth.Truth] = {}
+
+    def case(self, name: str):
+        if name not in self._cases:
+            case = zoo.make_case(name, self.dtype)
+            saved = {k: b.detach().clone() for k, b in case.model.named_buffers()}
+            self._cases[name] = (case, saved)
+        return self._cases[name]
+
+    def options(self, case, kind: str) -> dict:
+        if kind == "spectreg":   # two per-sample projections, drawn here (independent of the library's RNG)
+            g = torch.Generator().manual_seed(99)
+            return {"projection": torch.randn(2, zoo.BATCH, zoo.K, generator=g, dtype=self.dtype)}
+        return {}
+
+    def truth(self, name: str, kind: str, repeat: int = 1) -> ground_truth.Truth:
+        key = (name, kind, repeat)
+        if key not in self._truth:
+            case, saved = self.case(name)
+            _restore(case.model, saved)
+            opts = self.options(case, kind)
+            classes = None
+            if kind == "random_onehot":   # the library's draw: torch.randint from the caller's generator
+                classes = torch.randint(zoo.K, (zoo.BATCH,), generator=torch.Generator().manual_seed(GEN_SEED))
+            self._truth[key] = ground_truth.penalty(case, kind, projection=opts.get("projection"),
+                                                    classes=classes, rng_seed=RNG_SEED, repeat=repeat)
+            _restore(case.model, saved)
+        return self._truth[key]
+
+    def call(self, name: str, kind: str, method: str, gen_seed: int = GEN_SEED, repeat: int = 1, **extra):
+        """gradreg_fast.penalty on the case: (value, gradients w.r.t. case.params)."""
+        case, saved = self.case(name)
+        _restore(case.model, saved)
+        torch.manual_seed(RNG_SEED)
+        x = ground_truth.repeated_batch(case.input(), repeat)
+        y = ground_truth.repeated_batch(case.y, repeat)
+        value = gr.penalty(kind, case.model, x, y, method=method,
+                           generator=torch.Generator().manual_seed(gen_seed), **self.options(case, kind), **extra)
+        grads = torch.autograd.grad(value, case.params, allow_unused=True)
+        _restore(case.model, saved)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, case.params)]
+        return value.detach(), [g.detach() for g in grads]
+
+    def run(self, name: str, kind: str, method: str) -> Cell:
+        t0 = time.perf_counter()
+        try:
+            if method == "jvp":
+                self.call(name, kind, "jvp")     # a refusal surfaces here, before any ground truth
+                cell = self._run_jvp(name, kind, self.truth(name, kind, JVP_REPEAT))
+            else:
+                truth = self.truth(name, kind)
+                value, grads = self.call(name, kind, method)
+                cell = self._compare(name, kind, method, truth, value, grads)
+        except (ValueError, NotImplementedError) as exc:
+            msg = str(exc)
+            status = "refuses" if REFUSAL.search(msg) else "ERROR"
+            cell = Cell(name, kind, method, status, message=f"{type(exc).__name__}: {msg}")
+        except Exception as exc:  # a raw torch error: a defect
+            cell = Cell(name, kind, method, "ERROR", message=f"{type(exc).__name__}: {exc}")
+        cell.seconds = time.perf_counter() - t0
+        return cell
+
+    def _compare(self, name, kind, method, truth, value, grads) -> Cell:
+        value_err = (abs(value - truth.value) / truth.value.abs().clamp_min(1e-300)).item()
+        total = math.sqrt(sum(float(g.pow(2).sum()) for g in truth.grads))
+        per_param = [float((a - b).norm()) / max(float(b.norm()), 1e-8 * total, 1e-300)
+                     for a, b in zip(grads, truth.grads)]
+        overall = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(grads, truth.grads))) / max(total, 1e-300)
+        if method == "fd":
+            ok = value_err <= EXACT_RTOL and all(math.isfinite(e) for e in per_param)
+            return Cell(name, kind, method, "approx" if ok else "WRONG", value_err, overall)
+        grad_err = max(per_param) if per_param else 0.0
+        ok = value_err <= EXACT_RTOL and grad_err <= EXACT_RTOL
+        return Cell(name, kind, method, "exact" if ok else "WRONG", value_err, grad_err)
+
+    def _run_jvp(self, name, kind, truth) -> Cell:
+        """z-tests of the mean over independent calls (each the mean of JVP_N_PROJ draws)."""
+        g_true = torch.cat([g.flatten() for g in truth.grads])
+        unit = g_true / g_true.norm()
+        rand = torch.randn(g_true.numel(), generator=torch.Generator().manual_seed(5), dtype=g_true.dtype)
+        rand = rand / rand.norm()
+        vals, along, across = [], [], []
+        calls = 0
+        while True:
+            for _ in range(25):
+                v, gs = self.call(name, kind, "jvp", gen_seed=10_000 + calls, n_proj=JVP_N_PROJ, repeat=JVP_REPEAT)
+                flat = torch.cat([g.flatten() for g in gs])
+                vals.append(float(v))
+                along.append(float(flat @ unit))
+                across.append(float(flat @ rand))
+                calls += 1
+            stats = [_mean_se(s) for s in (vals, along, across)]
+            powered = (stats[0][1] <= JVP_POWER * abs(float(truth.value)) and
+                       stats[1][1] <= JVP_POWER * float(g_true.norm()))
+            if powered or calls >= JVP_MAX_CALLS:
+                break
+        truths = (float(truth.value), float(g_true.norm()), float(g_true @ rand))
+        zs = [(m - t) / se if se > 0 else (0.0 if m == t else math.inf) for (m, se), t in zip(stats, truths)]
+        ok = powered and all(abs(z) < JVP_Z for z in zs)
+        status = "unbiased" if ok else ("BIASED" if powered else "UNDERPOWERED")
+        rel = abs(stats[1][0] - truths[1]) / truths[1]
+        return Cell(name, kind, "jvp", status, abs(stats[0][0] - truths[0]) / abs(truths[0]), rel,
+                    message=f"{calls} calls × {JVP_N_PROJ} draws × {JVP_REPEAT} copies; z value {zs[0]:+.2f}, along ∇ {zs[1]:+.2f}, "
+                            f"random direction {zs[2]:+.2f}")
+
+
+def _mean_se(xs: list[float]) -> tuple[float, float]:
+    t = torch.tensor(xs, dtype=torch.float64)
+    return float(t.mean()), float(t.std() / math.sqrt(len(xs)))
+
+
+def table(cells: list[Cell]) -> str:
+    """Markdown: one row per (model, kind), one column per method."""
+    by = {(c.model, c.kind, c.method): c for c in cells}
+    models = list(dict.fromkeys(c.model for c in cells))
+    kinds = list(dict.fromkeys(c.kind for c in cells))
+    methods = [m for m in METHODS if any(c.method == m for c in cells)]
+    lines = ["| model | layers | kind | " + " | ".join(methods) + " |",
+             "|---|---|---|" + "---|" * len(methods)]
+    for m in models:
+        for k in kinds:
+            row = [by[(m, k, meth)].symbol() if (m, k, meth) in by else "" for meth in methods]
+            lines.append(f"| {m} | {zoo.ZOO_SPECS[m]['layers']} | {k} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(zoo.ZOO))
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default=None, help="write the markdown table here")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    mat = Matrix()
+    cells = []
+    for m in a.models.split(","):
+        for k in a.kinds.split(","):
+            for meth in a.methods.split(","):
+                c = mat.run(m, k, meth)
+                cells.append(c)
+                print(f"{m:20s} {k:14s} {meth:6s} {c.status:9s} value {c.value_err:.1e} grad {c.grad_err:.1e} "
+                      f"{c.seconds:6.2f}s {c.message[:150]}", flush=True)
+    md = table(cells)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(md + "\n")
+    print(md)
+    return 0 if all(c.ok for c in cells) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

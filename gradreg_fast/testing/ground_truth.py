@@ -1,0 +1,90 @@
+"""Penalties and their parameter gradients by plain double backpropagation, written with torch alone.
+
+Nothing here calls gradreg_fast's estimators, ops or kernels: cross-entropy is F.cross_entropy, norms
+are ``pow(2).sum``, and every input gradient is one ``torch.autograd.grad(..., create_graph=True)``
+per output in a Python loop (no batching, no fused ops). Attention runs on the math kernel of
+``torch.nn.attention.sdpa_kernel`` (twice differentiable) and a model with a once-differentiable op
+is replaced by its twice-differentiable twin (same parameters and outputs).
+
+With f = model, u the per-sample target of the kind and R the cotangents (see gradreg_fast.penalty):
+
+    G_j = ∂(Σ_b R[j, b] · u_b)/∂x     (x-shaped; row b is sample b's input gradient when samples
+                                      do not interact, the batch statistic's otherwise)
+    per-sample penalty_b = scale · Σ_j ‖G_j[b]‖²,     value = mean_b penalty_b
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gradreg_fast.testing.zoo import Case
+
+
+@dataclass
+class Truth:
+    per_sample: torch.Tensor         # (B,)
+    value: torch.Tensor              # scalar
+    grads: list[torch.Tensor]        # one per case.params entry
+
+
+def math_attention():
+    """The twice-differentiable (math) attention kernel, where torch has the context manager."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def repeated_batch(t: torch.Tensor, repeat: int) -> torch.Tensor:
+    """t with its batch repeated ``repeat`` times along dim 0 (the copies keep t's graph)."""
+    return t if repeat == 1 else t.repeat((repeat,) + (1,) * (t.dim() - 1))
+
+
+def targets(kind: str, out: torch.Tensor, y: torch.Tensor, projection: torch.Tensor | None = None,
+            classes: torch.Tensor | None = None) -> tuple[list[torch.Tensor], float]:
+    """The scalars Σ_b R[j, b] · u_b, one per j, and the scale."""
+    if kind == "doubleback":
+        return [F.cross_entropy(out, y, reduction="sum")], 1.0
+    if kind == "spectreg":
+        r = projection                      # (n, B, K)
+        return [(r[j] * out).sum() for j in range(r.shape[0])], 1.0 / r.shape[0]
+    if kind == "frobreg":
+        return [out[:, k].sum() for k in range(out.shape[1])], 1.0
+    if kind == "jacreg":
+        p = torch.softmax(out, dim=1)
+        return [p[:, k].sum() for k in range(out.shape[1])], 1.0
+    if kind == "onehot":
+        return [out.gather(1, y.reshape(-1, 1)).sum()], 1.0
+    if kind == "random_onehot":
+        return [out.gather(1, classes.reshape(-1, 1)).sum()], 1.0
+    raise ValueError(f"no ground truth for kind {kind!r}")
+
+
+def penalty(case: Case, kind: str, *, projection: torch.Tensor | None = None,
+            classes: torch.Tensor | None = None, rng_seed: int = 0, repeat: int = 1) -> Truth:
+    """The penalty of ``kind`` on the zoo case and its gradient w.r.t. ``case.params``, in the dtype of
+    the case. ``rng_seed`` seeds the global RNG right before the forward (dropout masks): seed the
+    library's call the same way to compare. ``repeat`` > 1 evaluates the batch repeated that many times
+    (``repeated_batch``)."""
+    model = case.twin if case.twin is not None else case.model
+    with math_attention():
+        torch.manual_seed(rng_seed)
+        x = repeated_batch(case.input(), repeat)
+        y = repeated_batch(case.y, repeat)
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        out = model(x)
+        scalars, scale = targets(kind, out, y, projection, classes)
+        per_sample = torch.zeros(x.shape[0], dtype=out.dtype)
+        for s in scalars:
+            (g,) = torch.autograd.grad(s, x, create_graph=True)
+            per_sample = per_sample + g.reshape(g.shape[0], -1).pow(2).sum(1)
+        per_sample = scale * per_sample
+        value = per_sample.mean()
+        grads = torch.autograd.grad(value, case.params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, case.params)]
+    return Truth(per_sample.detach(), value.detach(), [g.detach() for g in grads])

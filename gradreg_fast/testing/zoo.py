@@ -1,0 +1,354 @@
+"""A zoo of small classifiers covering the layer types people train, with inputs and labels.
+
+Every entry of ``ZOO`` builds a ``Case``: the model, a function that makes its input x (for the text
+model, x is the output of an embedding layer, so the penalty is taken with respect to the embeddings
+and the embedding table is trained through it), labels y and the parameters whose gradients count
+(the model's and, for the text model, the embedding's). Sizes are tiny so that fp64 double
+backpropagation over every (model × penalty × method) cell runs in CI.
+
+    case = make_case("vit", dtype=torch.float64, seed=0)
+    value = gr.penalty("frobreg", case.model, case.input(), case.y, method="hvp")
+
+``smooth`` says whether the model is twice continuously differentiable in x (no ReLU/max-pool kinks):
+finite differences converge to the exact gradient there, and estimate a different (finite-difference)
+penalty on piecewise-linear models. ``coupled`` says whether samples interact inside the model
+(BatchNorm with batch statistics): the per-sample input gradient is then that of the batch.
+``twin``, where given, is a twice-differentiable model with the same parameters and outputs, used by
+the ground truth when the model itself has an op without a double backward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+K = 4          # classes of every zoo model
+BATCH = 3
+
+
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    make_input: Callable[[], torch.Tensor]
+    y: torch.Tensor
+    params: list[torch.Tensor]
+    smooth: bool
+    coupled: bool = False
+    twin: nn.Module | None = None
+    layers: str = ""
+    notes: dict = field(default_factory=dict)
+
+    def input(self) -> torch.Tensor:
+        """A fresh x (for the embedding model, a fresh embedding lookup with its own graph)."""
+        return self.make_input()
+
+
+# ----------------------------------------------------------------------------------------- models
+class LeNet(nn.Module):
+    """The paper's LeNet: conv 6@5x5, max-pool, conv 16@5x5, max-pool, conv 120@4x4, FC 84, dropout, FC."""
+
+    def __init__(self, k: int = K, dropout: float = 0.5):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 120, 4), nn.ReLU(), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(120, 84), nn.ReLU(), nn.Dropout(dropout), nn.Linear(84, k))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, norm: Callable[[int], nn.Module] = nn.BatchNorm2d):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = norm(c_out)
+        self.short = (nn.Sequential() if stride == 1 and c_in == c_out else
+                      nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), norm(c_out)))
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+
+class ResNet(nn.Module):
+    """A CIFAR-style ResNet: conv stem, basic blocks with BatchNorm, global average pool, linear head."""
+
+    def __init__(self, k: int = K, widths: tuple[int, ...] = (4, 6), norm=nn.BatchNorm2d):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), norm(widths[0]), nn.ReLU())
+        blocks, c = [], widths[0]
+        for i, w in enumerate(widths):
+            blocks.append(BasicBlock(c, w, 1 if i == 0 else 2, norm))
+            c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c, k)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, sdpa: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.sdpa = sdpa
+        if sdpa:
+            self.heads = heads
+            self.qkv = nn.Linear(dim, 3 * dim)
+            self.proj = nn.Linear(dim, dim)
+        else:
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, t):
+        h = self.norm1(t)
+        if self.sdpa:
+            b, n, d = h.shape
+            q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+            t = t + self.proj(a)
+        else:
+            t = t + self.attn(h, h, h, need_weights=False)[0]
+        return t + self.mlp(self.norm2(t))
+
+
+class TinyViT(nn.Module):
+    """Patch convolution, position embedding, pre-norm transformer blocks (LayerNorm, attention, GELU
+    MLP), mean pooling, LayerNorm, linear head. ``sdpa=True`` writes attention with
+    F.scaled_dot_product_attention instead of nn.MultiheadAttention."""
+
+    def __init__(self, k: int = K, dim: int = 8, heads: int = 2, depth: int = 1, patch: int = 4, image: int = 8,
+                 sdpa: bool = False):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, patch, patch)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, (image // patch) ** 2, dim))
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, sdpa) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, k)
+
+    def forward(self, x):
+        t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+        return self.head(self.norm(self.blocks(t).mean(1)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 3x3 conv, LayerNorm over channels (channels-last), pointwise MLP with GELU, residual."""
+
+    def __init__(self, k: int = K, dim: int = 6):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, 2)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pw1 = nn.Linear(dim, 2 * dim)
+        self.pw2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, k)
+
+    def forward(self, x):
+        h = self.stem(x)
+        t = self.norm(self.dw(h).permute(0, 2, 3, 1))
+        h = h + self.pw2(F.gelu(self.pw1(t))).permute(0, 3, 1, 2)
+        return self.head(h.mean((2, 3)))
+
+
+class NormCNN(nn.Module):
+    """conv → norm → SiLU → conv → norm → ReLU → average pool → linear, with a chosen normalization."""
+
+    def __init__(self, norm: Callable[[int], nn.Module], k: int = K, width: int = 4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), norm(width), nn.SiLU(),
+                                  nn.Conv2d(width, width, 3, padding=1), norm(width), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(width, k)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self, k: int = K, d_in: int = 5, hidden: int = 6):
+        super().__init__()
+        self.lstm = nn.LSTM(d_in, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, k)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+class TextClassifier(nn.Module):
+    """A classifier on token embeddings (B, T, E): 1-D convolution, tanh, mean over time, linear.
+    The embedding table lives outside it (the penalty is taken with respect to the embeddings)."""
+
+    def __init__(self, k: int = K, emb: int = 6, width: int = 8):
+        super().__init__()
+        self.conv = nn.Conv1d(emb, width, 3, padding=1)
+        self.head = nn.Linear(width, k)
+
+    def forward(self, e):
+        return self.head(torch.tanh(self.conv(e.transpose(1, 2))).mean(2))
+
+
+class InplaceResidual(nn.Module):
+    """Residual MLP blocks whose ReLU runs in place (nn.ReLU(inplace=True))."""
+
+    def __init__(self, k: int = K, dim: int = 8):
+        super().__init__()
+        self.inp = nn.Linear(10, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(dim, k)
+
+    def forward(self, x):
+        h = self.act(self.inp(x))
+        h = h + self.fc2(self.act(self.fc1(h)))
+        return self.head(h)
+
+
+class SoftmaxGate(nn.Module):
+    """A mixture of experts: softmax gate over 3 tanh experts (softmax inside the model)."""
+
+    def __init__(self, k: int = K, d_in: int = 10, experts: int = 3):
+        super().__init__()
+        self.gate = nn.Linear(d_in, experts)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d_in, 8), nn.Tanh(), nn.Linear(8, k))
+                                     for _ in range(experts))
+
+    def forward(self, x):
+        w = torch.softmax(self.gate(x), dim=-1)
+        return sum(w[:, i:i + 1] * e(x) for i, e in enumerate(self.experts))
+
+
+class _OnceTanh(torch.autograd.Function):
+    """tanh with a hand-written backward that is not differentiable again (once_differentiable):
+    the kind of custom kernel a model may contain."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * (1 - y * y)
+
+
+class OnceDifferentiableMLP(nn.Module):
+    """An MLP whose activation is a custom autograd.Function marked once_differentiable."""
+
+    def __init__(self, k: int = K, d_in: int = 10, width: int = 8, composite: bool = False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d_in, width), nn.Linear(width, k)
+        self.composite = composite
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.tanh(h) if self.composite else _OnceTanh.apply(h))
+
+
+def _mlp(act: Callable[[], nn.Module], d_in: int = 10, width: int = 8, k: int = K,
+         wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> nn.Sequential:
+    return nn.Sequential(wrap(nn.Linear(d_in, width)), act(), wrap(nn.Linear(width, width)), act(),
+                         nn.Linear(width, k))
+
+
+class SmoothMix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(10, 8), nn.SiLU(), nn.Linear(8, 8), nn.ELU(), nn.Linear(8, 8),
+                                 nn.Softplus(), nn.Linear(8, K))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# ----------------------------------------------------------------------------------------- the zoo
+def _images(shape, gen, dtype):
+    return lambda: torch.randn((BATCH,) + shape, generator=gen, dtype=dtype)
+
+
+def _fixed(t: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: t.clone()
+
+
+ZOO_SPECS: dict[str, dict] = {
+    "lenet": dict(build=LeNet, shape=(1, 28, 28), smooth=False, layers="conv, ReLU, max-pool, dropout"),
+    "resnet_bn_train": dict(build=ResNet, shape=(3, 8, 8), smooth=False, coupled=True, train=True,
+                            layers="conv, BatchNorm (batch statistics), ReLU, residual"),
+    "resnet_bn_eval": dict(build=ResNet, shape=(3, 8, 8), smooth=False, train=False,
+                           layers="conv, BatchNorm (running statistics), ReLU, residual"),
+    "vit_train": dict(build=TinyViT, shape=(3, 8, 8), smooth=True, train=True,
+                      layers="patch conv, LayerNorm, nn.MultiheadAttention (train), GELU"),
+    "vit_eval": dict(build=TinyViT, shape=(3, 8, 8), smooth=True, train=False,
+                     layers="patch conv, LayerNorm, nn.MultiheadAttention (eval), GELU"),
+    "sdpa_block": dict(build=lambda: TinyViT(sdpa=True), shape=(3, 8, 8), smooth=True,
+                       layers="LayerNorm, F.scaled_dot_product_attention (default kernel), GELU"),
+    "convnext_block": dict(build=ConvNeXtBlock, shape=(3, 8, 8), smooth=True,
+                           layers="depthwise conv, channels-last LayerNorm, GELU"),
+    "groupnorm_cnn": dict(build=lambda: NormCNN(lambda c: nn.GroupNorm(2, c)), shape=(3, 6, 6), smooth=False,
+                          layers="conv, GroupNorm, SiLU, ReLU, adaptive avg-pool"),
+    "instancenorm_cnn": dict(build=lambda: NormCNN(lambda c: nn.InstanceNorm2d(c, affine=True)), shape=(3, 6, 6),
+                             smooth=False, layers="conv, InstanceNorm (affine), SiLU, ReLU"),
+    "lstm": dict(build=LSTMClassifier, shape=(4, 5), smooth=True, layers="nn.LSTM (sequence classifier)"),
+    "text_embedding": dict(build=TextClassifier, shape=None, smooth=True,
+                           layers="nn.Embedding → conv1d → tanh (penalty w.r.t. the embeddings)"),
+    "residual_inplace": dict(build=InplaceResidual, shape=(10,), smooth=False,
+                             layers="Linear, ReLU(inplace=True), residual"),
+    "smooth_mlp": dict(build=SmoothMix, shape=(10,), smooth=True, layers="Linear, SiLU, ELU, Softplus"),
+    "softmax_gate": dict(build=SoftmaxGate, shape=(10,), smooth=True, layers="softmax gate over tanh experts"),
+    "weight_norm": dict(build=lambda: _mlp(nn.Tanh, wrap=nn.utils.parametrizations.weight_norm), shape=(10,),
+                        smooth=True, layers="Linear under parametrizations.weight_norm, tanh"),
+    "spectral_norm": dict(build=lambda: _mlp(nn.Tanh, wrap=nn.utils.parametrizations.spectral_norm),
+                          shape=(10,), smooth=True, train=True,
+                          layers="Linear under parametrizations.spectral_norm (power iteration), tanh"),
+    "rmsnorm_mlp": dict(build=lambda: nn.Sequential(nn.Linear(10, 8), nn.RMSNorm(8), nn.GELU(), nn.Linear(8, K)),
+                        shape=(10,), smooth=True, layers="Linear, RMSNorm, GELU"),
+    "once_differentiable": dict(build=OnceDifferentiableMLP, shape=(10,), smooth=True,
+                                layers="custom autograd.Function with a once_differentiable backward"),
+}
+ZOO = tuple(ZOO_SPECS)
+
+
+def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> Case:
+    """A fresh zoo case: random parameters (torch.manual_seed(seed)) and inputs from a seeded generator."""
+    if name not in ZOO_SPECS:
+        raise ValueError(f"unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
+    spec = ZOO_SPECS[name]
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    model = spec["build"]().to(dtype)
+    model.train(spec.get("train", True))
+    y = torch.randint(K, (BATCH,), generator=gen)
+    twin = None
+    if name == "text_embedding":
+        emb = nn.Embedding(20, 6).to(dtype)
+        tokens = torch.randint(20, (BATCH, 5), generator=gen)
+        make_input = lambda: emb(tokens)  # noqa: E731  (a new lookup, with its graph, per call)
+        params = list(model.parameters()) + list(emb.parameters())
+        notes = {"embedding": emb, "tokens": tokens}
+    else:
+        x = torch.randn((BATCH,) + spec["shape"], generator=gen, dtype=dtype)
+        make_input = _fixed(x)
+        params = list(model.parameters())
+        notes = {}
+    if name == "once_differentiable":
+        twin = OnceDifferentiableMLP(composite=True).to(dtype)
+        twin.load_state_dict(model.state_dict())
+        twin.fc1, twin.fc2 = model.fc1, model.fc2       # shared parameters
+    return Case(name=name, model=model, make_input=make_input, y=y, params=params, smooth=spec["smooth"],
+                coupled=spec.get("coupled", False), twin=twin, layers=spec["layers"], notes=notes)
+
+
+def parameter_count(case: Case) -> int:
+    return sum(math.prod(p.shape) for p in case.params)
