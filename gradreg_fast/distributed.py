@@ -23,9 +23,10 @@ What holds under DDP (tested in tests/test_ddp.py with torchrun, 2 gloo processe
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -334,34 +335,45 @@ def defer_reduction(p: torch.Tensor, deferral: FSDPDeferral) -> torch.Tensor:
     return _DeferredReduction.apply(p, deferral.token())
 
 
-class FSDPRerun(torch.nn.Module):
-    """The sharded model, called with FSDP's forward hooks passed through (the parameters are held
-    unsharded by an FSDPDeferral): for the estimators that re-run the model under forward-mode AD
-    (hvp, jvp). FSDP's hooks would wrap every submodule's input in an autograd Function whose jvp
-    rule fails ("A custom Function's forward is returning a view ... but the jvp is not returning a
-    view"); in FSDP's PRE_BACKWARD state (the state activation-checkpointing recomputation runs in)
-    they only unshard when needed and apply the mixed-precision casts."""
+@contextlib.contextmanager
+def fsdp_rerun_passthrough(model: Callable, states: list) -> Iterator[None]:
+    """While active, every forward of ``model`` (an nn.Module) runs with FSDP's forward hooks passed
+    through: for the estimators that re-run the sharded model under forward-mode AD (hvp, jvp), its
+    parameters held unsharded by an FSDPDeferral. FSDP's hooks would wrap every submodule's input in
+    an autograd Function whose jvp rule fails ("A custom Function's forward is returning a view ...
+    but the jvp is not returning a view"); in FSDP's PRE_BACKWARD state (the one activation-
+    checkpointing recomputation runs in) they only unshard when needed and apply the mixed-precision
+    casts. A forward pre-hook put before FSDP's sets that state on every FSDP state of the model, and
+    a forward hook after FSDP's puts the previous states back; the model itself (its parameter and
+    buffer names, which the torch.func estimators use) is untouched. The estimator's own backward
+    passes are not forwards and see FSDP's hooks as usual."""
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    saved: list[list] = []
 
-    def __init__(self, model: torch.nn.Module, states: list):
-        super().__init__()
-        self.inner = model
-        self._fsdp_states = states
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-        saved = [s._training_state for s in self._fsdp_states]
-        for s in self._fsdp_states:
+    def enter(_module, _args):
+        saved.append([s._training_state for s in states])
+        for s in states:
             s._training_state = TrainingState.PRE_BACKWARD
-        try:
-            return self.inner(z)
-        finally:
-            for s, value in zip(self._fsdp_states, saved):
-                s._training_state = value
+
+    def leave(_module, _args, _output):
+        for s, value in zip(states, saved.pop()):
+            s._training_state = value
+
+    handles = [model.register_forward_pre_hook(enter, prepend=True),
+               model.register_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _check_fsdp_internals(states: list) -> None:
     """Raise the refusal naming method='fd' when this torch's FSDP2 lacks what FSDPDeferral and
-    FSDPRerun use (written against torch 2.11-2.14, where all of it is present)."""
+    fsdp_rerun_passthrough use (written against torch 2.11-2.14, where all of it is present)."""
     try:
         from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
         TrainingState.PRE_BACKWARD  # noqa: B018
@@ -402,7 +414,8 @@ def fsdp_estimator(estimator: Callable, model: Callable | None, out: torch.Tenso
     """``estimator``, made to run through a model sharded with fully_shard (unchanged otherwise).
 
     exact, hvp, jvp: under an FSDPDeferral (parameters held unsharded, one reduce-scatter at the end
-    of the backward), the re-runs of hvp/jvp through FSDPRerun, the returned penalty tied to the
+    of the backward), the re-runs of hvp/jvp with FSDP's forward hooks passed through
+    (fsdp_rerun_passthrough), the returned penalty tied to the
     deferral. fd: unchanged (its passes are first-order, which FSDP's hooks serve as for any loss),
     but refused when the sharded model computes in bf16/fp16: its step (fd_h = 1e-3 of the input
     scale) is below 16-bit resolution, and the difference quotient is rounding noise (measured:
@@ -428,9 +441,8 @@ def fsdp_estimator(estimator: Callable, model: Callable | None, out: torch.Tenso
         deferral = FSDPDeferral.for_states(states)
         deferral.begin()
         try:
-            if isinstance(problem.model, torch.nn.Module):
-                problem.model = FSDPRerun(problem.model, states)
-            p = estimator(problem)
+            with fsdp_rerun_passthrough(problem.model, states):
+                p = estimator(problem)
         except BaseException:
             if not deferral.pending:
                 deferral.release()
@@ -440,4 +452,4 @@ def fsdp_estimator(estimator: Callable, model: Callable | None, out: torch.Tenso
 
 
 __all__ = ["check_ddp", "find_ddp", "reach_outputs", "find_fsdp", "fsdp_estimator", "FSDPDeferral",
-           "FSDPRerun", "FSDP_DEFERRED_METHODS"]
+           "fsdp_rerun_passthrough", "FSDP_DEFERRED_METHODS"]

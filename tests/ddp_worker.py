@@ -68,8 +68,8 @@ def sgd(model: nn.Module) -> None:
                 p -= LR * p.grad
 
 
-def run_reference(form, kind, method, x, y, halves: bool):
-    model = make_model()
+def run_reference(form, kind, method, x, y, halves: bool, make=None):
+    model = (make or make_model)()   # make: another model (tests/fsdp_worker.py's BatchNorm case)
     gen = torch.Generator()
     grads, values = [], []
     for step in range(STEPS):

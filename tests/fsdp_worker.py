@@ -10,6 +10,8 @@ CPU), each rank on its half of the batch. Configurations:
   keep     reshard_after_forward=False everywhere
   bf16     MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32) on an fp32 model,
            compared with the fp64 reference (bf16 rounding, see test_fsdp.BF16_TOL)
+  batchnorm  a BatchNorm1d (training mode, also sharded) after the first Linear: hvp's torch.func
+           route; compared with the per-half reference (each rank normalizes its own half)
 
 plus, with the default configuration: gradient accumulation over two micro-batches with
 ``set_requires_gradient_sync(False)`` on the first, a penalty computed and dropped without a
@@ -36,18 +38,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ddp_worker as common  # noqa: E402  (make_model, data, objective, run_reference, ...)
 from ddp_worker import FORMS, LAM, SEED, STEPS, gr, rel  # noqa: E402
 
+def make_bn_model() -> nn.Module:
+    """ddp_worker's MLP with a BatchNorm1d (training mode) after the first Linear: the samples
+    interact, so hvp takes its torch.func route and jvp refuses."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(common.D_IN, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(),
+                         nn.Linear(8, common.K)).to(common.DTYPE)
+
+
 CONFIGS = {
     "default": dict(forms=FORMS, dtype=torch.float64, shard={}),
     "keep": dict(forms=("loss",), dtype=torch.float64, shard={"reshard_after_forward": False}),
     "bf16": dict(forms=("loss",), dtype=torch.float32,
                  shard={"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)}),
+    # batch statistics: each rank normalizes its half, so only the per-half reference applies
+    "batchnorm": dict(forms=("loss",), dtype=torch.float64, shard={}, make=make_bn_model),
 }
 
 
 def sharded_model(config: str) -> nn.Module:
-    model = common.make_model().to(CONFIGS[config]["dtype"])
+    model = CONFIGS[config].get("make", common.make_model)().to(CONFIGS[config]["dtype"])
     for layer in model:
-        if isinstance(layer, nn.Linear):
+        if isinstance(layer, (nn.Linear, nn.BatchNorm1d)):
             fully_shard(layer, **CONFIGS[config]["shard"])
     fully_shard(model, **CONFIGS[config]["shard"])
     return model
@@ -102,14 +114,14 @@ def step_loop(model, config, form, kind, method, x, y, rank, world, before_step=
     return torch.stack(grads), torch.stack(values), restored
 
 
-def compare(grads, values, restored, form, kind, method, x, y, rank, world):
+def compare(grads, values, restored, form, kind, method, x, y, rank, world, make=None):
     gathered = [torch.empty_like(grads) for _ in range(world)]
     dist.all_gather(gathered, grads)
     if rank != 0:
         return None
     result = {"ranks_differ": rel(gathered[1], gathered[0]), "restored": restored}
     for name, halves in (("concat", False), ("halves", True)):
-        ref_grads, ref_values = common.run_reference(form, kind, method, x, y, halves)
+        ref_grads, ref_values = common.run_reference(form, kind, method, x, y, halves, make=make)
         result[f"grad_vs_{name}"] = rel(grads, ref_grads)
         result[f"value_vs_{name}"] = rel(values, ref_values)
     return result
@@ -118,7 +130,7 @@ def compare(grads, values, restored, form, kind, method, x, y, rank, world):
 def run_case(config, form, kind, method, x, y, rank, world):
     model = sharded_model(config)
     grads, values, restored = step_loop(model, config, form, kind, method, x, y, rank, world)
-    return compare(grads, values, restored, form, kind, method, x, y, rank, world)
+    return compare(grads, values, restored, form, kind, method, x, y, rank, world, make=CONFIGS[config].get("make"))
 
 
 def run_dropped(method, x, y, rank, world):
