@@ -58,6 +58,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
 import gradreg_fast as gr  # noqa: E402
+from gradreg_fast.penalties.core import math_attention  # noqa: E402
+from gradreg_fast.testing.zoo import TinyViT  # noqa: E402
 
 # --------------------------------------------------------------------------------------- models
 
@@ -108,6 +110,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "lenet": (lenet, (1, 28, 28)),
     "mlp": (mlp, (784,)),
     "resnet": (resnet, (3, 32, 32)),
+    # a small vision transformer: patch conv, LayerNorm, nn.MultiheadAttention, GELU MLP (the zoo's TinyViT)
+    "vit": (lambda: TinyViT(k=10, dim=32, heads=4, depth=2, patch=4, image=32), (3, 32, 32)),
 }
 
 # λ of the paper at 2000 MNIST points (SpectReg's also for the others); they do not change the cost
@@ -205,7 +209,8 @@ def make_step(v: Variant, model: nn.Module, opt, x: torch.Tensor, y: torch.Tenso
         def step():
             opt.zero_grad(set_to_none=True)
             xr = x.detach().clone().requires_grad_(True)
-            with ctx():
+            # hand-written double backprop needs the twice-differentiable (math) attention kernel too
+            with ctx(), math_attention():
                 out = model(xr)
                 loss = F.cross_entropy(out, y) + lam * naive_penalty(v.penalty, out, xr, y)
             loss.backward()
@@ -251,14 +256,24 @@ def setup(model_name: str, batch: int, device: str, input_shape, seed: int = 0):
 # --------------------------------------------------------------------------------------- timing
 
 
-def time_group(variants: list[Variant], device: str, reps: int, warmup: int, input_shape, amp, progress) -> dict:
-    """Median seconds per variant, repetitions interleaved across the variants of one model/batch."""
+def time_group(variants: list[Variant], device: str, reps: int, warmup: int, input_shape, amp, progress,
+               refused: dict) -> dict:
+    """Median seconds per variant, repetitions interleaved across the variants of one model/batch.
+    A variant the library refuses for this model (a ValueError naming the method that works, e.g.
+    jvp with batch statistics) is not timed: its key and the reason go into ``refused``."""
     v0 = variants[0]
     model, opt, x, y = setup(v0.model, v0.batch, device, input_shape)
     steps = {v.key: make_step(v, model, opt, x, y, amp) for v in variants}
     calls = {v.key: calls_per_rep(v) for v in variants}
+    for k, fn in list(steps.items()):
+        try:
+            fn()   # the first warm-up step; a refusal shows here
+        except ValueError as exc:
+            refused[k] = str(exc).splitlines()[0]
+            del steps[k]
+            progress.update(reps)
     for fn in steps.values():
-        for _ in range(warmup):
+        for _ in range(max(0, warmup - 1)):
             fn()
     times: dict[str, list[float]] = {k: [] for k in steps}
     cuda = device.startswith("cuda")
@@ -409,7 +424,7 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu or cuda (CUDA events, max_memory_allocated); default: cuda when a GPU is visible")
-    ap.add_argument("--models", default="lenet,mlp,resnet", help="comma list of lenet, mlp, resnet")
+    ap.add_argument("--models", default="lenet,mlp,resnet,vit", help="comma list of lenet, mlp, resnet, vit")
     ap.add_argument("--model", default=None, help="a user model as module:callable (replaces --models)")
     ap.add_argument("--input-shape", default=None, help="per-sample input shape for --model, e.g. 3,32,32")
     ap.add_argument("--batch", default="50,256", help="comma list of batch sizes")
@@ -425,6 +440,9 @@ def parse_args(argv=None):
                     help="peak memory of: no variant / plain, naive and exact (default; none with "
                          "--quick) / every variant")
     ap.add_argument("--quick", action="store_true", help="seconds: LeNet batch 16, 3 reps, a few variants")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every default (model x penalty x method) cell once at batch 2, no timing claims: "
+                         "a crash in any cell fails (CI)")
     ap.add_argument("--out", default=str(_ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     return ap.parse_args(argv)
@@ -432,6 +450,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    if args.smoke:   # every cell of the default run, once, tiny
+        args.batch, args.reps, args.warmup = "2", 1, 0
+        args.memory = args.memory or "none"
+        args.tag = args.tag or "smoke"
     if args.quick:   # small sizes; penalties and methods given on the command line are kept
         args.models, args.batch, args.reps, args.warmup = "lenet", "16", 3, 1
         args.penalties = args.penalties or QUICK_PENALTIES
@@ -469,10 +491,13 @@ def main(argv=None) -> list[dict]:
         progress = tqdm(total=total, desc="bench_step", unit="step", file=sys.stderr)
     except ImportError:  # the progress bar is optional
         progress = type("NoBar", (), {"update": lambda self, n: None, "close": lambda self: None})()
-    times, memory = {}, {}
+    times, memory, refused = {}, {}, {}
     for group in groups:
-        times.update(time_group(group, device, args.reps, args.warmup, input_shape, amp, progress))
+        times.update(time_group(group, device, args.reps, args.warmup, input_shape, amp, progress, refused))
     progress.close()
+    groups = [[v for v in g if v.key not in refused] for g in groups]
+    for k, why in refused.items():
+        print(f"refused (not timed): {k}: {why}")
     if args.memory != "none":
         for group in groups:
             for v in group:
@@ -490,7 +515,7 @@ def main(argv=None) -> list[dict]:
     meta = dict(command="python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 device=device, device_name=dev_name, threads=args.threads if device == "cpu" else None,
                 amp=args.amp, torch=torch.__version__, reps=args.reps, gradreg_fast=gr.__file__,
-                backends=backends,
+                backends=backends, refused=refused,
                 memory=("cuda max_memory_allocated growth over one step" if device.startswith("cuda") else
                         "peak live tensor storage created during one step (TorchDispatchMode accounting)"),
                 load_average=os.getloadavg(), time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))

@@ -37,6 +37,27 @@ def test_quick_run_writes_results(tmp_path):
     assert (tmp_path / "bench_step_cpu_quick.png").stat().st_size > 1000
 
 
+def test_smoke_runs_every_default_cell(tmp_path):
+    """The main job's every (model × penalty × method) cell, once at batch 2: a crash in any cell fails.
+    Cells the library refuses for a model (jvp with BatchNorm's batch statistics) are reported, not timed."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--smoke", "--out",
+                          str(tmp_path)], capture_output=True, text=True, cwd=str(tmp_path),
+                         env=subprocess_env(source_tree=False), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_step_cpu_smoke.json").read_text())
+    cells = {(r["model"], r["penalty"], r["method"]) for r in data["rows"] if r["impl"] == "ours"}
+    models = {"lenet", "mlp", "resnet", "vit"}
+    assert {m for m, _, _ in cells} == models
+    refused = set(data["meta"]["refused"])
+    for m in models:
+        for kind in ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot"):
+            for method in ("exact", "hvp", "fd", "fd-forward", "exact/every4", "exact/fused"):
+                assert (m, kind, method) in cells, (m, kind, method)
+            if kind in ("frobreg", "jacreg"):
+                assert (m, kind, "jvp") in cells or f"{m}|2|{kind}|ours|jvp" in refused
+    assert refused == {"resnet|2|frobreg|ours|jvp", "resnet|2|jacreg|ours|jvp"}
+
+
 def test_live_tensor_bytes_counts_a_known_allocation():
     sys.path.insert(0, str(ROOT))
     from benchmarks.bench_step import LiveTensorBytes
