@@ -3,7 +3,7 @@
 # every op with a CPU kernel also has a CUDA kernel registered. Used by CI: a CUDA source that does not
 # compile must never land. The build runs with GRADREG_PTXAS_VERBOSE=1 (setup.py: nvcc -Xptxas=-v): every
 # kernel's registers, stack, spills and shared memory are summarized from the build log, and written as
-# a markdown table to CUDA_RESOURCE_REPORT when that is set, e.g.
+# a markdown table to CUDA_RESOURCE_REPORT when that is set (CUDA_BUILD_LOG=path keeps the build log), e.g.
 #   TORCH_CUDA_ARCH_LIST="8.0;9.0" CUDA_RESOURCE_REPORT=benchmarks/results/gpu_resources_cuda.md scripts/cuda_build_check.sh
 #
 #   CUDA_VENV=.venv-cuda  CUDA_TORCH_SPEC=torch==2.14.1  TORCH_CUDA_ARCH_LIST=9.0  CUDA_HOME=/usr/local/cuda
@@ -30,10 +30,12 @@ if ! (cd "$SRC" && GRADREG_CUDA=1 GRADREG_PTXAS_VERBOSE=1 pip install -v --no-bu
   tail -n 40 "$LOG"; echo "CUDA build failed"; exit 1
 fi
 echo "CUDA build of gradreg_fast._C took $(( $(date +%s) - start )) s"
+if [ -n "${CUDA_BUILD_LOG:-}" ]; then cp "$LOG" "$CUDA_BUILD_LOG"; fi
 REPORT=${CUDA_RESOURCE_REPORT:+$(realpath -m "$CUDA_RESOURCE_REPORT")}
+made="TORCH_CUDA_ARCH_LIST=\"$TORCH_CUDA_ARCH_LIST\" scripts/cuda_build_check.sh (torch $(python -c 'import torch; print(torch.__version__)'), $("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'))"
 cd /tmp
 # ptxas -v of every kernel (registers, spills, shared memory): a summary here, the table on request
-python -m gradreg_fast.triton.aot cuda "$LOG" --threads 256 ${REPORT:+--report "$REPORT"}
+python -m gradreg_fast.triton.aot cuda "$LOG" --threads 256 --generated-by "$made" ${REPORT:+--report "$REPORT"}
 python - <<'PY'
 import torch
 import gradreg_fast
