@@ -327,6 +327,19 @@ def triton_report(rows: list[dict], table_path: str, command: str) -> str:
                          f"{r['occupancy']:.0%}")
         warps = next((r["num_warps"] for r in per.values() if r["ok"]), "-")
         out.append(f"| {k} | `{spec}` | {warps} | " + " | ".join(cells) + " |")
+    # specializations that differ only in the integer type (i32/i64) of an argument: Triton types a
+    # Python int by its value, so e.g. a seed word at or above 2**31 compiles another variant
+    by_shape: dict[tuple, set] = {}
+    for r in ok:
+        if r["arch"] == archs[-1]:
+            by_shape.setdefault((r["kernel"], re.sub(r":i(32|64)", ":int", r["spec"])), set()).add(r["spec"])
+    extra = {k: sum(len(v) - 1 for (kk, _), v in by_shape.items() if kk == k) for k in kernels}
+    if any(extra.values()):
+        out += ["", "## Variants by integer type", "",
+                "Triton types a runtime Python int by its value (i32 below 2**31, else i64), so the same launch "
+                "compiles a new variant when an argument crosses 2**31 (on a GPU: a JIT compilation at its first "
+                "use). Specializations that differ from another only in such a type: "
+                + ", ".join(f"{k} {n}" for k, n in sorted(extra.items()) if n) + "."]
     if spills:
         out += ["", "## Spills", ""]
         for k in sorted({r["kernel"] for r in spills}):
