@@ -149,6 +149,8 @@ def find_fsdp(model: Callable | None, out: torch.Tensor | None) -> list | None:
     if _FSDP_STATE_MODULE not in sys.modules:  # fully_shard was never imported: nothing is sharded
         return None
     from torch.distributed.fsdp import FSDPModule
+    if not FSDPModule.__subclasses__():   # fully_shard makes a subclass per module class it shards
+        return None
     if isinstance(model, torch.nn.Module):
         modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     elif out is not None:
