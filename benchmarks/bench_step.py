@@ -427,7 +427,7 @@ def parse_args(argv=None):
     ap.add_argument("--models", default="lenet,mlp,resnet,vit", help="comma list of lenet, mlp, resnet, vit")
     ap.add_argument("--model", default=None, help="a user model as module:callable (replaces --models)")
     ap.add_argument("--input-shape", default=None, help="per-sample input shape for --model, e.g. 3,32,32")
-    ap.add_argument("--batch", default="50,256", help="comma list of batch sizes")
+    ap.add_argument("--batch", default="50", help="comma list of batch sizes (the paper's 50 by default; e.g. 50,256)")
     ap.add_argument("--penalties", default=None, help=f"comma list of {', '.join(gr.KINDS)} (default: all; "
                     f"--quick: {QUICK_PENALTIES})")
     ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} (default: all; "
