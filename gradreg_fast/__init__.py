@@ -7,7 +7,7 @@
 """
 from gradreg_fast._backend import BACKENDS, backends
 from gradreg_fast import reference, ops
-from gradreg_fast.penalties import KINDS, METHODS, confidence_penalty, penalty, weight_decay
+from gradreg_fast.penalties import GAN_KINDS, KINDS, METHODS, confidence_penalty, penalty, weight_decay
 from gradreg_fast.nn import GradRegLoss
 from gradreg_fast.nn.fuse import fuse
 from gradreg_fast.penalties.functional import functional_penalty
@@ -18,4 +18,4 @@ __all__ = [
     "BACKENDS", "KINDS", "METHODS", "GradRegLoss", "backends", "confidence_penalty", "ops", "penalty",
     "reference", "weight_decay",
 ]
-__all__ += ["fuse", "functional_penalty"]
+__all__ += ["fuse", "functional_penalty", "GAN_KINDS"]

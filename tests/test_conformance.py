@@ -26,7 +26,7 @@ _MATRIX = conformance.Matrix()
 
 
 def expected_refusal(model, kind, method):
-    if method == "jvp" and kind in JVP_UNSERVED:
+    if method == "jvp" and (kind in JVP_UNSERVED or kind in conformance.GAN_KINDS):
         return "serves frobreg, jacreg only"
     table = EXPECTED_REFUSALS.get(model, {})
     return table.get((kind, method), table.get(("*", method)))
@@ -34,6 +34,8 @@ def expected_refusal(model, kind, method):
 
 CELLS = [(m, k, meth) for m in zoo.ZOO for k in conformance.KINDS for meth in ("exact", "hvp", "fd")]
 JVP_CELLS = [(m, k) for m in zoo.ZOO for k in ("frobreg", "jacreg")]
+# GAN kinds on the discriminators only (the classifier kinds are not run on them, nor these on classifiers)
+GAN_CELLS = [(m, k, meth) for m in zoo.DISCRIMINATORS for k in conformance.GAN_KINDS for meth in conformance.METHODS]
 
 
 def _check(cell, model, kind, method):
@@ -50,7 +52,8 @@ def _check(cell, model, kind, method):
     elif method == "fd":
         assert cell.status == "approx" and cell.value_err <= conformance.EXACT_RTOL
         if zoo.ZOO_SPECS[model]["smooth"] or model in ("resnet_bn_eval", "lenet", "residual_inplace",
-                                                       "groupnorm_cnn", "instancenorm_cnn", "resnet_bn_train"):
+                                                       "groupnorm_cnn", "instancenorm_cnn", "resnet_bn_train",
+                                                       *zoo.DISCRIMINATORS):
             # fp64, tiny inputs, default step: no activation kink is crossed on these models; the error is
             # the O(t²) truncation (issue on fd's meaning for kinks: see the README's fd section)
             assert cell.grad_err <= conformance.FD_SMOOTH_RTOL, f"fd gradient error {cell.grad_err:.2e}"
@@ -58,6 +61,11 @@ def _check(cell, model, kind, method):
 
 @pytest.mark.parametrize("model,kind,method", CELLS)
 def test_cell(model, kind, method):
+    _check(_MATRIX.run(model, kind, method), model, kind, method)
+
+
+@pytest.mark.parametrize("model,kind,method", GAN_CELLS)
+def test_gan_cell(model, kind, method):
     _check(_MATRIX.run(model, kind, method), model, kind, method)
 
 
@@ -73,6 +81,7 @@ def test_jvp_refuses_unserved_kinds(kind):
 
 def test_every_zoo_model_is_in_the_matrix():
     assert {m for m, _, _ in CELLS} == set(zoo.ZOO)
+    assert {m for m, _, _ in GAN_CELLS} == set(zoo.DISCRIMINATORS) and not set(zoo.ZOO) & set(zoo.DISCRIMINATORS)
     assert set(EXPECTED_REFUSALS) <= set(zoo.ZOO)
 
 
@@ -161,3 +170,12 @@ def test_fuse_under_autocast():
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     grads = torch.autograd.grad(p, list(fused.parameters()), allow_unused=True, materialize_grads=True)
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_fd_refuses_half_precision_model_without_autocast():
+    """fd on a model held in bf16 (no autocast) gave gradients ~150% off, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).bfloat16()
+    x, y = torch.randn(5, 6, dtype=torch.bfloat16), torch.randint(4, (5,))
+    with pytest.raises(ValueError, match="method='exact' or method='hvp'"):
+        gr.penalty("doubleback", model, x, y, method="fd")

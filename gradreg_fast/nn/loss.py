@@ -10,7 +10,7 @@ from torch import nn
 from gradreg_fast._backend import check_backend, use_backend
 from gradreg_fast.penalties import (ESTIMATOR_OPTIONS, PROBLEM_OPTIONS, check_method, grad_enabled_copy,
                                     grad_mode_off, penalty_from_output, schedules)
-from gradreg_fast.penalties._checks import (check_input, check_kind, check_lam, check_penalty_options,
+from gradreg_fast.penalties._checks import (GAN_KINDS, check_input, check_kind, check_lam, check_penalty_options,
                                             check_reduction)
 from gradreg_fast.penalties.core import Replay, differentiable_input, run_forward
 
@@ -79,6 +79,10 @@ class GradRegLoss(nn.Module):
                  backend: str | None = None, seed: int | None = None, **penalty_options):
         super().__init__()
         self.kind = check_kind(penalty)
+        if self.kind in GAN_KINDS:
+            raise ValueError(f"GradRegLoss adds a penalty to a classifier's base loss; for the GAN kind "
+                             f"{self.kind!r} add gr.penalty({self.kind!r}, D, x, ...) to the discriminator's "
+                             "loss yourself (lazy, StyleGAN2-style: every=16, step=t)")
         self.lam = check_lam(lam)
         check_method(method)
         self.every = schedules.check_every(every)

@@ -8,13 +8,14 @@ import torch
 from gradreg_fast._backend import check_backend, use_backend
 from gradreg_fast._guards import run_estimator
 from gradreg_fast.penalties import schedules
-from gradreg_fast.penalties._checks import (KINDS, REDUCTIONS, check_input, check_kind, check_penalty_options,
-                                            check_reduction)
+from gradreg_fast.penalties._checks import (GAN_KINDS, KINDS, REDUCTIONS, check_gan_options, check_input,
+                                            check_kind, check_penalty_options, check_reduction)
 from gradreg_fast.penalties.baselines import confidence_penalty, weight_decay
-from gradreg_fast.penalties.core import Problem, Replay, build_problem, differentiable_input, run_forward
+from gradreg_fast.penalties.core import (Problem, Replay, build_problem, differentiable_input, interpolates,
+                                         run_forward)
 from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS
 
-PROBLEM_OPTIONS = ("projection", "n_proj", "per_sample", "generator", "loss_fn")
+PROBLEM_OPTIONS = ("projection", "n_proj", "per_sample", "generator", "loss_fn", "target_norm", "one_sided")
 
 
 def check_method(method: str) -> Callable[[Problem], torch.Tensor]:
@@ -112,7 +113,8 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
             n_proj: int = 1, per_sample: bool = False, generator: torch.Generator | None = None,
             loss_fn: Callable | None = None, fd_h: float | None = None, fd_scheme: str | None = None,
             every: int = 1, step: int | None = None, subsample: float | None = None, reduction: str = "mean",
-            backend: str | None = None) -> torch.Tensor:
+            backend: str | None = None, fake: torch.Tensor | None = None, target_norm: float | None = None,
+            one_sided: bool | None = None) -> torch.Tensor:
     """Gradient penalty of ``model`` at inputs ``x``, averaged over the batch (``reduction``).
 
     With f = model, J_i = ∂f(x_i)/∂x_i and p = softmax(f):
@@ -126,6 +128,18 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     - "jacreg":        mean_i ‖∂p(x_i)/∂x_i‖_F².
     - "onehot":        mean_i ‖∂f_{y_i}(x_i)/∂x_i‖².
     - "random_onehot": mean_i ‖∂f_{c_i}(x_i)/∂x_i‖², c_i uniform over the classes (from ``generator``).
+
+    GAN discriminators (``model`` = D or the critic, one score per sample: output (B,) or (B, 1); no y):
+
+    - "r1":      mean_i ‖∇ₓD(x_i)‖² at x (Mescheder et al. 2018 use γ/2 times it, on real data).
+                 R2 is the same kind called on generated data: penalty("r1", D, x_fake.detach()).
+    - "wgan_gp": mean_i (‖∇ₓD(x̂_i)‖ − c)² at x̂_i = fake_i + ε_i (x_i − fake_i), ε_i ~ U(0, 1) drawn
+                 as torch.rand(B) from ``generator`` (Gulrajani et al. 2017: c = 1, times λ = 10);
+                 ``one_sided=True``: mean_i max(0, ‖∇ₓD(x̂_i)‖ − c)². x is the real batch.
+                 With φ(s) = (√s − c)², ∇_θ P_i = φ′(‖g_i‖²) ∇_θ‖g_i‖²: "exact" differentiates
+                 through φ, "hvp" and "fd" weight their per-sample terms by φ′ (see estimators.py).
+    Lazy regularization as in StyleGAN2 (R1 every 16 steps): every=16, step=t gives 16·P on active
+    steps and 0 otherwise. method="jvp" does not serve these kinds.
 
     Args:
         kind: one of the names above.
@@ -148,6 +162,10 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         backend: backend of the penalty's ops ("reference", "cpp", "cuda", "triton", "auto"; None:
             GRADREG_BACKEND, else auto). Checked now, as the environment variable is: a backend
             that cannot run here raises; it never falls back.
+        fake: "wgan_gp" only (required): the generated batch, shaped like x (pass it detached in the
+            discriminator step; if it requires grad, the penalty differentiates into it too).
+        target_norm: "wgan_gp" only: the norm c the critic's gradient is pulled to (default 1).
+        one_sided: "wgan_gp" only: penalize only norms above c (default False).
 
     Grad mode: under torch.no_grad() or torch.inference_mode() the penalty's value is computed
     with gradients enabled on a copy of x (inference tensors are cloned) and returned detached.
@@ -166,7 +184,9 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     if not callable(model):
         raise TypeError(f"model must be callable (an nn.Module or function), got {type(model).__name__}")
     check_penalty_options(kind, method, projection=projection, n_proj=n_proj, per_sample=per_sample,
-                          generator=generator, loss_fn=loss_fn, fd_h=fd_h, fd_scheme=fd_scheme)
+                          generator=generator, loss_fn=loss_fn, fd_h=fd_h, fd_scheme=fd_scheme,
+                          target_norm=target_norm, one_sided=one_sided)
+    check_gan_options(kind, x, y, fake)
     if reduction == "none" and subsample is not None and subsample != 1:
         raise ValueError("reduction='none' gives one penalty per sample of the batch; with subsample "
                          "only a random sub-batch has one: use subsample=None or reduction='mean'/'sum'")
@@ -182,16 +202,20 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
             value = penalty(kind, model, grad_enabled_copy(x), grad_enabled_copy(y), method=method,
                             projection=grad_enabled_copy(projection), n_proj=n_proj, per_sample=per_sample,
                             generator=generator, loss_fn=loss_fn, fd_h=fd_h, fd_scheme=fd_scheme, every=every,
-                            step=step, subsample=subsample, reduction=reduction, backend=backend)
+                            step=step, subsample=subsample, reduction=reduction, backend=backend,
+                            fake=grad_enabled_copy(fake), target_norm=target_norm, one_sided=one_sided)
         return value.detach()
+    gan = {} if kind != "wgan_gp" else {"target_norm": target_norm, "one_sided": one_sided}
     with use_backend(backend):
+        if kind == "wgan_gp":   # the penalty is taken at x̂ = fake + ε (x − fake), ε from the generator
+            x = interpolates(x, fake, generator)
         return _penalty(kind, model, x, y, method=method, projection=projection, n_proj=n_proj,
                         per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,
-                        fd_scheme=fd_scheme, every=every, subsample=subsample, reduction=reduction)
+                        fd_scheme=fd_scheme, every=every, subsample=subsample, reduction=reduction, **gan)
 
 
 def _penalty(kind, model, x, y, *, method, projection, n_proj, per_sample, generator, loss_fn, fd_h, fd_scheme,
-             every, subsample, reduction) -> torch.Tensor:
+             every, subsample, reduction, **gan) -> torch.Tensor:
     x_in = differentiable_input(x)
     replay = Replay(model, x.device) if method != "exact" else None
     # with subsample the model runs on the sub-batch only (inside penalty_from_output)
@@ -199,9 +223,9 @@ def _penalty(kind, model, x, y, *, method, projection, n_proj, per_sample, gener
     value = penalty_from_output(kind, out, x_in, y, method=method, model=model, replay=replay,
                                 subsample=subsample, projection=projection, n_proj=n_proj,
                                 per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,
-                                fd_scheme=fd_scheme, reduction=reduction)
+                                fd_scheme=fd_scheme, reduction=reduction, **gan)
     return value * every if every > 1 else value
 
 
-__all__ = ["KINDS", "METHODS", "REDUCTIONS", "penalty", "penalty_from_output", "confidence_penalty",
+__all__ = ["KINDS", "GAN_KINDS", "METHODS", "REDUCTIONS", "penalty", "penalty_from_output", "confidence_penalty",
            "weight_decay"]

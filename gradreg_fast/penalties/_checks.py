@@ -9,11 +9,15 @@ import torch
 KINDS = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot")
 # Penalties defined on class scores: the output must be (B, K).
 CLASSIFIER_KINDS = ("doubleback", "jacreg", "onehot", "random_onehot")
+# GAN discriminator penalties (R1/R2, WGAN-GP): the output must be one score per sample, (B,) or (B, 1).
+# Kept apart from KINDS, which lists the classifier penalties GradRegLoss and the examples iterate over.
+GAN_KINDS = ("r1", "wgan_gp")
+ALL_KINDS = KINDS + GAN_KINDS
 
 
 def check_kind(kind: str) -> str:
-    if not isinstance(kind, str) or kind.lower() not in KINDS:
-        raise ValueError(f"unknown penalty kind {kind!r}; choose one of: {', '.join(KINDS)}")
+    if not isinstance(kind, str) or kind.lower() not in ALL_KINDS:
+        raise ValueError(f"unknown penalty kind {kind!r}; choose one of: {', '.join(ALL_KINDS)}")
     return kind.lower()
 
 
@@ -58,6 +62,10 @@ def check_output(out: torch.Tensor, batch: int, kind: str) -> torch.Tensor:
     if kind in CLASSIFIER_KINDS and out.dim() != 2:
         raise ValueError(f"penalty {kind!r} is defined on class scores: the model output (logits) must be "
                          f"(B, K), got shape {tuple(out.shape)}")
+    if kind in GAN_KINDS and tuple(out.shape) not in ((batch,), (batch, 1)):
+        raise ValueError(f"penalty {kind!r} is defined on a discriminator's (critic's) score: the model output "
+                         f"must be one score per sample, shape ({batch},) or ({batch}, 1), got shape "
+                         f"{tuple(out.shape)}; reduce a patch discriminator's map to one score per sample first")
     if not out.is_floating_point():
         raise TypeError(f"the model output must be floating, got {out.dtype}")
     return out.reshape(batch, -1)
@@ -87,10 +95,41 @@ def check_reduction(reduction) -> str:
     return reduction
 
 
+def check_gan_options(kind: str, x: torch.Tensor, y=None, fake=None) -> None:
+    """The GAN arguments of gr.penalty: ``fake`` (WGAN-GP's generated batch, shaped like x) applies to
+    kind='wgan_gp' only and is required there; y does not apply to the GAN kinds."""
+    if kind in GAN_KINDS and y is not None:
+        raise ValueError(f"y does not apply to kind={kind!r} (the penalty is on the discriminator's input "
+                         "gradient, no labels); for a conditional discriminator pass "
+                         "model=lambda x: D(x, labels)")
+    if kind != "wgan_gp":
+        if fake is not None:
+            raise ValueError(f"fake= applies to kind='wgan_gp' only, not {kind!r} (R2 is kind='r1' called on "
+                             "the generated batch: gr.penalty('r1', D, x_fake.detach()))")
+        return
+    if fake is None:
+        raise ValueError("kind='wgan_gp' needs the generated batch: gr.penalty('wgan_gp', D, x_real, "
+                         "fake=x_fake.detach()); the penalty is taken at random interpolates of the two")
+    if not isinstance(fake, torch.Tensor):
+        raise TypeError(f"fake must be a torch.Tensor shaped like x, got {type(fake).__name__}")
+    if fake.shape != x.shape or fake.dtype != x.dtype or fake.device != x.device:
+        raise ValueError(f"fake must match x in shape, dtype and device: x is {tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}, fake is {tuple(fake.shape)} {fake.dtype} on {fake.device}")
+
+
 def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, per_sample=False,
-                          generator=None, loss_fn=None, fd_h=None, fd_scheme=None) -> None:
+                          generator=None, loss_fn=None, fd_h=None, fd_scheme=None, target_norm=None,
+                          one_sided=None) -> None:
     """Every option of gr.penalty / GradRegLoss checked before any work: type, range, and whether it
     applies to this kind and method (an option that would be ignored raises instead)."""
+    if (target_norm is not None or one_sided is not None) and kind != "wgan_gp":
+        raise ValueError(f"target_norm and one_sided apply to kind='wgan_gp' only, not {kind!r}")
+    if target_norm is not None and (isinstance(target_norm, bool) or not isinstance(target_norm, numbers.Real)
+                                    or not math.isfinite(target_norm) or target_norm <= 0):
+        raise ValueError(f"target_norm must be a finite number > 0 (the gradient norm the critic is pulled "
+                         f"to, default 1), got {target_norm!r}")
+    if one_sided is not None and not isinstance(one_sided, bool):
+        raise TypeError(f"one_sided must be True or False, got {one_sided!r}")
     if isinstance(n_proj, bool) or not isinstance(n_proj, int) or n_proj < 1:
         raise ValueError(f"n_proj must be a positive integer (the number of random projections), got {n_proj!r}")
     if n_proj != 1 and kind != "spectreg" and method != "jvp":

@@ -12,6 +12,14 @@ with a per-sample target u (B, K') and cotangents R (n, B, K'):
     jacreg         u = softmax(f) (B, K)   R = e_1 … e_K          scale 1
     onehot         u = f(x)       (B, K)   R = e_{y_i}            scale 1
     random_onehot  u = f(x)       (B, K)   R = e_{c_i}, c_i ~ U   scale 1
+    r1             u = D(x)       (B, 1)   R = 1                  scale 1
+    wgan_gp        u = D(x̂)       (B, 1)   R = 1                  scale 1, then φ(s) = (√s − c)²
+
+The GAN kinds take a discriminator D with one score per sample. R1 is the plain ‖∇ₓD(x)‖² (R2: the
+same called on generated data). WGAN-GP evaluates D at interpolates x̂ = x_fake + ε (x_real − x_fake),
+ε ~ U(0, 1) per sample, and applies a per-sample *outer function* φ to s_b = scale · Σ_j ‖G[j, b]‖²:
+P_b = φ(s_b) (``Problem.outer``, with its derivative ``Problem.outer_grad``), so that
+∇_θ P_b = φ′(s_b) · ∇_θ s_b, which every estimator gets from its own ∇_θ s_b (see estimators.py).
 
 (the per-sample reading assumes samples do not interact inside the model: with BatchNorm in
 training mode the "per-sample" gradient is that of the batch statistic). An estimator (``method``)
@@ -135,6 +143,10 @@ class Problem:
     n_proj: int = 1
     generator: torch.Generator | None = None
     options: dict = field(default_factory=dict)    # estimator options (fd_h, fd_scheme, ...)
+    # per-sample outer function: P_b = outer(s_b), s_b = scale · Σ_j ‖G[j, b]‖² (None: P_b = s_b);
+    # ``outer`` is differentiable by autograd, ``outer_grad`` its derivative φ′ (both elementwise on (B,))
+    outer: Callable[[torch.Tensor], torch.Tensor] | None = None
+    outer_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def attached(self) -> bool:
@@ -223,11 +235,53 @@ def projected_outputs_composite(seed: int, n_proj: int, per_sample: bool) -> Cal
     return transform
 
 
+def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """√s with derivative 0 (not inf) at s = 0, so that 0 · ∞ never makes a NaN gradient."""
+    pos = s > 0
+    return torch.where(pos, torch.where(pos, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
+
+
+def gradient_norm_outer(target_norm: float = 1.0, one_sided: bool = False
+                        ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """WGAN-GP's per-sample outer function of the squared gradient norm s = ‖g‖² and its derivative:
+
+        φ(s) = (√s − c)²                  φ′(s) = (√s − c)/√s = 1 − c/√s
+        one-sided: φ(s) = max(0, √s − c)²  φ′(s) = max(0, √s − c)/√s
+
+    with c = ``target_norm``. At s = 0 (a zero gradient, where the direction is undefined) φ′ is
+    taken as 0, as torch's norm takes the subgradient 0 there."""
+    c = float(target_norm)
+
+    def outer(s: torch.Tensor) -> torch.Tensor:
+        d = _safe_sqrt(s) - c
+        if one_sided:
+            d = d.clamp_min(0)
+        return d * d
+
+    def outer_grad(s: torch.Tensor) -> torch.Tensor:
+        norm = _safe_sqrt(s)
+        d = norm - c
+        if one_sided:
+            d = d.clamp_min(0)
+        return torch.where(s > 0, d / torch.where(s > 0, norm, torch.ones_like(norm)), torch.zeros_like(s))
+    return outer, outer_grad
+
+
+def interpolates(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """WGAN-GP's x̂ = fake + ε (real − fake), ε ~ U(0, 1) per sample: ε = torch.rand(B) from ``generator``
+    on x's device, in x's dtype (float32 for 16-bit x, then cast). Differentiable in real and fake."""
+    work = real.dtype if real.dtype in (torch.float32, torch.float64) else torch.float32
+    eps = torch.rand((real.shape[0],), generator=generator, device=real.device, dtype=work).to(real.dtype)
+    eps = eps.reshape((real.shape[0],) + (1,) * (real.dim() - 1))
+    return fake + eps * (real - fake)
+
+
 def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, *,
                   model: Callable | None = None, projection: torch.Tensor | None = None, n_proj: int = 1,
                   per_sample: bool = False, generator: torch.Generator | None = None,
                   loss_fn: Callable | None = None, replay: Replay | None = None,
-                  options: dict | None = None) -> Problem:
+                  options: dict | None = None, target_norm: float | None = None,
+                  one_sided: bool | None = None) -> Problem:
     kind = _checks.check_kind(kind)
     batch = x.shape[0]
     transform_func = None   # composite twin of ``transform`` where that uses a fused op
@@ -237,8 +291,19 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         raise ValueError(f"n_proj must be a positive integer, got {n_proj!r}")
     if projection is not None and kind != "spectreg":
         raise ValueError(f"projection applies to 'spectreg' only, not {kind!r}")
+    if (target_norm is not None or one_sided is not None) and kind != "wgan_gp":
+        raise ValueError(f"target_norm and one_sided apply to kind='wgan_gp' only, not {kind!r}")
+    outer = outer_grad = None
 
-    if kind == "doubleback":
+    if kind in _checks.GAN_KINDS:
+        # u = D's score (B, 1), R = 1: G = ∇ₓ Σ_b D(x_b), whose row b is ∇ₓD(x_b)
+        transform = lambda o: o.reshape(batch, 1)  # noqa: E731
+        R = torch.ones(1, batch, 1, device=x.device, dtype=flat.dtype)
+        scale = 1.0
+        if kind == "wgan_gp":
+            outer, outer_grad = gradient_norm_outer(1.0 if target_norm is None else target_norm,
+                                                    bool(one_sided))
+    elif kind == "doubleback":
         fn = loss_fn if loss_fn is not None else default_loss
         _checks.check_labels(y, batch, kind, num_classes=num if loss_fn is None else None)
 
@@ -286,4 +351,5 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
         R = R.to(u.dtype)   # the fused cross-entropy returns float32 losses for fp16/bf16 logits
     return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform,
                    transform_func=transform_func, replay=replay,
-                   n_proj=n_proj, generator=generator, options=dict(options or {}))
+                   n_proj=n_proj, generator=generator, options=dict(options or {}),
+                   outer=outer, outer_grad=outer_grad)

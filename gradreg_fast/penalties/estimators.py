@@ -19,6 +19,11 @@ forward-over-reverse products). When the caller's x requires grad (an input they
 output of upstream layers such as an embedding), every method also differentiates with respect to x,
 so the layers upstream of x are trained by the penalty too.
 
+A Problem may carry a per-sample outer function φ (WGAN-GP: P_b = φ(s_b) = (√s_b − c)²,
+s_b = scale · Σ_j ‖G[j, b]‖²). Then ∇_θ P_b = φ′(s_b) · ∇_θ s_b: exact differentiates through φ by
+autograd; hvp and fd multiply their per-sample weights by φ′(s_b), evaluated at the call (a
+per-sample constant, so _Deferred's precomputed gradients stay valid); jvp does not serve these kinds.
+
 Each estimator builds the per-sample terms P_b = scale · Σ_j ‖G[j, b]‖² (and per-sample surrogates
 whose parameter gradient is ∇_θ P_b) and reduces them once, in ``reduce_samples``, as
 ``p.options["reduction"]`` says: "mean" (default, the batch mean), "sum", or "none" (the (B,)
@@ -99,11 +104,27 @@ def _prefers_loop(model) -> bool:
     return isinstance(model, torch.nn.Module) and any(isinstance(m, _LOOP_LAYERS) for m in model.modules())
 
 
-def _penalty_value(p: Problem, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample scale · Σ_j ‖G[j, b]‖² (B,) from G (n, B, ...), through the fused sq_norm op."""
+def _sq_norms(p: Problem, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample s_b = scale · Σ_j ‖G[j, b]‖² (B,) from G (n, B, ...), through the fused sq_norm op."""
     n, batch = g.shape[0], g.shape[1]
     norms = sq_norm(g.reshape((n * batch,) + tuple(g.shape[2:]))).reshape(n, batch)
     return p.scale * norms.sum(0)
+
+
+def _penalty_value(p: Problem, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample penalty P_b (B,): s_b = scale · Σ_j ‖G[j, b]‖², or φ(s_b) when the Problem has a
+    per-sample outer function φ (WGAN-GP's (√s − c)²)."""
+    s = _sq_norms(p, g)
+    return s if p.outer is None else p.outer(s)
+
+
+def _outer_factor(p: Problem, g: torch.Tensor) -> torch.Tensor | None:
+    """φ′(s_b) (B,) for a Problem with an outer function, None without one: ∇_θ φ(s_b) = φ′(s_b) ∇_θ s_b,
+    so the first-order estimators (hvp, fd) multiply their per-sample weights by it. Fixed at the call."""
+    if p.outer is None:
+        return None
+    with torch.no_grad():
+        return p.outer_grad(_sq_norms(p, g.detach()))
 
 
 def _reduction(p: Problem) -> str:
@@ -282,14 +303,17 @@ def hvp(p: Problem) -> torch.Tensor:
     for the mean) by torch.func.jvp over torch.func.vjp of a functional call of the model, one
     pass per cotangent (K for FrobReg/JacReg), on composite ops and the math attention kernel. It
     holds with BatchNorm's batch statistics too (G[j] is then the batch's input gradient).
+    With a per-sample outer function (WGAN-GP: P_b = φ(s_b)) the weights become w_b · φ′(s_b),
+    φ′ evaluated at the call from the same G: ∇_θ Σ_b w_b φ(s_b) = Σ_b w_b φ′(s_b) ∇_θ s_b, exact.
     """
     _needs_module(p, "hvp")
     g = input_vjps(p, create_graph=False, retain_graph=True).detach()
     value = _penalty_value(p, g)
     coef = 2.0 * p.scale
+    factor = _outer_factor(p, g)   # φ′(s_b) with an outer function (WGAN-GP), else None
 
     def grads(w: torch.Tensor) -> list[torch.Tensor]:
-        ws = coef * _per_sample(w, g[0])
+        ws = coef * _per_sample(w if factor is None else w * factor.to(w.dtype), g[0])
         return directional_grads(p, [(p.R[j], ws * g[j]) for j in range(g.shape[0])])
     return reduce_samples(p, _deferred(p, value, grads))
 
@@ -315,7 +339,10 @@ def fd(p: Problem) -> torch.Tensor:
 
     realized as a surrogate Σ_b w_b ⟨R[j, b], u_b(x ± t d)⟩ through ordinary forward passes, so
     the caller's single backward does the rest: first derivatives only, it works through ops
-    without a double backward. Under autocast the perturbed passes run in fp32 (autocast off;
+    without a double backward. With a per-sample outer function (WGAN-GP: P_b = φ(s_b)), G[j, b] is
+    replaced by φ′(s_b) · G[j, b] in the direction and the weight (φ′ fixed at the call; a negative
+    φ′ flips the direction), so the same difference quotient estimates Σ_b φ′(s_b) ∇_θ s_b.
+    Under autocast the perturbed passes run in fp32 (autocast off;
     the forward scheme then re-evaluates its base point in fp32 too); the step is computed in
     fp32 (fp64 for fp64 inputs). A sample with
     ‖G‖ = 0 is not perturbed and contributes 0. Each of the n cotangents costs one (forward) or
@@ -327,6 +354,12 @@ def fd(p: Problem) -> torch.Tensor:
     coupled = p.coupled
     if coupled and _reduction(p) == "none":
         raise ValueError("method='fd' on a model with batch statistics (BatchNorm in training mode) "
+    if p.x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(p.x.device.type):
+        # a difference of two half-precision forwards at a small step is mostly rounding (measured:
+        # gradients 150% off on a bf16 MLP); under autocast the perturbed passes run in fp32 instead
+        raise ValueError(f"method='fd' differences two forward passes of a {p.x.dtype} model, which cancel "
+                         "to rounding noise: use method='exact' or method='hvp', or keep the model in fp32 "
+                         "and run it under torch.autocast (fd then takes its differences in fp32)")
                          "perturbs the batch as a whole, so it gives the gradient of the reduced penalty "
                          "only: use reduction='mean' or 'sum', or method='exact' or 'hvp' for per-sample "
                          "penalties")
@@ -335,6 +368,7 @@ def fd(p: Problem) -> torch.Tensor:
     n, batch = g.shape[0], g.shape[1]
     work = torch.promote_types(p.x.dtype, torch.float32)
     x0 = p.x.detach().to(work)
+    factor = _outer_factor(p, g)   # φ′(s_b) with an outer function (WGAN-GP), else None
     # perturbed passes start from x itself when x requires grad (upstream layers get their gradient)
     xs = p.x.to(work) if p.attached else x0
     rms = x0.pow(2).mean().sqrt()
@@ -343,6 +377,9 @@ def fd(p: Problem) -> torch.Tensor:
     if coupled:   # one direction for the whole batch: G[j] is the batch's input gradient
         norms = gw.reshape(n, -1).norm(dim=1).reshape(n, 1).expand(n, batch)
     else:
+    if factor is not None:
+        # ∇_θ Σ_b φ(s_b) = Σ_b φ′(s_b) ∇_θ s_b: difference along φ′(s_b)·G[j, b] instead of G[j, b]
+        gw = gw * factor.to(work).reshape((1, batch) + (1,) * (g.dim() - 2))
         norms = gw.reshape(n, batch, -1).norm(dim=2)                          # (n, B)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     d = gw / safe.reshape((n, batch) + (1,) * (g.dim() - 2))                  # 0 where ‖G‖ = 0

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradreg_fast.penalties._checks import (check_input, check_kind, check_labels, check_output,
+from gradreg_fast.penalties._checks import (GAN_KINDS, KINDS, check_input, check_kind, check_labels, check_output,
                                             check_projection, check_reduction)
 
 
@@ -65,6 +65,9 @@ def functional_penalty(kind: str, model: nn.Module, params: Mapping[str, torch.T
         (and by torch.autograd when ``params`` require grad).
     """
     kind = check_kind(kind)
+    if kind in GAN_KINDS:
+        raise ValueError(f"functional_penalty serves the classifier kinds ({', '.join(KINDS)}), not the GAN "
+                         f"kind {kind!r}: use gr.penalty({kind!r}, D, x, ...)")
     if kind == "random_onehot":
         raise ValueError("functional_penalty has no random draws: for 'random_onehot' pass kind='onehot' "
                          "with y = your random classes (e.g. torch.randint(K, (B,), generator=g))")

@@ -11,14 +11,16 @@ from gradreg_fast.reference.penalties import (
     frobreg,
     jacreg,
     onehot,
+    r1,
     random_onehot,
     spectreg,
+    wgan_gp,
     weight_decay,
 )
 
 __all__ = [
     "acc_dtype", "sq_norm", "sq_norm_backward",
-    "doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot",
+    "doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot", "r1", "wgan_gp",
     "confidence_penalty", "weight_decay",
 ]
 from gradreg_fast.reference.fused import (  # noqa: E402

@@ -1,7 +1,8 @@
 """Reference penalties (PAPER.md), each averaged over the batch.
 
 Written independently of gradreg_fast.penalties: one create_graph=True gradient per class or
-projection, in a Python loop. ``model`` maps x of shape (B, ...) to outputs of shape (B, K).
+projection, in a Python loop. ``model`` maps x of shape (B, ...) to outputs of shape (B, K)
+(a discriminator's (B,) or (B, 1) scores for ``r1`` and ``wgan_gp``).
 """
 from __future__ import annotations
 
@@ -65,6 +66,26 @@ def onehot(model: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def random_onehot(model: Callable, x: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """mean_i ‖∂f_{c_i}(x_i)/∂x_i‖² for given classes c (drawn uniformly by the caller)."""
     return onehot(model, x, classes)
+
+
+def r1(model: Callable, x: torch.Tensor) -> torch.Tensor:
+    """mean_i ‖∇ₓD(x_i)‖², D = ``model`` with one score per sample ((B,) or (B, 1)). R1 on real data
+    (Mescheder et al. 2018 weight it by γ/2); R2 is the same on generated data."""
+    x = _input(x)
+    return _mean_sq_grad(model(x).sum(), x)
+
+
+def wgan_gp(model: Callable, real: torch.Tensor, fake: torch.Tensor, eps: torch.Tensor,
+            target_norm: float = 1.0, one_sided: bool = False) -> torch.Tensor:
+    """mean_i (‖∇ₓD(x̂_i)‖ − c)² at x̂_i = fake_i + ε_i (real_i − fake_i) for the given ε (B,)
+    (Gulrajani et al. 2017, c = ``target_norm``); one-sided: mean_i max(0, ‖∇ₓD(x̂_i)‖ − c)²."""
+    e = eps.reshape((real.shape[0],) + (1,) * (real.dim() - 1)).to(real.dtype)
+    x = _input(fake.detach() + e * (real.detach() - fake.detach()))
+    (g,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    d = g.reshape(g.shape[0], -1).pow(2).sum(1).sqrt() - target_norm
+    if one_sided:
+        d = torch.relu(d)
+    return d.pow(2).mean()
 
 
 def confidence_penalty(logits: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ JVP_MAX_CALLS = 400
 JVP_N_PROJ = 2
 JVP_REPEAT = 16           # jvp cells run on the zoo batch repeated 16 times: 16x the independent draws per call
 KINDS = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot")
+GAN_KINDS = ("r1", "wgan_gp")   # on zoo.DISCRIMINATORS only (and the classifier KINDS on zoo.ZOO only)
 METHODS = ("exact", "hvp", "fd", "jvp")
 GEN_SEED = 7
 RNG_SEED = 123
@@ -92,6 +93,8 @@ class Matrix:
         if kind == "spectreg":   # two per-sample projections, drawn here (independent of the library's RNG)
             g = torch.Generator().manual_seed(99)
             return {"projection": torch.randn(2, zoo.BATCH, zoo.K, generator=g, dtype=self.dtype)}
+        if kind == "wgan_gp":    # the generated batch; ε comes from the call's generator (GEN_SEED)
+            return {"fake": case.notes["fake"]}
         return {}
 
     def truth(self, name: str, kind: str, repeat: int = 1) -> ground_truth.Truth:
@@ -103,8 +106,11 @@ class Matrix:
             classes = None
             if kind == "random_onehot":   # the library's draw: torch.randint from the caller's generator
                 classes = torch.randint(zoo.K, (zoo.BATCH,), generator=torch.Generator().manual_seed(GEN_SEED))
+            eps = None
+            if kind == "wgan_gp":   # the library's draw: torch.rand(B) in x's dtype from the caller's generator
+                eps = torch.rand(zoo.BATCH, generator=torch.Generator().manual_seed(GEN_SEED), dtype=self.dtype)
             self._truth[key] = ground_truth.penalty(case, kind, projection=opts.get("projection"),
-                                                    classes=classes, rng_seed=RNG_SEED, repeat=repeat)
+                                                    classes=classes, rng_seed=RNG_SEED, repeat=repeat, eps=eps)
             _restore(case.model, saved)
         return self._truth[key]
 
@@ -114,7 +120,7 @@ class Matrix:
         _restore(case.model, saved)
         torch.manual_seed(RNG_SEED)
         x = ground_truth.repeated_batch(case.input(), repeat)
-        y = ground_truth.repeated_batch(case.y, repeat)
+        y = ground_truth.repeated_batch(case.y, repeat) if kind not in GAN_KINDS else None
         value = gr.penalty(kind, case.model, x, y, method=method,
                            generator=torch.Generator().manual_seed(gen_seed), **self.options(case, kind), **extra)
         grads = torch.autograd.grad(value, case.params, allow_unused=True)
@@ -208,8 +214,9 @@ def table(cells: list[Cell]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(zoo.ZOO))
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--models", default=",".join(zoo.ZOO + zoo.DISCRIMINATORS))
+    ap.add_argument("--kinds", default=",".join(KINDS + GAN_KINDS),
+                    help="classifier kinds run on the classifiers, GAN kinds on the discriminators")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=None, help="write the markdown table here")
     a = ap.parse_args(argv)
@@ -217,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     mat = Matrix()
     cells = []
     for m in a.models.split(","):
-        for k in a.kinds.split(","):
+        served = GAN_KINDS if m in zoo.DISCRIMINATORS else KINDS
+        for k in [k for k in a.kinds.split(",") if k in served]:
             for meth in a.methods.split(","):
                 c = mat.run(m, k, meth)
                 cells.append(c)

@@ -11,6 +11,9 @@ With f = model, u the per-sample target of the kind and R the cotangents (see gr
     G_j = ∂(Σ_b R[j, b] · u_b)/∂x     (x-shaped; row b is sample b's input gradient when samples
                                       do not interact, the batch statistic's otherwise)
     per-sample penalty_b = scale · Σ_j ‖G_j[b]‖²,     value = mean_b penalty_b
+
+GAN kinds: "r1" is ‖∇ₓD(x_b)‖² (the single scalar Σ_b D(x_b)); "wgan_gp" is (‖∇ₓD(x̂_b)‖ − c)² at
+x̂ = fake + ε (x − fake) for the given ε, with the norm taken as ``pow(2).sum().sqrt()``.
 """
 from __future__ import annotations
 
@@ -61,20 +64,27 @@ def targets(kind: str, out: torch.Tensor, y: torch.Tensor, projection: torch.Ten
         return [out.gather(1, y.reshape(-1, 1)).sum()], 1.0
     if kind == "random_onehot":
         return [out.gather(1, classes.reshape(-1, 1)).sum()], 1.0
+    if kind in ("r1", "wgan_gp"):
+        return [out.sum()], 1.0
     raise ValueError(f"no ground truth for kind {kind!r}")
 
 
 def penalty(case: Case, kind: str, *, projection: torch.Tensor | None = None,
-            classes: torch.Tensor | None = None, rng_seed: int = 0, repeat: int = 1) -> Truth:
+            classes: torch.Tensor | None = None, rng_seed: int = 0, repeat: int = 1,
+            eps: torch.Tensor | None = None, target_norm: float = 1.0, one_sided: bool = False) -> Truth:
     """The penalty of ``kind`` on the zoo case and its gradient w.r.t. ``case.params``, in the dtype of
     the case. ``rng_seed`` seeds the global RNG right before the forward (dropout masks): seed the
     library's call the same way to compare. ``repeat`` > 1 evaluates the batch repeated that many times
-    (``repeated_batch``)."""
+    (``repeated_batch``). "wgan_gp" takes the interpolation weights ``eps`` (B,) and uses
+    ``case.notes["fake"]``; ``target_norm`` and ``one_sided`` as gr.penalty's."""
     model = case.twin if case.twin is not None else case.model
     with math_attention():
         torch.manual_seed(rng_seed)
         x = repeated_batch(case.input(), repeat)
-        y = repeated_batch(case.y, repeat)
+        y = repeated_batch(case.y, repeat) if case.y is not None else None
+        if kind == "wgan_gp":
+            fake = repeated_batch(case.notes["fake"], repeat)
+            x = fake + eps.reshape((-1,) + (1,) * (x.dim() - 1)) * (x - fake)
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
         out = model(x)
@@ -84,6 +94,9 @@ def penalty(case: Case, kind: str, *, projection: torch.Tensor | None = None,
             (g,) = torch.autograd.grad(s, x, create_graph=True)
             per_sample = per_sample + g.reshape(g.shape[0], -1).pow(2).sum(1)
         per_sample = scale * per_sample
+        if kind == "wgan_gp":
+            d = per_sample.sqrt() - target_norm
+            per_sample = (torch.relu(d) if one_sided else d).pow(2)
         value = per_sample.mean()
         grads = torch.autograd.grad(value, case.params, allow_unused=True)
     grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, case.params)]

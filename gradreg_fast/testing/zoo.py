@@ -13,6 +13,8 @@ backpropagation over every (model × penalty × method) cell runs in CI.
 finite differences converge to the exact gradient there, and estimate a different (finite-difference)
 penalty on piecewise-linear models. ``coupled`` says whether samples interact inside the model
 (BatchNorm with batch statistics): the per-sample input gradient is then that of the batch.
+``DISCRIMINATORS`` (same ``make_case``) are GAN discriminators with one score per sample, for the
+GAN kinds (r1, wgan_gp) only: x is the real batch, ``notes["fake"]`` a generated one, y is None.
 ``twin``, where given, is a twice-differentiable model with the same parameters and outputs, used by
 the ground truth when the model itself has an op without a double backward.
 """
@@ -35,7 +37,7 @@ class Case:
     name: str
     model: nn.Module
     make_input: Callable[[], torch.Tensor]
-    y: torch.Tensor
+    y: torch.Tensor | None          # None for the discriminators
     params: list[torch.Tensor]
     smooth: bool
     coupled: bool = False
@@ -257,6 +259,54 @@ class OnceDifferentiableMLP(nn.Module):
         return self.fc2(torch.tanh(h) if self.composite else _OnceTanh.apply(h))
 
 
+class DCGANDiscriminator(nn.Module):
+    """A DCGAN-style discriminator: strided 4x4 convolutions with LeakyReLU(0.2), no normalization,
+    a linear score head: output (B, 1)."""
+
+    def __init__(self, c_in: int = 3, width: int = 4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(c_in, width, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, 2, 1), nn.LeakyReLU(0.2), nn.Flatten())
+        self.head = nn.Linear(2 * width * 2 * 2, 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+class ResBlockD(nn.Module):
+    """Pre-activation residual block without normalization (as in SNGAN/StyleGAN2 discriminators)."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1)
+        self.short = nn.Conv2d(c_in, c_out, 1, bias=False)
+
+    def forward(self, x):
+        h = self.conv2(F.leaky_relu(self.conv1(F.leaky_relu(x, 0.2)), 0.2))
+        return F.avg_pool2d(h + self.short(x), 2)
+
+
+class ResNetDiscriminator(nn.Module):
+    """A ResNet discriminator without normalization: conv stem, two downsampling residual blocks,
+    LeakyReLU, global sum pool, linear score: output (B,)."""
+
+    def __init__(self, c_in: int = 3, widths: tuple[int, ...] = (4, 6)):
+        super().__init__()
+        self.stem = nn.Conv2d(c_in, widths[0], 3, 1, 1)
+        blocks, c = [], widths[0]
+        for w in widths:
+            blocks.append(ResBlockD(c, w))
+            c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(c, 1)
+
+    def forward(self, x):
+        h = F.leaky_relu(self.blocks(self.stem(x)), 0.2).sum((2, 3))
+        return self.head(h).squeeze(1)
+
+
 def _mlp(act: Callable[[], nn.Module], d_in: int = 10, width: int = 8, k: int = K,
          wrap: Callable[[nn.Module], nn.Module] = lambda m: m) -> nn.Sequential:
     return nn.Sequential(wrap(nn.Linear(d_in, width)), act(), wrap(nn.Linear(width, width)), act(),
@@ -316,14 +366,21 @@ ZOO_SPECS: dict[str, dict] = {
                         shape=(10,), smooth=True, layers="Linear, RMSNorm, GELU"),
     "once_differentiable": dict(build=OnceDifferentiableMLP, shape=(10,), smooth=True,
                                 layers="custom autograd.Function with a once_differentiable backward"),
+    # discriminators (``discriminator=True``): one score per sample, for the GAN kinds (r1, wgan_gp) only
+    "dcgan_d": dict(build=DCGANDiscriminator, shape=(3, 8, 8), smooth=False, discriminator=True,
+                    layers="DCGAN discriminator: strided conv, LeakyReLU, no norm → (B, 1)"),
+    # 4x4 inputs: at 8x8 fd's default step crosses a LeakyReLU kink on one wgan_gp interpolate (measured)
+    "resnet_d": dict(build=ResNetDiscriminator, shape=(3, 4, 4), smooth=False, discriminator=True,
+                     layers="ResNet discriminator: conv, LeakyReLU, residual, avg-pool, no norm → (B,)"),
 }
-ZOO = tuple(ZOO_SPECS)
+ZOO = tuple(k for k, v in ZOO_SPECS.items() if not v.get("discriminator"))          # classifiers
+DISCRIMINATORS = tuple(k for k, v in ZOO_SPECS.items() if v.get("discriminator"))   # GAN kinds only
 
 
 def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> Case:
     """A fresh zoo case: random parameters (torch.manual_seed(seed)) and inputs from a seeded generator."""
     if name not in ZOO_SPECS:
-        raise ValueError(f"unknown zoo model {name!r}; choose one of: {', '.join(ZOO)}")
+        raise ValueError(f"unknown zoo model {name!r}; choose one of: {', '.join(ZOO + DISCRIMINATORS)}")
     spec = ZOO_SPECS[name]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(1000 + seed)
@@ -331,6 +388,12 @@ def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> C
     model.train(spec.get("train", True))
     y = torch.randint(K, (BATCH,), generator=gen)
     twin = None
+    if spec.get("discriminator"):
+        # real and generated batches (fresh random, never zeros); y unused (None) by the GAN kinds
+        x = torch.randn((BATCH,) + spec["shape"], generator=gen, dtype=dtype)
+        fake = 0.5 * torch.randn((BATCH,) + spec["shape"], generator=gen, dtype=dtype) + 0.3
+        return Case(name=name, model=model, make_input=_fixed(x), y=None, params=list(model.parameters()),
+                    smooth=spec["smooth"], layers=spec["layers"], notes={"fake": fake})
     if name == "text_embedding":
         emb = nn.Embedding(20, 6).to(dtype)
         tokens = torch.randint(20, (BATCH, 5), generator=gen)
