@@ -354,32 +354,26 @@ def fd(p: Problem) -> torch.Tensor:
     coupled = p.coupled
     if coupled and _reduction(p) == "none":
         raise ValueError("method='fd' on a model with batch statistics (BatchNorm in training mode) "
-    if p.x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(p.x.device.type):
-        # a difference of two half-precision forwards at a small step is mostly rounding (measured:
-        # gradients 150% off on a bf16 MLP); under autocast the perturbed passes run in fp32 instead
-        raise ValueError(f"method='fd' differences two forward passes of a {p.x.dtype} model, which cancel "
-                         "to rounding noise: use method='exact' or method='hvp', or keep the model in fp32 "
-                         "and run it under torch.autocast (fd then takes its differences in fp32)")
                          "perturbs the batch as a whole, so it gives the gradient of the reduced penalty "
                          "only: use reduction='mean' or 'sum', or method='exact' or 'hvp' for per-sample "
                          "penalties")
     g = input_vjps(p, create_graph=False, retain_graph=True).detach()
     value = _penalty_value(p, g)
+    factor = _outer_factor(p, g)   # φ′(s_b) with an outer function (WGAN-GP), else None
     n, batch = g.shape[0], g.shape[1]
     work = torch.promote_types(p.x.dtype, torch.float32)
     x0 = p.x.detach().to(work)
-    factor = _outer_factor(p, g)   # φ′(s_b) with an outer function (WGAN-GP), else None
     # perturbed passes start from x itself when x requires grad (upstream layers get their gradient)
     xs = p.x.to(work) if p.attached else x0
     rms = x0.pow(2).mean().sqrt()
     step = h * torch.where(rms > 0, rms, torch.ones_like(rms))
     gw = g.to(work)
-    if coupled:   # one direction for the whole batch: G[j] is the batch's input gradient
-        norms = gw.reshape(n, -1).norm(dim=1).reshape(n, 1).expand(n, batch)
-    else:
     if factor is not None:
         # ∇_θ Σ_b φ(s_b) = Σ_b φ′(s_b) ∇_θ s_b: difference along φ′(s_b)·G[j, b] instead of G[j, b]
         gw = gw * factor.to(work).reshape((1, batch) + (1,) * (g.dim() - 2))
+    if coupled:   # one direction for the whole batch: G[j] is the batch's input gradient
+        norms = gw.reshape(n, -1).norm(dim=1).reshape(n, 1).expand(n, batch)
+    else:
         norms = gw.reshape(n, batch, -1).norm(dim=2)                          # (n, B)
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
     d = gw / safe.reshape((n, batch) + (1,) * (g.dim() - 2))                  # 0 where ‖G‖ = 0
