@@ -211,6 +211,7 @@ def test_ptxas_log_parser():
     assert "void my_kernel<float>(float*)" in text and "20 / 12 SPILL" in text and "1 with a spill" in text
     # per kernel: both instantiations, 255 registers at 8 warps per block -> 1 block = 8 of 64 warps
     assert "| my_kernel | 2 | 255 | 12% (registers) | 30 | 100% (warps) | 24 | 1 |" in text
+    assert aot._kernel_name("void ns::(anonymous namespace)::k2<16, c10::Half, float>(float const*, long)") == "k2"
 
 
 @pytest.mark.parametrize("regs, smem, warps, blocks, limiter", [

@@ -393,7 +393,8 @@ def _demangle(names: list[str]) -> list[str]:
 
 def _kernel_name(demangled: str) -> str:
     """The function's own name in a demangled signature ('ns::f<int, float>(float*)' -> 'f')."""
-    head = re.split(r"[<(]", demangled.removeprefix("void "), maxsplit=1)[0]
+    plain = demangled.removeprefix("void ").replace("(anonymous namespace)::", "")
+    head = re.split(r"[<(]", plain, maxsplit=1)[0]
     return head.rsplit("::", 1)[-1]
 
 
