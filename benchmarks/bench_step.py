@@ -106,7 +106,16 @@ def resnet(blocks: int = 1, widths: tuple[int, int, int] = (16, 32, 64)) -> nn.M
     return nn.Sequential(*layers)
 
 
+def dcgan_d() -> nn.Module:
+    """A DCGAN discriminator on 3×32×32: strided 4×4 convs 64-128-256 with LeakyReLU(0.2), no
+    normalization (WGAN-GP forbids BatchNorm in the critic), a linear score: output (B, 1)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(64, 128, 4, 2, 1), nn.LeakyReLU(0.2),
+        nn.Conv2d(128, 256, 4, 2, 1), nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(256 * 4 * 4, 1))
+
+
 MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "dcgan_d": (dcgan_d, (3, 32, 32)),   # a discriminator: GAN kinds (r1, wgan_gp) only, a D step
     "lenet": (lenet, (1, 28, 28)),
     "mlp": (mlp, (784,)),
     "resnet": (resnet, (3, 32, 32)),
@@ -116,7 +125,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
 
 # λ of the paper at 2000 MNIST points (SpectReg's also for the others); they do not change the cost
 LAMBDAS = {"doubleback": 50.0, "spectreg": 0.03, "frobreg": 0.03, "jacreg": 1.0, "onehot": 0.3,
-           "random_onehot": 0.3}
+           "random_onehot": 0.3, "r1": 5.0, "wgan_gp": 10.0}   # r1: γ/2 with γ = 10
+DISCRIMINATORS = ("dcgan_d",)
 
 # method label -> GradRegLoss keyword arguments
 METHODS: dict[str, dict] = {
@@ -127,6 +137,7 @@ METHODS: dict[str, dict] = {
     "jvp": dict(method="jvp"),
     "exact/every4": dict(method="exact", every=4),
     "exact/fused": dict(method="exact"),   # on gr.fuse(model, activations="all")
+    "exact/every16": dict(method="exact", every=16),   # GAN kinds only: StyleGAN2's lazy R1
 }
 QUICK_PENALTIES, QUICK_METHODS = "doubleback,frobreg", "exact,hvp,fd,jvp,exact/every4"   # --quick defaults
 FUSED = ("exact/fused",)  # method labels that run on the fused copy of the model (shared parameters)
@@ -134,7 +145,9 @@ JVP_ONLY = ("frobreg", "jacreg")
 
 
 def method_applies(kind: str, label: str) -> bool:
-    return label != "jvp" or kind in JVP_ONLY
+    if kind in gr.GAN_KINDS:
+        return label in ("exact", "hvp", "fd", "fd-forward", "exact/every16")
+    return label != "exact/every16" and (label != "jvp" or kind in JVP_ONLY)
 
 
 def load_model(spec: str) -> nn.Module:
@@ -192,10 +205,61 @@ def naive_penalty(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     raise ValueError(kind)
 
 
+def naive_gan_penalty(kind: str, D: nn.Module, real: torch.Tensor, fake: torch.Tensor):
+    """(D(real), penalty) written the obvious way: one create_graph input gradient; for R1 D's forward
+    on the real batch is shared with the loss, for WGAN-GP the critic runs on the interpolates."""
+    B = real.shape[0]
+    if kind == "r1":
+        xr = real.detach().requires_grad_(True)
+        out = D(xr)
+        (g,) = torch.autograd.grad(out.sum(), xr, create_graph=True)
+        return out, g.pow(2).sum() / B
+    eps = torch.rand(B, 1, 1, 1, device=real.device, dtype=real.dtype)
+    xh = (fake + eps * (real - fake)).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(D(xh).sum(), xh, create_graph=True)
+    return D(real), (g.flatten(1).norm(dim=1) - 1).pow(2).mean()
+
+
+def make_gan_step(v: Variant, D: nn.Module, opt, real: torch.Tensor, amp) -> Callable[[], None]:
+    """A discriminator step on a real and a generated batch (a fixed stand-in for G's detached output):
+    plain: the non-saturating loss softplus(D(fake)) + softplus(−D(real)); R1 adds λ·‖∇D(real)‖²,
+    WGAN-GP uses D(fake) − D(real) + λ·(‖∇D(x̂)‖ − 1)². ours: gr.penalty(kind, D, real, ...)."""
+    fake = 0.5 * torch.randn(real.shape, generator=torch.Generator().manual_seed(1)).to(real.device)
+    lam = LAMBDAS.get(v.penalty, 0.0)
+    gen = torch.Generator(device=real.device).manual_seed(2)
+    counter = [0]
+
+    def base(out_real, out_fake):
+        if v.penalty == "wgan_gp":
+            return out_fake.mean() - out_real.mean()
+        return F.softplus(out_fake).mean() + F.softplus(-out_real).mean()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with (torch.autocast(real.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()):
+            if v.impl == "plain":
+                loss = base(D(real), D(fake))
+            elif v.impl == "naive":
+                out_real, pen = naive_gan_penalty(v.penalty, D, real, fake)
+                loss = base(out_real, D(fake)) + lam * pen
+            else:
+                opts = dict(METHODS[v.method])
+                every = opts.pop("every", 1)
+                extra = dict(fake=fake, generator=gen) if v.penalty == "wgan_gp" else {}
+                pen = gr.penalty(v.penalty, D, real, every=every, step=counter[0], **opts, **extra)
+                counter[0] += 1
+                loss = base(D(real), D(fake)) + lam * pen
+        loss.backward()
+        opt.step()
+    return step
+
+
 def make_step(v: Variant, model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, amp) -> Callable[[], None]:
     def ctx():
         return torch.autocast(x.device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
+    if v.model in DISCRIMINATORS:
+        return make_gan_step(v, model, opt, x, amp)
     if v.impl == "plain":
         def step():
             opt.zero_grad(set_to_none=True)
@@ -236,7 +300,8 @@ def calls_per_rep(v: Variant) -> int:
 
 def variants_for(model_name: str, batch: int, penalties, methods) -> list[Variant]:
     out = [Variant(model_name, batch, "-", "plain", "-")]
-    for kind in penalties:
+    gan = model_name in DISCRIMINATORS   # GAN kinds on discriminators, the classifier kinds on the others
+    for kind in [k for k in penalties if (k in gr.GAN_KINDS) == gan]:
         out.append(Variant(model_name, batch, kind, "naive", "-"))
         out += [Variant(model_name, batch, kind, "ours", m) for m in methods if method_applies(kind, m)]
     return out
@@ -429,7 +494,7 @@ def parse_args(argv=None):
     ap.add_argument("--input-shape", default=None, help="per-sample input shape for --model, e.g. 3,32,32")
     ap.add_argument("--batch", default="50", help="comma list of batch sizes (the paper's 50 by default; e.g. 50,256)")
     ap.add_argument("--penalties", default=None, help=f"comma list of {', '.join(gr.KINDS)} (default: all; "
-                    f"--quick: {QUICK_PENALTIES})")
+                    f"--quick: {QUICK_PENALTIES}); {', '.join(gr.GAN_KINDS)} on --models dcgan_d (a D step)")
     ap.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)} (default: all; "
                     f"--quick: {QUICK_METHODS})")
     ap.add_argument("--reps", type=int, default=11, help="interleaved repetitions (median)")
@@ -460,7 +525,7 @@ def main(argv=None) -> list[dict]:
         args.methods = args.methods or QUICK_METHODS
         args.memory = args.memory or "none"
         args.tag = args.tag or "quick"
-    args.penalties = args.penalties or ",".join(gr.KINDS)
+    args.penalties = args.penalties or ",".join(gr.KINDS + gr.GAN_KINDS)   # each on its own models
     args.methods = args.methods or ",".join(METHODS)
     args.memory = args.memory or "exact"
     device = args.device

@@ -70,3 +70,21 @@ def test_live_tensor_bytes_counts_a_known_allocation():
     assert mode.peak == 10000
     assert mode.current == 2800
     del b, c
+
+
+def test_gan_discriminator_step(tmp_path):
+    """The discriminator step (--models dcgan_d): R1 and WGAN-GP, naive and ours per method, once at batch 2;
+    the GAN kinds run on the discriminator only (and the classifier kinds not on it)."""
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--models", "dcgan_d",
+                          "--batch", "2", "--reps", "1", "--warmup", "0", "--memory", "exact", "--tag", "gan",
+                          "--methods", "exact,hvp,fd,jvp,exact/every16", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=str(tmp_path), env=subprocess_env(source_tree=False),
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads((tmp_path / "bench_step_cpu_gan.json").read_text())["rows"]
+    cells = {(r["penalty"], r["impl"], r["method"]) for r in rows}
+    expected = {("-", "plain", "-")} | {(k, "naive", "-") for k in ("r1", "wgan_gp")} | {
+        (k, "ours", m) for k in ("r1", "wgan_gp") for m in ("exact", "hvp", "fd", "exact/every16")}
+    assert cells == expected
+    assert all(r["ms"] > 0 for r in rows)
+    assert all(r["mem_x_naive"] > 0 for r in rows if r["impl"] == "ours" and r["method"] == "exact")
