@@ -1,0 +1,35 @@
+"""examples/gan_toy.py: the toy GAN trained with lazy R1 covers all 8 modes (short, seeded run)."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+_PATH = Path(__file__).resolve().parent.parent / "examples" / "gan_toy.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gan_toy", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_metrics_on_real_data():
+    toy = _load()
+    m = toy.evaluate(toy.sample_real(2000, torch.Generator().manual_seed(0)))
+    assert m["modes_covered"] == 8 and m["high_quality"] > 0.98          # 3σ holds 98.9% of a 2-D Gaussian
+    far = toy.evaluate(torch.full((2000, 2), 0.0))                      # all samples at the ring's centre
+    assert far["modes_covered"] == 0 and far["high_quality"] == 0.0
+
+
+def test_r1_short_run_covers_all_modes():
+    """2500 generator steps with lazy R1 (every=16), seed 0: all 8 modes covered (measured margin: 8/8
+    already at 1250-2000 steps for seeds 0-3)."""
+    toy = _load()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, result = toy.train("r1", 2500, seed=0)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["modes_covered"] == 8, result["per_mode"]
