@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
         plot(results, out / "gan_toy.png")
         with open(out / "gan_toy.json", "w") as f:
             json.dump({k: {kk: vv for kk, vv in v.items() if kk != "samples"} for k, v in results.items()}
-                      | {"command": "python examples/gan_toy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                      | {"command": " ".join(["python examples/gan_toy.py"] + list(argv if argv is not None
+                                                                                 else sys.argv[1:])),
                          "sigma": SIGMA, "torch": torch.__version__}, f, indent=1)
         print(f"wrote {out / 'gan_toy.png'} and {out / 'gan_toy.json'}")
     return results
