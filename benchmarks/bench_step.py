@@ -25,6 +25,13 @@ Usage (from the repository root):
     python benchmarks/bench_step.py --quick --out /tmp/r  # seconds, for CI
     python benchmarks/bench_step.py --device cuda --amp bf16   # CUDA events, bf16 autocast
     python benchmarks/bench_step.py --model mypkg.nets:make_net --input-shape 3,32,32 --batch 64
+    python benchmarks/bench_step.py --models dcgan_d --batch 64 --tag gan   # a GAN discriminator step
+
+The discriminator step (``--models dcgan_d``, the GAN kinds r1 and wgan_gp only) is the loss on a real
+and a generated batch: plain = softplus(D(fake)) + softplus(−D(real)) without penalty; naive = the
+penalty by hand (create_graph); ours = gr.penalty(kind, D, real, ...) per method, "exact/every16" =
+StyleGAN2's lazy R1, "exact/shared" = R1 through gr.penalties.penalty_from_output on the loss's own
+D(real) (one forward of the real batch instead of two).
 
 Outputs: a printed table, and bench_step_<device>[_<tag>].csv/.json/.png under --out
 (default benchmarks/results/).
@@ -138,6 +145,8 @@ METHODS: dict[str, dict] = {
     "exact/every4": dict(method="exact", every=4),
     "exact/fused": dict(method="exact"),   # on gr.fuse(model, activations="all")
     "exact/every16": dict(method="exact", every=16),   # GAN kinds only: StyleGAN2's lazy R1
+    # r1 only: D(real) computed once, shared by the loss and the penalty (gr.penalties.penalty_from_output)
+    "exact/shared": dict(method="exact"),
 }
 QUICK_PENALTIES, QUICK_METHODS = "doubleback,frobreg", "exact,hvp,fd,jvp,exact/every4"   # --quick defaults
 FUSED = ("exact/fused",)  # method labels that run on the fused copy of the model (shared parameters)
@@ -146,8 +155,9 @@ JVP_ONLY = ("frobreg", "jacreg")
 
 def method_applies(kind: str, label: str) -> bool:
     if kind in gr.GAN_KINDS:
-        return label in ("exact", "hvp", "fd", "fd-forward", "exact/every16")
-    return label != "exact/every16" and (label != "jvp" or kind in JVP_ONLY)
+        return label in ("exact", "hvp", "fd", "fd-forward", "exact/every16") or (
+            label == "exact/shared" and kind == "r1")
+    return label not in ("exact/every16", "exact/shared") and (label != "jvp" or kind in JVP_ONLY)
 
 
 def load_model(spec: str) -> nn.Module:
@@ -241,6 +251,11 @@ def make_gan_step(v: Variant, D: nn.Module, opt, real: torch.Tensor, amp) -> Cal
                 loss = base(D(real), D(fake))
             elif v.impl == "naive":
                 out_real, pen = naive_gan_penalty(v.penalty, D, real, fake)
+                loss = base(out_real, D(fake)) + lam * pen
+            elif v.method == "exact/shared":   # one forward on the real batch for the loss and the penalty
+                xr = real.detach().requires_grad_(True)
+                out_real = D(xr)
+                pen = gr.penalties.penalty_from_output("r1", out_real, xr, method="exact")
                 loss = base(out_real, D(fake)) + lam * pen
             else:
                 opts = dict(METHODS[v.method])

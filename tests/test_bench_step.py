@@ -77,14 +77,15 @@ def test_gan_discriminator_step(tmp_path):
     the GAN kinds run on the discriminator only (and the classifier kinds not on it)."""
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_step.py"), "--models", "dcgan_d",
                           "--batch", "2", "--reps", "1", "--warmup", "0", "--memory", "exact", "--tag", "gan",
-                          "--methods", "exact,hvp,fd,jvp,exact/every16", "--out", str(tmp_path)],
+                          "--methods", "exact,exact/shared,hvp,fd,jvp,exact/every16", "--out", str(tmp_path)],
                          capture_output=True, text=True, cwd=str(tmp_path), env=subprocess_env(source_tree=False),
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / "bench_step_cpu_gan.json").read_text())["rows"]
     cells = {(r["penalty"], r["impl"], r["method"]) for r in rows}
     expected = {("-", "plain", "-")} | {(k, "naive", "-") for k in ("r1", "wgan_gp")} | {
-        (k, "ours", m) for k in ("r1", "wgan_gp") for m in ("exact", "hvp", "fd", "exact/every16")}
+        (k, "ours", m) for k in ("r1", "wgan_gp") for m in ("exact", "hvp", "fd", "exact/every16")} | {
+        ("r1", "ours", "exact/shared")}
     assert cells == expected
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["mem_x_naive"] > 0 for r in rows if r["impl"] == "ours" and r["method"] == "exact")
