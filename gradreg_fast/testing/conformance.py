@@ -32,7 +32,7 @@ JVP_Z = 3.5               # |z| above this fails
 JVP_POWER = 0.025         # standard error at most 2.5% of the truth: a 10% bias gives z >= 4
 JVP_MAX_CALLS = 400
 JVP_N_PROJ = 2
-JVP_REPEAT = 16           # jvp cells run on the zoo batch repeated 16 times: 16x the independent draws per call
+JVP_REPEAT = 48           # jvp cells run on the zoo batch repeated 48 times: 48x the independent draws per call
 KINDS = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot")
 GAN_KINDS = ("r1", "wgan_gp")   # on zoo.DISCRIMINATORS only (and the classifier KINDS on zoo.ZOO only)
 METHODS = ("exact", "hvp", "fd", "jvp")
@@ -169,7 +169,7 @@ class Matrix:
         vals, along, across = [], [], []
         calls = 0
         while True:
-            for _ in range(25):
+            for _ in range(12):   # at least 12 calls: the standard error is estimated from them
                 v, gs = self.call(name, kind, "jvp", gen_seed=10_000 + calls, n_proj=JVP_N_PROJ, repeat=JVP_REPEAT)
                 flat = torch.cat([g.flatten() for g in gs])
                 vals.append(float(v))
