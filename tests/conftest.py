@@ -44,8 +44,9 @@ def pytest_sessionfinish(session, exitstatus):
     with open(_CHECK_LAUNCHES, "w") as f:
         f.write("\n".join(missing) + "\n")
     env = {k: v for k, v in subprocess_env().items() if k not in ("TRITON_INTERPRET", _RECORD)}
+    # cwd outside the checkout: `python -m` puts it first on sys.path (the source tree has no extension)
     run = subprocess.run([sys.executable, "-m", "gradreg_fast.triton.aot", "triton", _CHECK_LAUNCHES],
-                         env=env, capture_output=True, text=True)
+                         env=env, capture_output=True, text=True, cwd=os.path.dirname(_CHECK_LAUNCHES))
     os.unlink(_CHECK_LAUNCHES)
     print(f"\n{len(missing)} launched Triton specialization(s) are not in {LAUNCH_TABLE}; compiled here for "
           f"sm_80/sm_90: {run.stdout.strip()}\n{run.stderr.strip()[-3000:] if run.returncode else ''}"

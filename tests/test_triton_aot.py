@@ -20,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -42,8 +43,10 @@ def _compile_env() -> dict:
 
 
 def _aot(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    # not from the checkout's root: `python -m` puts the working directory first on sys.path, and the
+    # source tree's gradreg_fast has no built extension after `pip install .` (CI's install)
     return subprocess.run([sys.executable, "-m", "gradreg_fast.triton.aot", *args], env=_compile_env(),
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+                          capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir())
 
 
 @pytest.fixture(scope="module")
