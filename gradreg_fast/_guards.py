@@ -18,7 +18,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -58,21 +58,24 @@ def _aot_autograd_used() -> bool:
     return counters.get("aot_autograd", {}).get("total", 0) > 0
 
 
-def _graph_holds(t: torch.Tensor, node_name: str) -> bool:
-    """True when t's autograd graph holds a node called node_name (aot_autograd nodes only; the
-    walk is skipped while no aot_autograd compilation has happened)."""
-    if t.grad_fn is None or not _aot_autograd_used():
-        return False
+def graph_nodes(t: torch.Tensor) -> Iterator:
+    """Every node of t's autograd graph, once each (depth first from t.grad_fn)."""
     seen, stack = set(), [t.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if node.name() == node_name:
-            return True
+        yield node
         stack.extend(fn for fn, _ in node.next_functions)
-    return False
+
+
+def _graph_holds(t: torch.Tensor, node_name: str) -> bool:
+    """True when t's autograd graph holds a node called node_name (aot_autograd nodes only; the
+    walk is skipped while no aot_autograd compilation has happened)."""
+    if t.grad_fn is None or not _aot_autograd_used():
+        return False
+    return any(node.name() == node_name for node in graph_nodes(t))
 
 
 def compiled_region_in(t: torch.Tensor) -> bool:

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from gradreg_fast._guards import compiled_region_in
+from gradreg_fast._guards import compiled_region_in, graph_nodes
 from gradreg_fast.ops import draw_seed, gaussian_like, sq_norm
 from gradreg_fast.penalties.core import Problem
 
@@ -86,17 +86,8 @@ def _custom_function_in(t: torch.Tensor) -> bool:
     """Whether t's graph holds a custom autograd.Function (not a torch.library op such as ours). Its
     backward may be once_differentiable, which under is_grads_batched (vmap) silently drops the
     second-order dependence instead of raising; the loop of reverse passes keeps the node that raises."""
-    seen, stack = set(), [t.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        cls = getattr(node, "_forward_cls", None)
-        if cls is not None and not cls.__module__.startswith("torch._library"):
-            return True
-        stack.extend(fn for fn, _ in node.next_functions)
-    return False
+    classes = (getattr(node, "_forward_cls", None) for node in graph_nodes(t))
+    return any(cls is not None and not cls.__module__.startswith("torch._library") for cls in classes)
 
 
 def _prefers_loop(model) -> bool:
@@ -155,17 +146,7 @@ _NOT_TWICE_DIFFERENTIABLE = ("torch::autograd::NotImplemented", "torch::autograd
 
 def _not_twice_differentiable(g: torch.Tensor) -> str | None:
     """The name of a node in g's graph that cannot be differentiated (None when there is none)."""
-    seen, stack = set(), [g.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        name = node.name()
-        if name in _NOT_TWICE_DIFFERENTIABLE:
-            return name
-        stack.extend(fn for fn, _ in node.next_functions)
-    return None
+    return next((node.name() for node in graph_nodes(g) if node.name() in _NOT_TWICE_DIFFERENTIABLE), None)
 
 
 def exact(p: Problem) -> torch.Tensor:
