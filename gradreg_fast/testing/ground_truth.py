@@ -17,12 +17,12 @@ x̂ = fake + ε (x − fake) for the given ε, with the norm taken as ``pow(2).s
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from gradreg_fast.penalties.core import math_attention  # torch's own kernel choice, no library op
 from gradreg_fast.testing.zoo import Case
 
 
@@ -31,15 +31,6 @@ class Truth:
     per_sample: torch.Tensor         # (B,)
     value: torch.Tensor              # scalar
     grads: list[torch.Tensor]        # one per case.params entry
-
-
-def math_attention():
-    """The twice-differentiable (math) attention kernel, where torch has the context manager."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 def repeated_batch(t: torch.Tensor, repeat: int) -> torch.Tensor:
