@@ -117,6 +117,12 @@ def check_gan_options(kind: str, x: torch.Tensor, y=None, fake=None) -> None:
                          f"{x.device}, fake is {tuple(fake.shape)} {fake.dtype} on {fake.device}")
 
 
+def _positive_finite(value) -> bool:
+    """A real number (not a bool), finite and > 0."""
+    return (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+            and value > 0)
+
+
 def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, per_sample=False,
                           generator=None, loss_fn=None, fd_h=None, fd_scheme=None, target_norm=None,
                           one_sided=None) -> None:
@@ -124,8 +130,7 @@ def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, 
     applies to this kind and method (an option that would be ignored raises instead)."""
     if (target_norm is not None or one_sided is not None) and kind != "wgan_gp":
         raise ValueError(f"target_norm and one_sided apply to kind='wgan_gp' only, not {kind!r}")
-    if target_norm is not None and (isinstance(target_norm, bool) or not isinstance(target_norm, numbers.Real)
-                                    or not math.isfinite(target_norm) or target_norm <= 0):
+    if target_norm is not None and not _positive_finite(target_norm):
         raise ValueError(f"target_norm must be a finite number > 0 (the gradient norm the critic is pulled "
                          f"to, default 1), got {target_norm!r}")
     if one_sided is not None and not isinstance(one_sided, bool):
@@ -155,8 +160,7 @@ def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, 
             raise ValueError(f"loss_fn applies to kind='doubleback' only, not {kind!r}")
     if (fd_h is not None or fd_scheme is not None) and method != "fd":
         raise ValueError(f"fd_h and fd_scheme apply to method='fd' only, not method={method!r}")
-    if fd_h is not None and (isinstance(fd_h, bool) or not isinstance(fd_h, numbers.Real)
-                             or not math.isfinite(fd_h) or fd_h <= 0):
+    if fd_h is not None and not _positive_finite(fd_h):
         raise ValueError(f"fd_h must be a finite number > 0 (the step relative to the batch RMS of x, "
                          f"default 1e-3), got {fd_h!r}")
     if fd_scheme is not None and fd_scheme not in FD_SCHEMES:
