@@ -133,12 +133,18 @@ def run_static_graph(x, y, rank, world, method):
     return None
 
 
-def main() -> None:
-    out_path = sys.argv[1]
+def init_two_ranks() -> tuple[int, int]:
+    """One thread, the gloo process group, and a check that torchrun started exactly 2 ranks."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, "run with --nproc_per_node=2"
+    return rank, world
+
+
+def main() -> None:
+    out_path = sys.argv[1]
+    rank, world = init_two_ranks()
     x, y = data()
     results, static = {}, {}
     for config in CONFIGS:

@@ -23,7 +23,6 @@ gradients (gathered with full_tensor) and loss values to OUT.json; test_fsdp.py 
 """
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
@@ -251,10 +250,7 @@ def local_vs_concat(x, y, rank, world):
 
 def main() -> None:
     out_path = sys.argv[1]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    assert world == 2, "run with --nproc_per_node=2"
+    rank, world = common.init_two_ranks()
     x, y = common.data()
     cases, extra = {}, {}
 

@@ -47,14 +47,19 @@ def _torchrun(args, timeout=180):
     return proc
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp") / "results.json"
-    _torchrun([os.path.join("tests", "ddp_worker.py"), str(out)])
+def worker_results(tmp_path_factory, worker: str) -> dict:
+    """Run tests/<worker>_worker.py under torchrun (2 ranks) and load the results it wrote."""
+    out = tmp_path_factory.mktemp(worker) / "results.json"
+    _torchrun([os.path.join("tests", f"{worker}_worker.py"), str(out)])
     with open(out) as f:
         data = json.load(f)
     assert data["methods"] == list(gr.METHODS) and data["kinds"] == list(gr.KINDS)
     return data
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return worker_results(tmp_path_factory, "ddp")
 
 
 @pytest.mark.parametrize("method", list(gr.METHODS))

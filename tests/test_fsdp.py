@@ -14,7 +14,6 @@ root wrapped in fully_shard (about 25 s); the tests below check its results case
     backward, a penalty kept alive while only the base loss is differentiated, and two penalties
     summed into one backward leave the gradients right.
 """
-import json
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import gradreg_fast as gr
 from conftest import ROOT, subprocess_env
 from gradreg_fast import distributed
 from method_matrix import STOCHASTIC_METHODS
-from test_ddp import STOCHASTIC_KINDS, TOL, TOL_BY_METHOD, _torchrun, expected_error
+from test_ddp import STOCHASTIC_KINDS, TOL, TOL_BY_METHOD, _torchrun, expected_error, worker_results
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 
@@ -44,12 +43,7 @@ BF16_TOL = 3e-2
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp") / "results.json"
-    _torchrun([os.path.join("tests", "fsdp_worker.py"), str(out)])
-    with open(out) as f:
-        data = json.load(f)
-    assert data["methods"] == list(gr.METHODS) and data["kinds"] == list(gr.KINDS)
-    return data
+    return worker_results(tmp_path_factory, "fsdp")
 
 
 def fsdp_expected_error(config: str, form: str, kind: str, method: str) -> str | None:
