@@ -24,10 +24,25 @@
 namespace gradreg {
 namespace bias_act {
 
-// The order matches gradreg_fast.ops.bias_act.ACTIVATIONS.
-enum Act : int64_t {
-  kLinear = 0, kRelu, kLeakyRelu, kTanh, kSigmoid, kSoftplus, kGelu, kGeluTanh, kSilu, kElu, kNumActs
-};
+// The activations: the rows of gradreg_fast/_bias_act_spec.py's TABLE, in its order (a row's
+// position is its code; tests/test_bias_act.py parses this list and checks it against the table).
+//   X(enumerator, act' is computed from the output y, act'' != 0, takes an alpha)
+// (an activation with an alpha computes act' from y only when alpha >= 0: leaky_relu)
+#define GRADREG_ACTIVATIONS(X) \
+  X(kLinear, true, false, false)     \
+  X(kRelu, true, false, false)       \
+  X(kLeakyRelu, true, false, true)   \
+  X(kTanh, true, true, false)        \
+  X(kSigmoid, true, true, false)     \
+  X(kSoftplus, false, true, false)   \
+  X(kGelu, false, true, false)       \
+  X(kGeluTanh, false, true, false)   \
+  X(kSilu, false, true, false)       \
+  X(kElu, false, true, true)
+
+#define GRADREG_ACT_ENUMERATOR(name, from_y, second, with_alpha) name,
+enum Act : int64_t { GRADREG_ACTIVATIONS(GRADREG_ACT_ENUMERATOR) kNumActs };
+#undef GRADREG_ACT_ENUMERATOR
 
 constexpr double kSoftplusThreshold = 20.0;  // torch.nn.Softplus default (beta = 1)
 constexpr double kSqrt1_2 = 0.70710678118654752440;      // 1/sqrt(2)
@@ -37,7 +52,20 @@ constexpr double kGeluC = 0.044715;
 
 // act'' vanishes for the piecewise-linear activations: their grad2 is zero and never launched.
 constexpr bool has_second_derivative(int64_t act) {
-  return !(act == kLinear || act == kRelu || act == kLeakyRelu);
+#define GRADREG_ACT_SECOND(name, from_y, second, with_alpha) \
+  if (act == name) return second;
+  GRADREG_ACTIVATIONS(GRADREG_ACT_SECOND)
+#undef GRADREG_ACT_SECOND
+  return false;
+}
+
+// Whether act' is written in the output y (which the forward then saves) rather than in z = x + b.
+constexpr bool from_output(int64_t act, double alpha) {
+#define GRADREG_ACT_FROM_OUTPUT(name, from_y, second, with_alpha) \
+  if (act == name) return from_y && (!with_alpha || alpha >= 0);
+  GRADREG_ACTIVATIONS(GRADREG_ACT_FROM_OUTPUT)
+#undef GRADREG_ACT_FROM_OUTPUT
+  return false;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -250,16 +278,10 @@ C10_HOST_DEVICE inline T second(T r, T alpha) {
 template <typename F>
 inline void dispatch_act(int64_t act, F&& f) {
   switch (act) {
-    case kLinear: f(std::integral_constant<int64_t, kLinear>{}); break;
-    case kRelu: f(std::integral_constant<int64_t, kRelu>{}); break;
-    case kLeakyRelu: f(std::integral_constant<int64_t, kLeakyRelu>{}); break;
-    case kTanh: f(std::integral_constant<int64_t, kTanh>{}); break;
-    case kSigmoid: f(std::integral_constant<int64_t, kSigmoid>{}); break;
-    case kSoftplus: f(std::integral_constant<int64_t, kSoftplus>{}); break;
-    case kGelu: f(std::integral_constant<int64_t, kGelu>{}); break;
-    case kGeluTanh: f(std::integral_constant<int64_t, kGeluTanh>{}); break;
-    case kSilu: f(std::integral_constant<int64_t, kSilu>{}); break;
-    case kElu: f(std::integral_constant<int64_t, kElu>{}); break;
+#define GRADREG_ACT_CASE(name, from_y, second, with_alpha) \
+  case name: f(std::integral_constant<int64_t, name>{}); break;
+    GRADREG_ACTIVATIONS(GRADREG_ACT_CASE)
+#undef GRADREG_ACT_CASE
     default: TORCH_CHECK(false, "gradreg_fast::bias_act: unknown activation code ", act);
   }
 }
@@ -352,13 +374,14 @@ inline Reference reference_value(const c10::optional<at::Tensor>& x, const c10::
   const bool has_y = y.has_value() && y->defined();
   Reference r;
   if (act == kLinear) return r;  // act' = 1 needs nothing
-  if (has_y && (act == kRelu || act == kTanh || act == kSigmoid || (act == kLeakyRelu && alpha >= 0))) {
+  if (has_y && from_output(act, alpha)) {
     check_like(*y, like, op, "y");
     r.ref = y->contiguous(fmt);
     return r;
   }
-  TORCH_CHECK(act != kTanh && act != kSigmoid, "gradreg_fast::", op,
-              ": tanh and sigmoid derivatives are computed from the output: pass y");
+  // act' of tanh and sigmoid is written in y only (relu's and leaky_relu's sign tests read x + b as well)
+  TORCH_CHECK(!(from_output(act, alpha) && has_second_derivative(act)), "gradreg_fast::", op,
+              ": this activation's derivative is computed from the output: pass y");
   TORCH_CHECK(has_x, "gradreg_fast::", op, ": this activation's derivative needs x (and b); pass x",
               act == kLeakyRelu ? " (leaky_relu with alpha < 0 cannot use y)" : "");
   check_like(*x, like, op, "x");

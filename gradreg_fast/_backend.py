@@ -180,11 +180,32 @@ def use_backend(backend: str | None):
         _SCOPED_BACKEND.reset(token)
 
 
+# (backend asked for, device type) -> the backend it resolves to: an op call costs a dict look-up,
+# not a new backends(). Only answers are kept (errors are raised again, with the call's own wording).
+_RESOLVED: dict[tuple[str, str, bool], str] = {}
+
+
+def clear_caches() -> None:
+    """Forget what the backend checks found (they are read once per process): for tests that
+    change what ``backends()`` depends on."""
+    _RESOLVED.clear()
+    interpreter_incompatibility.cache_clear()
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend a call on ``device`` uses; raises when an explicit choice cannot run there."""
     scoped = _SCOPED_BACKEND.get() if backend is None else None
     name = (backend if backend is not None else scoped if scoped is not None
             else os.environ.get("GRADREG_BACKEND", "auto"))
+    key = (name, device.type, triton_interpret())
+    resolved = _RESOLVED.get(key)
+    if resolved is None:
+        resolved = _RESOLVED[key] = _resolve(name, device, "backend=" if backend is not None or scoped is not None
+                                             else "GRADREG_BACKEND=")
+    return resolved
+
+
+def _resolve(name: str, device: torch.device, source: str) -> str:
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
     status = backends()
@@ -192,7 +213,6 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")
         return next(b for b in order if status[b].available)
     if not status[name].available:
-        source = "backend=" if backend is not None or scoped is not None else "GRADREG_BACKEND="
         raise RuntimeError(f"gradreg_fast: backend {name!r} ({source}{name}) is not available: "
                            f"{status[name].reason}")
     if name == "cpp" and device.type != "cpu":

@@ -68,7 +68,7 @@ def test_incompatible_triton_interpreter_is_reported(monkeypatch, triton_v, nump
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_backend, "_major_minor", {"triton": triton_v, "numpy": numpy_v}.get)
     monkeypatch.setattr(_backend, "_triton_importable", lambda: (True, "triton importable"))
-    _backend.interpreter_incompatibility.cache_clear()
+    _backend.clear_caches()
     try:
         status = gr.backends()["triton"]
         assert status.available is not broken
@@ -77,7 +77,7 @@ def test_incompatible_triton_interpreter_is_reported(monkeypatch, triton_v, nump
             with pytest.raises(RuntimeError, match="not available.*numpy<2.4"):
                 gr.ops.sq_norm(torch.randn(2, 3), backend="triton")
     finally:
-        _backend.interpreter_incompatibility.cache_clear()
+        _backend.clear_caches()
 
 
 def test_env_backend_choice(monkeypatch):

@@ -1,13 +1,16 @@
 """The fused bias + activation op on every backend against the reference composite."""
+import os
+import re
+
 import pytest
 import torch
 
 import gradreg_fast as gr
 from conftest import TOLERANCES, assert_close_to_reference, backend_params, subprocess_env
+from gradreg_fast._bias_act_spec import NO_SECOND, TABLE, from_output
 from gradreg_fast.ops import ACTIVATIONS, bias_act
-from gradreg_fast.ops.bias_act import from_output
 
-WITH_SECOND = [a for a in ACTIVATIONS if a not in ("linear", "relu", "leaky_relu")]
+WITH_SECOND = [a for a in ACTIVATIONS if a not in NO_SECOND]
 EXT_PARAMS = [p for p in backend_params() if p.values[1] in ("cpp", "cuda")]
 FAST_PARAMS = [p for p in backend_params() if p.values[1] != "reference"]
 
@@ -274,9 +277,22 @@ def test_cpu_baseline_loops_match_reference(tmp_path):
         ys = bias_act(xs, bs, act, backend="cpp")
         (gxs,) = torch.autograd.grad(ys, xs, vs, create_graph=True)
         (ggxs,) = torch.autograd.grad(gxs, xs, w, allow_unused=True, materialize_grads=True)
-        for name, got_base, got_here, want in (("forward", baseline[act][0], ys, y), ("backward", baseline[act][1], gxs, gx),
+        for name, got_base, got_here, want in (("forward", baseline[act][0], ys, y),
+                                               ("backward", baseline[act][1], gxs, gx),
                                                ("double backward", baseline[act][2], ggxs, ggx)):
             for got in (got_base, got_here):
                 assert got.dtype == dtype
                 torch.testing.assert_close(got.double(), want.detach(), **TOLERANCES[dtype],
                                            msg=lambda m: f"{act} {name}: {m}")
+
+
+def test_cpp_activation_list_matches_the_table():
+    """csrc/bias_act.h's GRADREG_ACTIVATIONS rows are the table's rows, in its order (the codes):
+    enumerator, act' from the output, act'' != 0, takes an alpha."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "csrc", "bias_act.h")) as f:
+        header = f.read()
+    block = re.search(r"#define GRADREG_ACTIVATIONS\(X\)((?:.*\\\n)*.*\n)", header)
+    assert block, "GRADREG_ACTIVATIONS not found in csrc/bias_act.h"
+    rows = re.findall(r"X\((k\w+), (true|false), (true|false), (true|false)\)", block.group(1))
+    want = [(a.cpp, a.saves != "input", a.second, a.default_alpha is not None) for a in TABLE]
+    assert [(name, y == "true", second == "true", alpha == "true") for name, y, second, alpha in rows] == want

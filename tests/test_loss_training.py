@@ -11,8 +11,7 @@ import torch.nn.functional as F
 
 import gradreg_fast as gr
 from gradreg_fast import reference
-import importlib
-sq_norm_module = importlib.import_module("gradreg_fast.ops.sq_norm")
+from gradreg_fast.ops._registry import IMPLEMENTATIONS
 from models import make
 
 K = 5
@@ -64,8 +63,8 @@ def test_backend_selects_the_ops_kernels(monkeypatch):
     if not gr.backends()["cpp"].available:
         pytest.skip("the C++ extension is not built here")
     calls = []
-    original = sq_norm_module.IMPLEMENTATIONS["reference"]
-    monkeypatch.setitem(sq_norm_module.IMPLEMENTATIONS, "reference",
+    original = IMPLEMENTATIONS["sq_norm"]["reference"]
+    monkeypatch.setitem(IMPLEMENTATIONS["sq_norm"], "reference",
                         lambda t: calls.append(1) or original(t))
     model, x, y = make("tanh", seed=2)
     monkeypatch.setenv("GRADREG_BACKEND", "cpp")

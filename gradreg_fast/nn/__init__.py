@@ -1,6 +1,6 @@
 """Drop-in modules: the regularized loss and fused activations."""
-from gradreg_fast.nn.loss import GradRegLoss
 from gradreg_fast.nn.activations import FusedActivation, FusedLinearAct
 from gradreg_fast.nn.fuse import fuse
+from gradreg_fast.nn.loss import GradRegLoss
 
 __all__ = ["GradRegLoss", "FusedActivation", "FusedLinearAct", "fuse"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradreg_fast._bias_act_spec import takes_alpha
 from gradreg_fast.ops.bias_act import bias_act, check_activation
 
 
@@ -22,11 +23,11 @@ class FusedActivation(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return bias_act(x, None, self.act, alpha=self.alpha if self.act in ("leaky_relu", "elu") else None,
+        return bias_act(x, None, self.act, alpha=self.alpha if takes_alpha(self.act) else None,
                         backend=self.backend)
 
     def extra_repr(self) -> str:
-        alpha = f", alpha={self.alpha}" if self.act in ("leaky_relu", "elu") else ""
+        alpha = f", alpha={self.alpha}" if takes_alpha(self.act) else ""
         return f"act={self.act!r}{alpha}"
 
 
@@ -55,9 +56,9 @@ class FusedLinearAct(nn.Module):
             # in z's dtype, as nn.Linear's addmm does (a differentiable cast: the bias still trains)
             bias = bias.to(z.dtype)
         return bias_act(z, bias, self.act, dim=-1,
-                        alpha=self.alpha if self.act in ("leaky_relu", "elu") else None, backend=self.backend)
+                        alpha=self.alpha if takes_alpha(self.act) else None, backend=self.backend)
 
     def extra_repr(self) -> str:
-        alpha = f", alpha={self.alpha}" if self.act in ("leaky_relu", "elu") else ""
+        alpha = f", alpha={self.alpha}" if takes_alpha(self.act) else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, act={self.act!r}{alpha}")

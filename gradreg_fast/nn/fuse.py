@@ -1,7 +1,8 @@
 """``fuse(model)``: the model with its activation modules replaced by the fused bias + activation op.
 
 What can be replaced (exact types only; subclasses may override forward and are left alone) — by
-default only the activations in FAST_ACTIVATIONS, ``activations="all"`` for every one:
+default only the activations in FAST_ACTIVATIONS, ``activations="all"`` for every one — is listed
+in the activation table (gradreg_fast/_bias_act_spec.py, its ``module`` columns):
 
     nn.ReLU → relu, nn.LeakyReLU → leaky_relu (alpha = negative_slope), nn.Tanh, nn.Sigmoid,
     nn.Softplus (only beta=1, threshold=20), nn.GELU (approximate "none" → gelu, "tanh" →
@@ -25,39 +26,20 @@ from typing import Iterable
 from torch import nn
 
 from gradreg_fast._backend import check_backend
+from gradreg_fast._bias_act_spec import ACTIVATIONS, FAST_ACTIVATIONS, activation_of, takes_alpha
 from gradreg_fast.nn.activations import FusedActivation, FusedLinearAct
-from gradreg_fast.ops.bias_act import ACTIVATIONS
 
-# Activations whose fused double backward measured faster than autograd's composite (CPU, one
-# thread, 1M fp32 elements: benchmarks/results/ops_cpu.txt, 1.8-14x). relu, leaky_relu and linear
-# stay out: their double backward is one pass either way (the fused relu's 1.7x in that table comes
-# from skipping autograd's zero-filled cotangent), and in a whole training step fusing them bought
-# nothing measurable: benchmarks/results/bench_step_cpu_fused.txt (LeNet, batch 50, exact DoubleBack
-# 3.40x the plain step unfused vs 3.34x with fuse(model, activations="all"); two runs of that
-# command differ by ~10% per entry). fuse(..., activations="all") replaces them too.
-FAST_ACTIVATIONS = ("tanh", "sigmoid", "softplus", "gelu", "gelu_tanh", "silu", "elu")
+# FAST_ACTIVATIONS (the table's ``fast`` column): the activations whose fused double backward
+# measured faster than autograd's composite (CPU, one thread, 1M fp32 elements:
+# benchmarks/results/ops_cpu.txt). relu, leaky_relu and linear stay out: their double backward is one
+# pass either way (the fused relu's gain in that table comes from skipping autograd's zero-filled
+# cotangent), and in a whole training step fusing them bought nothing measurable
+# (benchmarks/results/bench_step_cpu_fused.txt). fuse(..., activations="all") replaces them too.
 
 
 def activation_spec(module: nn.Module) -> tuple[str, float | None] | None:
     """(act, alpha) of a fusable activation module, or None."""
-    t = type(module)
-    if t is nn.ReLU:
-        return "relu", None
-    if t is nn.LeakyReLU:
-        return "leaky_relu", float(module.negative_slope)
-    if t is nn.Tanh:
-        return "tanh", None
-    if t is nn.Sigmoid:
-        return "sigmoid", None
-    if t is nn.Softplus:
-        return ("softplus", None) if module.beta == 1 and module.threshold == 20 else None
-    if t is nn.GELU:
-        return ("gelu" if module.approximate == "none" else "gelu_tanh"), None
-    if t is nn.SiLU:
-        return "silu", None
-    if t is nn.ELU:
-        return "elu", float(module.alpha)
-    return None
+    return activation_of(module)
 
 
 def _shallow_copy(module: nn.Module) -> nn.Module:
@@ -104,8 +86,8 @@ def _fuse(module: nn.Module, backend: str | None, inplace: bool, chosen: frozens
             lin = out._modules[first]
             act = out._modules[second]
             if (type(lin) is nn.Linear and lin.bias is not None and isinstance(act, FusedActivation)):
-                out._modules[first] = FusedLinearAct(lin, act.act, act.alpha if act.act in ("leaky_relu", "elu")
-                                                     else None, backend=backend)
+                out._modules[first] = FusedLinearAct(lin, act.act, act.alpha if takes_alpha(act.act) else None,
+                                                     backend=backend)
                 out._modules[second] = nn.Identity()
     return out
 

@@ -16,8 +16,9 @@ x (and b) for softplus, gelu, gelu_tanh, silu, elu, whose derivatives are recomp
 "r" above is that reference value. relu, leaky_relu and linear have act'' = 0: their grad2 is
 never launched. The derivative of grad2 (third order) is a composite of PyTorch ops.
 
-The autograd formulas are written once (``register``) and attached to every backend's triple of
-ops: the C++/CUDA extension ops and the Triton custom ops.
+The autograd formulas are written once (``_autograd``) and the op registry (ops/_registry.py)
+attaches them to every backend's triple of ops: the C++/CUDA extension ops and the Triton ops. The
+activations and what each saves are the rows of gradreg_fast/_bias_act_spec.py.
 """
 from __future__ import annotations
 
@@ -27,34 +28,19 @@ import numbers
 import torch
 
 from gradreg_fast import reference
-from gradreg_fast._backend import resolve_backend
-from gradreg_fast.ops._common import extension_op
-from gradreg_fast.reference.bias_act import ACTIVATIONS, DEFAULT_ALPHA
+from gradreg_fast._bias_act_spec import (
+    ACT_CODE,
+    ACTIVATIONS,
+    DEFAULT_ALPHA,
+    NO_SECOND,
+    SPEC,
+    from_output,
+    memory_format,
+    takes_alpha,
+)
+from gradreg_fast.ops._registry import Op, declare, implementation
 
-ACT_CODE = {name: i for i, name in enumerate(ACTIVATIONS)}
-_NO_SECOND = frozenset(("linear", "relu", "leaky_relu"))
 SOFTPLUS_THRESHOLD = 20.0
-
-
-def from_output(act: str, alpha: float) -> bool:
-    """Whether act' is computed from the output y (then y is saved) rather than from x + b."""
-    return act in ("linear", "relu", "tanh", "sigmoid") or (act == "leaky_relu" and alpha >= 0)
-
-
-def memory_format(t: torch.Tensor) -> torch.memory_format:
-    """The layout the kernels keep: channels_last for a 4-D tensor stored that way, else contiguous."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def geometry(t: torch.Tensor, dim: int, fmt: torch.memory_format, with_bias: bool) -> tuple[int, int]:
-    """(C, inner): the bias index of the i-th element in memory order is (i // inner) % C."""
-    if not with_bias:
-        return 1, max(t.numel(), 1)
-    order = (0, 2, 3, 1) if fmt == torch.channels_last else tuple(range(t.dim()))
-    pos = order.index(dim)
-    return t.shape[dim], math.prod(t.shape[d] for d in order[pos + 1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +55,7 @@ def _bias_grad(t: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
 
 def third_derivative(r: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
     """∂²act'/∂r² as PyTorch ops (twice differentiable, in r's dtype); r is y or z as in grad2."""
-    if act in _NO_SECOND:
+    if act in NO_SECOND:
         return torch.zeros_like(r)
     if act in ("tanh", "sigmoid"):
         return torch.full_like(r, -2.0)
@@ -111,13 +97,9 @@ def _fake_grad2(gg, grad, x, b, y, act, dim, alpha):
     return _fake_like(gg)
 
 
-def register(names: tuple[str, str, str], ops: tuple) -> None:
-    """Fake kernels and autograd for one backend's (bias_act, bias_act_grad, bias_act_grad2) ops."""
-    fwd_name, grad_name, grad2_name = names
-    _, grad_op, grad2_op = ops
-    torch.library.register_fake(fwd_name)(_fake_bias_act)
-    torch.library.register_fake(grad_name)(_fake_grad)
-    torch.library.register_fake(grad2_name)(_fake_grad2)
+def _autograd(ops: dict) -> dict:
+    """Autograd of one backend's (bias_act, bias_act_grad, bias_act_grad2) ops."""
+    grad_op, grad2_op = ops["bias_act_grad"], ops["bias_act_grad2"]
 
     def setup_fwd(ctx, inputs, output):
         x, b, act, dim, alpha = inputs
@@ -128,7 +110,7 @@ def register(names: tuple[str, str, str], ops: tuple) -> None:
         ctx.x_meta = (x.shape, x.dtype, x.device, memory_format(x))
         ctx.args = (act, dim, alpha)
         ctx.bias_dtype = b.dtype if b is not None else None
-        if ACTIVATIONS[act] == "linear":  # act' = 1: nothing to save
+        if SPEC[ACTIVATIONS[act]].saves == "nothing":  # act' = 1 (linear): nothing to save
             ctx.save_for_backward(None, None, None)
         elif from_output(ACTIVATIONS[act], alpha):
             ctx.save_for_backward(None, None, output)
@@ -164,7 +146,7 @@ def register(names: tuple[str, str, str], ops: tuple) -> None:
         need = ctx.needs_input_grad
         d_grad = grad_op(gg, x, b, y, act, dim, alpha) if need[0] else None
         d_x = d_b = d_y = None
-        if ACTIVATIONS[act] not in _NO_SECOND and any(need[1:4]):
+        if ACTIVATIONS[act] not in NO_SECOND and any(need[1:4]):
             term = grad2_op(gg, grad, x, b, y, act, dim, alpha)
             if y is not None:
                 d_y = term
@@ -204,66 +186,23 @@ def register(names: tuple[str, str, str], ops: tuple) -> None:
                 d_b = _bias_grad(term, dim, b.dtype) if b is not None and need[3] else None
         return d_gg, d_grad, d_x, d_b, d_y, None, None, None
 
-    torch.library.register_autograd(fwd_name, backward_fwd, setup_context=setup_fwd)
-    torch.library.register_autograd(grad_name, backward_grad, setup_context=setup_grad)
-    torch.library.register_autograd(grad2_name, backward_grad2, setup_context=setup_grad2)
+    return {"bias_act": (backward_fwd, setup_fwd), "bias_act_grad": (backward_grad, setup_grad),
+            "bias_act_grad2": (backward_grad2, setup_grad2)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Backends: the extension's ops (CPU and CUDA kernels) and the Triton custom ops.
-
-def _extension_ops():
-    try:
-        ops = tuple(extension_op(n) for n in ("bias_act", "bias_act_grad", "bias_act_grad2"))
-    except AttributeError:  # an extension built before bias_act existed
-        return None
-    return None if ops[0] is None else ops
+def _reference_bias_act(x, b, act, dim, alpha):
+    return reference.bias_act(x, b, ACTIVATIONS[act], dim, alpha)
 
 
-_EXT_OPS = _extension_ops()
-if _EXT_OPS is not None:
-    register(("gradreg_fast::bias_act", "gradreg_fast::bias_act_grad", "gradreg_fast::bias_act_grad2"),
-             _EXT_OPS)
-
-
-def _triton_launch(*args):
-    from gradreg_fast.triton.bias_act import launch  # imports triton: only when used
-    return launch(*args)
-
-
-@torch.library.custom_op("gradreg_fast::bias_act_triton", mutates_args=())
-def _bias_act_triton(x: torch.Tensor, b: torch.Tensor | None, act: int, dim: int, alpha: float) -> torch.Tensor:
-    return _triton_launch(0, x, x, None, None, b, act, dim, alpha)
-
-
-def _triton_reference_args(x, b, y):
-    return (y, None) if y is not None else (x, b)
-
-
-@torch.library.custom_op("gradreg_fast::bias_act_grad_triton", mutates_args=())
-def _bias_act_grad_triton(grad: torch.Tensor, x: torch.Tensor | None, b: torch.Tensor | None,
-                          y: torch.Tensor | None, act: int, dim: int, alpha: float) -> torch.Tensor:
-    ref, bias = _triton_reference_args(x, b, y)
-    if ACTIVATIONS[act] == "linear":
-        ref, bias = None, None
-    return _triton_launch(1, grad, ref, grad, None, bias, act, dim, alpha)
-
-
-@torch.library.custom_op("gradreg_fast::bias_act_grad2_triton", mutates_args=())
-def _bias_act_grad2_triton(gg: torch.Tensor, grad: torch.Tensor, x: torch.Tensor | None,
-                           b: torch.Tensor | None, y: torch.Tensor | None, act: int, dim: int,
-                           alpha: float) -> torch.Tensor:
-    if ACTIVATIONS[act] in _NO_SECOND:
-        return torch.zeros_like(gg, memory_format=memory_format(gg))
-    ref, bias = _triton_reference_args(x, b, y)
-    return _triton_launch(2, gg, ref, gg, grad, bias, act, dim, alpha)
-
-
-_TRITON_OPS = (_bias_act_triton, _bias_act_grad_triton, _bias_act_grad2_triton)
-register(("gradreg_fast::bias_act_triton", "gradreg_fast::bias_act_grad_triton",
-          "gradreg_fast::bias_act_grad2_triton"), _TRITON_OPS)
-
-IMPLEMENTATIONS = {"cpp": _EXT_OPS, "cuda": _EXT_OPS, "triton": _TRITON_OPS}
+_TRITON = "gradreg_fast.triton.bias_act:"
+declare("bias_act", (
+    Op("bias_act(Tensor x, Tensor? b, int act, int dim, float alpha) -> Tensor", _fake_bias_act,
+       _TRITON + "bias_act", _reference_bias_act),
+    Op("bias_act_grad(Tensor grad, Tensor? x, Tensor? b, Tensor? y, int act, int dim, float alpha) -> Tensor",
+       _fake_grad, _TRITON + "bias_act_grad"),
+    Op("bias_act_grad2(Tensor gg, Tensor grad, Tensor? x, Tensor? b, Tensor? y, int act, int dim, float alpha) "
+       "-> Tensor", _fake_grad2, _TRITON + "bias_act_grad2"),
+), _autograd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,8 +214,9 @@ def check_activation(act: str, alpha: float | None) -> float:
         raise ValueError(f"bias_act: unknown activation {act!r}; choose one of {', '.join(ACTIVATIONS)}")
     if alpha is None:
         return float(DEFAULT_ALPHA.get(act, 0.0))
-    if act not in DEFAULT_ALPHA:
-        raise ValueError(f"bias_act: alpha applies to leaky_relu and elu only, not {act!r}; drop alpha=")
+    if not takes_alpha(act):
+        raise ValueError(f"bias_act: alpha applies to {' and '.join(DEFAULT_ALPHA)} only, not {act!r}; "
+                         "drop alpha=")
     if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise TypeError(f"bias_act: alpha must be a finite real number, got {alpha!r}")
     return float(alpha)
@@ -325,11 +265,4 @@ def bias_act(x: torch.Tensor, b: torch.Tensor | None = None, act: str = "relu", 
     """
     alpha = check_activation(act, alpha)
     dim = _check_inputs(x, b, dim)
-    name = resolve_backend(backend, x.device)
-    if name == "reference":
-        return reference.bias_act(x, b, act, dim, alpha)
-    ops = IMPLEMENTATIONS.get(name)
-    if ops is None:
-        raise RuntimeError(f"bias_act: backend {name!r} has no bias_act kernels: the extension was built "
-                           "without them; rebuild it (pip install --no-build-isolation .)")
-    return ops[0](x, b, ACT_CODE[act], dim, alpha)
+    return implementation("bias_act", backend, x.device)(x, b, ACT_CODE[act], dim, alpha)

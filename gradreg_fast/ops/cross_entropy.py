@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from gradreg_fast import reference
-from gradreg_fast._backend import resolve_backend
-from gradreg_fast.ops._common import optional_extension_op
+from gradreg_fast.ops._registry import Op, declare, implementation
 
 _acc = reference.acc_dtype
 
@@ -77,23 +76,18 @@ def hvp_backward_composite(u, scale, logits, y, grad_hvp, grad_dot):
     return d_u.to(u.dtype), d_c.to(scale.dtype), d_z.to(logits.dtype)
 
 
-def register(forward: str, backward: str, hvp: str, backward_fn, hvp_fn) -> None:
-    """Fake kernels and autograd for one backend's (cross_entropy, cross_entropy_backward,
-    cross_entropy_hvp) ops. ``backward_fn(grad, logits, y, lse)`` and
-    ``hvp_fn(u, scale, logits, y, lse)`` compute the second and third op on that backend."""
-    torch.library.register_fake(forward)(_fake_forward)
-    torch.library.register_fake(backward)(_fake_backward)
-    torch.library.register_fake(hvp)(_fake_hvp)
+def _autograd(ops: dict) -> dict:
+    backward_op, hvp_op = ops["cross_entropy_backward"], ops["cross_entropy_hvp"]
 
     def forward_grad(ctx, grad_loss, _grad_lse):
         logits, y, lse = ctx.saved_tensors
-        return backward_fn(grad_loss, logits, y, lse), None
+        return backward_op(grad_loss, logits, y, lse), None
 
     def backward_grad(ctx, gg):
         grad, logits, y, lse = ctx.saved_tensors
         if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None
-        d_z, dot = hvp_fn(gg.to(logits.dtype), grad, logits, y, lse)
+        d_z, dot = hvp_op(gg.to(logits.dtype), grad, logits, y, lse)
         return (dot.to(grad.dtype) if ctx.needs_input_grad[0] else None,
                 d_z if ctx.needs_input_grad[1] else None, None, None)
 
@@ -103,42 +97,23 @@ def register(forward: str, backward: str, hvp: str, backward_fn, hvp_fn) -> None
         need = ctx.needs_input_grad
         return (d_u if need[0] else None, d_c if need[1] else None, d_z if need[2] else None, None, None)
 
-    torch.library.register_autograd(forward, forward_grad, setup_context=_setup_forward)
-    torch.library.register_autograd(backward, backward_grad, setup_context=_setup_backward)
-    torch.library.register_autograd(hvp, hvp_grad, setup_context=_setup_hvp)
+    return {"cross_entropy": (forward_grad, _setup_forward), "cross_entropy_backward": (backward_grad, _setup_backward),
+            "cross_entropy_hvp": (hvp_grad, _setup_hvp)}
 
 
-# --- Triton ops (the kernels are imported only when the ops run) ------------------------------------
-@torch.library.custom_op("gradreg_fast::cross_entropy_triton", mutates_args=())
-def _cross_entropy_triton(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from gradreg_fast.triton.cross_entropy import cross_entropy_forward
-    return cross_entropy_forward(logits, y)
+def _reference_forward(logits, y):
+    return reference.cross_entropy(logits, y), None
 
 
-@torch.library.custom_op("gradreg_fast::cross_entropy_backward_triton", mutates_args=())
-def _cross_entropy_backward_triton(grad: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-                                   lse: torch.Tensor) -> torch.Tensor:
-    from gradreg_fast.triton.cross_entropy import cross_entropy_backward
-    return cross_entropy_backward(grad, logits, y, lse)
-
-
-@torch.library.custom_op("gradreg_fast::cross_entropy_hvp_triton", mutates_args=())
-def _cross_entropy_hvp_triton(u: torch.Tensor, scale: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
-                              lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from gradreg_fast.triton.cross_entropy import cross_entropy_hvp
-    return cross_entropy_hvp(u, scale, logits, y, lse)
-
-
-register("gradreg_fast::cross_entropy_triton", "gradreg_fast::cross_entropy_backward_triton",
-         "gradreg_fast::cross_entropy_hvp_triton", _cross_entropy_backward_triton, _cross_entropy_hvp_triton)
-
-_ext_fwd = optional_extension_op("cross_entropy")
-if _ext_fwd is not None:
-    register("gradreg_fast::cross_entropy", "gradreg_fast::cross_entropy_backward", "gradreg_fast::cross_entropy_hvp",
-             optional_extension_op("cross_entropy_backward"), optional_extension_op("cross_entropy_hvp"))
-
-# backend -> (logits, y) -> (loss, lse)
-_FUSED = {"cpp": _ext_fwd, "cuda": _ext_fwd, "triton": _cross_entropy_triton}
+_TRITON = "gradreg_fast.triton.cross_entropy:"
+declare("cross_entropy", (
+    Op("cross_entropy(Tensor logits, Tensor y) -> (Tensor, Tensor)", _fake_forward,
+       _TRITON + "cross_entropy_forward", _reference_forward),
+    Op("cross_entropy_backward(Tensor grad, Tensor logits, Tensor y, Tensor lse) -> Tensor", _fake_backward,
+       _TRITON + "cross_entropy_backward"),
+    Op("cross_entropy_hvp(Tensor u, Tensor scale, Tensor logits, Tensor y, Tensor lse) -> (Tensor, Tensor)",
+       _fake_hvp, _TRITON + "cross_entropy_hvp"),
+), _autograd)
 
 
 def check_cross_entropy_inputs(logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -189,11 +164,4 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, *, backend: str | None 
         logits' dtype.
     """
     check_cross_entropy_inputs(logits, y)
-    name = resolve_backend(backend, logits.device)
-    if name == "reference":
-        return reference.cross_entropy(logits, y)
-    impl = _FUSED.get(name)
-    if impl is None:
-        raise RuntimeError(f"cross_entropy: backend {name!r} has no kernel of this op: the extension was built "
-                           "from older sources; rebuild it (pip install --no-build-isolation .)")
-    return impl(logits, y)[0]
+    return implementation("cross_entropy", backend, logits.device)(logits, y)[0]

@@ -17,8 +17,8 @@ import math
 import torch
 
 from gradreg_fast import reference
-from gradreg_fast._backend import resolve_backend
-from gradreg_fast.ops._common import check_floating_batched, optional_extension_op
+from gradreg_fast.ops._common import check_floating_batched
+from gradreg_fast.ops._registry import Op, declare, implementation
 
 
 def _fake(x, g, h):
@@ -50,23 +50,14 @@ def fd_direction_grad(ctx, grad_out, grad_n):
     return grad_x, grad_g, None
 
 
-def register(op: str) -> None:
-    torch.library.register_fake(op)(_fake)
-    torch.library.register_autograd(op, fd_direction_grad, setup_context=_setup)
+def _autograd(ops: dict) -> dict:
+    return {"fd_direction": (fd_direction_grad, _setup)}
 
 
-@torch.library.custom_op("gradreg_fast::fd_direction_triton", mutates_args=())
-def _fd_direction_triton(x: torch.Tensor, g: torch.Tensor, h: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from gradreg_fast.triton.fd_direction import fd_direction as launch
-    return launch(x, g, h)
-
-
-register("gradreg_fast::fd_direction_triton")
-_ext = optional_extension_op("fd_direction")
-if _ext is not None:
-    register("gradreg_fast::fd_direction")
-
-IMPLEMENTATIONS = {"reference": reference.fd_direction, "cpp": _ext, "cuda": _ext, "triton": _fd_direction_triton}
+declare("fd_direction", (
+    Op("fd_direction(Tensor x, Tensor g, float h) -> (Tensor, Tensor)", _fake,
+       "gradreg_fast.triton.fd_direction:fd_direction", reference.fd_direction),
+), _autograd)
 
 
 def fd_direction(x: torch.Tensor, g: torch.Tensor, h: float, *,
@@ -97,9 +88,4 @@ def fd_direction(x: torch.Tensor, g: torch.Tensor, h: float, *,
         raise TypeError(f"fd_direction: h must be a Python float, got {type(h).__name__}; use float(h)")
     if not math.isfinite(h):
         raise ValueError(f"fd_direction: h must be finite, got {h}")
-    name = resolve_backend(backend, x.device)
-    impl = IMPLEMENTATIONS.get(name)
-    if impl is None:
-        raise RuntimeError(f"fd_direction: backend {name!r} has no kernel of this op: the extension was built "
-                           "from older sources; rebuild it (pip install --no-build-isolation .)")
-    return impl(x, g, float(h))
+    return implementation("fd_direction", backend, x.device)(x, g, float(h))

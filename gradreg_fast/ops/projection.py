@@ -17,7 +17,7 @@ to different sides of a float32 boundary: then 1 ulp).
     Hutchinson: E_v ‖J v‖² = ‖J‖_F²); v.flatten()[e] = z[e] (per_sample=True) or the same
     x[0]-shaped tangent for every sample (per_sample=False).
 
-Projected SpectReg (PAPER.md) without materializing r:
+Projected SpectReg (docs/method.md) without materializing r:
 
     s = project(model(x).reshape(B, -1), seed, offset)            # per_sample=False: the paper
     (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)      # g_i = J_iᵀ r
@@ -30,19 +30,15 @@ from __future__ import annotations
 
 import torch
 
-from gradreg_fast._backend import resolve_backend
-from gradreg_fast.ops._common import extension_op
+from gradreg_fast.ops._registry import Op, declare, implementation
 from gradreg_fast.reference import philox as ref
+from gradreg_fast.reference.ops import acc_dtype
 
-# -- fake kernels and autograd, shared by the C++/CUDA ops and the Triton ops ----------------------
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# -- the family: fake kernels, autograd (the same for every backend), implementations ------------------
 
 
 def _fake_project(out, seed, offset, per_sample):
-    return out.new_empty((out.shape[0],), dtype=_acc(out.dtype))
+    return out.new_empty((out.shape[0],), dtype=acc_dtype(out.dtype))
 
 
 def _fake_project_backward(grad, seed, offset, per_sample, num_outputs, dtype):
@@ -63,13 +59,8 @@ def _setup_project_backward(ctx, inputs, output):
     ctx.grad_dtype = grad.dtype
 
 
-def register(project_name: str, backward_name: str, gaussian_name: str) -> None:
-    """Fake kernels and autograd for one backend's (project, project_backward, gaussian_like) ops."""
-    project_op = getattr(torch.ops.gradreg_fast, project_name.split("::")[1])
-    backward_op = getattr(torch.ops.gradreg_fast, backward_name.split("::")[1])
-    torch.library.register_fake(project_name)(_fake_project)
-    torch.library.register_fake(backward_name)(_fake_project_backward)
-    torch.library.register_fake(gaussian_name)(_fake_gaussian_like)
+def _autograd(ops: dict) -> dict:
+    project_op, backward_op = ops["project"], ops["project_backward"]
 
     def project_grad(ctx, grad):
         d_out = backward_op(grad, ctx.seed, ctx.offset, ctx.per_sample, ctx.num_outputs, ctx.dtype)
@@ -79,43 +70,9 @@ def register(project_name: str, backward_name: str, gaussian_name: str) -> None:
         d_grad = project_op(gg, ctx.seed, ctx.offset, ctx.per_sample).to(ctx.grad_dtype)
         return d_grad, None, None, None, None, None
 
-    torch.library.register_autograd(project_name, project_grad, setup_context=_setup_project)
-    torch.library.register_autograd(backward_name, project_backward_grad, setup_context=_setup_project_backward)
+    return {"project": (project_grad, _setup_project), "project_backward": (project_backward_grad,
+                                                                             _setup_project_backward)}
 
-
-_ext_project = extension_op("project")
-if _ext_project is not None:
-    register("gradreg_fast::project", "gradreg_fast::project_backward", "gradreg_fast::gaussian_like")
-
-
-# -- Triton ops (defined here, triton imported only when one runs) -----------------------------------
-
-def _triton():
-    from gradreg_fast.triton import philox
-    return philox
-
-
-@torch.library.custom_op("gradreg_fast::project_triton", mutates_args=())
-def _project_triton(out: torch.Tensor, seed: int, offset: int, per_sample: bool) -> torch.Tensor:
-    return _triton().project(out, seed, offset, per_sample)
-
-
-@torch.library.custom_op("gradreg_fast::project_backward_triton", mutates_args=())
-def _project_backward_triton(grad: torch.Tensor, seed: int, offset: int, per_sample: bool, num_outputs: int,
-                             dtype: torch.dtype) -> torch.Tensor:
-    return _triton().project_backward(grad, seed, offset, per_sample, num_outputs, dtype)
-
-
-@torch.library.custom_op("gradreg_fast::gaussian_like_triton", mutates_args=())
-def _gaussian_like_triton(x: torch.Tensor, seed: int, offset: int, per_sample: bool) -> torch.Tensor:
-    return _triton().gaussian_like(x, seed, offset, per_sample)
-
-
-register("gradreg_fast::project_triton", "gradreg_fast::project_backward_triton",
-         "gradreg_fast::gaussian_like_triton")
-
-
-# -- backend tables ---------------------------------------------------------------------------------
 
 def _reference_project(out, seed, offset, per_sample):
     return ref.project(out, seed & ((1 << 64) - 1), offset, per_sample=per_sample)
@@ -125,22 +82,20 @@ def _reference_gaussian_like(x, seed, offset, per_sample):
     return ref.gaussian_like(x, seed & ((1 << 64) - 1), offset, per_sample=per_sample)
 
 
-PROJECT = {"reference": _reference_project, "cpp": _ext_project, "cuda": _ext_project,
-           "triton": torch.ops.gradreg_fast.project_triton}
-GAUSSIAN_LIKE = {"reference": _reference_gaussian_like, "cpp": extension_op("gaussian_like"),
-                 "cuda": extension_op("gaussian_like"), "triton": torch.ops.gradreg_fast.gaussian_like_triton}
+_TRITON = "gradreg_fast.triton.philox:"
+declare("projection", (
+    Op("project(Tensor out, int seed, int offset, bool per_sample) -> Tensor", _fake_project,
+       _TRITON + "project", _reference_project),
+    Op("project_backward(Tensor grad, int seed, int offset, bool per_sample, int num_outputs, ScalarType dtype) "
+       "-> Tensor", _fake_project_backward, _TRITON + "project_backward"),
+    Op("gaussian_like(Tensor x, int seed, int offset, bool per_sample) -> Tensor", _fake_gaussian_like,
+       _TRITON + "gaussian_like", _reference_gaussian_like),
+), _autograd)
 
 
 def _check_per_sample(per_sample, op: str) -> None:
     if not isinstance(per_sample, bool):
         raise TypeError(f"{op}: per_sample must be a bool, got {type(per_sample).__name__}")
-
-
-def _implementation(table: dict, name: str, op: str):
-    impl = table.get(name)
-    if impl is None:
-        raise RuntimeError(f"{op}: backend {name!r} has no implementation of this op here")
-    return impl
 
 
 def project(out: torch.Tensor, seed: int, offset: int, *, per_sample: bool = False,
@@ -171,8 +126,7 @@ def project(out: torch.Tensor, seed: int, offset: int, *, per_sample: bool = Fal
                          "per-sample outputs with out.reshape(out.shape[0], -1)")
     ref.check_seed_offset(seed, offset, "project")
     _check_per_sample(per_sample, "project")
-    name = resolve_backend(backend, out.device)
-    return _implementation(PROJECT, name, "project")(out, ref.seed_to_int64(seed), offset, per_sample)
+    return implementation("project", backend, out.device)(out, ref.seed_to_int64(seed), offset, per_sample)
 
 
 def gaussian_like(x: torch.Tensor, seed: int, offset: int, *, per_sample: bool = True,
@@ -201,9 +155,8 @@ def gaussian_like(x: torch.Tensor, seed: int, offset: int, *, per_sample: bool =
     if not per_sample and x.dim() < 1:
         raise ValueError("gaussian_like: per_sample=False needs a batch dimension, x of shape (B, ...); "
                          "got a 0-d tensor")
-    name = resolve_backend(backend, x.device)
-    return _implementation(GAUSSIAN_LIKE, name, "gaussian_like")(x.detach(), ref.seed_to_int64(seed), offset,
-                                                                  per_sample)
+    return implementation("gaussian_like", backend, x.device)(x.detach(), ref.seed_to_int64(seed), offset,
+                                                             per_sample)
 
 
 def draw_seed(generator: torch.Generator | None = None) -> int:

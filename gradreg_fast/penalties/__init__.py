@@ -1,4 +1,4 @@
-"""Gradient penalties (PAPER.md) behind one function, ``penalty``, and the paper's baselines."""
+"""Gradient penalties (docs/method.md) behind one function, ``penalty``, and the paper's baselines."""
 from __future__ import annotations
 
 from typing import Callable

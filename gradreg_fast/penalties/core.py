@@ -1,4 +1,4 @@
-"""The gradient penalties of PAPER.md as one computation: squared norms of input-space VJPs.
+"""The gradient penalties of docs/method.md as one computation: squared norms of input-space VJPs.
 
 Every penalty kind reduces to
 

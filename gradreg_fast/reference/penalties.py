@@ -1,4 +1,4 @@
-"""Reference penalties (PAPER.md), each averaged over the batch.
+"""Reference penalties (docs/method.md), each averaged over the batch.
 
 Written independently of gradreg_fast.penalties: one create_graph=True gradient per class or
 projection, in a Python loop. ``model`` maps x of shape (B, ...) to outputs of shape (B, K)

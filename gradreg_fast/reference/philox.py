@@ -46,6 +46,8 @@ import math
 
 import torch
 
+from gradreg_fast.reference.ops import acc_dtype
+
 PHILOX_M0 = 0xD2511F53       # multiplies counter word 0
 PHILOX_M1 = 0xCD9E8D57       # multiplies counter word 2
 PHILOX_W0 = 0x9E3779B9       # key bump of key word 0 (golden ratio)
@@ -146,7 +148,7 @@ def projection_vectors(batch: int, num_outputs: int, seed: int, offset: int, *, 
 def project(out: torch.Tensor, seed: int, offset: int, *, per_sample: bool = False) -> torch.Tensor:
     """s_i = Σ_k r_ik · out_ik with r from the stream, in the accumulation dtype (float32 for
     float16/bfloat16/float32, float64 for float64). Differentiable (r is a constant)."""
-    acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(out.dtype)
     r = projection_vectors(out.shape[0], out.shape[1], seed, offset, per_sample=per_sample, dtype=acc,
                            device=out.device)
     return (out.to(acc) * r).sum(dim=1)
@@ -155,7 +157,7 @@ def project(out: torch.Tensor, seed: int, offset: int, *, per_sample: bool = Fal
 def project_backward(grad: torch.Tensor, seed: int, offset: int, per_sample: bool, num_outputs: int,
                      dtype: torch.dtype) -> torch.Tensor:
     """Gradient of ``project`` with respect to out: grad_out_ik = grad_i · r_ik, in ``dtype``."""
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     r = projection_vectors(grad.shape[0], num_outputs, seed, offset, per_sample=per_sample, dtype=acc,
                            device=grad.device)
     return (grad.to(acc).unsqueeze(1) * r).to(dtype)

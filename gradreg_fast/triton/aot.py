@@ -45,7 +45,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any
 
 ARCHS = (80, 90)
 
@@ -215,7 +214,6 @@ def _compile_logged(src, target, options: dict, arch: int):
 
 def compile_entry(entry: dict, arch: int) -> dict:
     """Compile one table entry for sm_<arch>; the result row (``ok`` False with the error on failure)."""
-    import triton
 
     row = {"kernel": entry["kernel"].split(":")[1], "arch": arch, "ok": False}
     t0 = time.perf_counter()

@@ -24,12 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from gradreg_fast.ops.bias_act import ACT_CODE, geometry, memory_format
+from gradreg_fast._bias_act_spec import ACT_CODE, ACTIVATIONS, NO_SECOND, geometry, memory_format
+from gradreg_fast.reference.ops import acc_dtype
 from gradreg_fast.triton._launch import launch_kernel
 
-# Coefficients of P and Q, lowest degree first (fitted with numpy at Chebyshev nodes).
-ERF_SMALL = (1.128379167095513, -0.37612638903177553, 0.11283791670652926, -0.026866170594406182, 0.005223977199712658, -0.0008548306409616672, 0.0001205471382158921, -1.4913713278303188e-05, 1.6313591021541446e-06, -1.5202359983515584e-07, 9.454661204489945e-09)
-ERFC_LARGE = (1.5124761049145619e-07, 0.2820889548126756, 0.282199139702075, 0.24568726759219245, 0.18494109962974437, 0.036543864143163345, 0.18866482200407475, -0.6557860486825482, 1.3581453418521985, -2.499320097816156, 3.258800206005376, -2.7635733687378057, 1.474510770936276, -0.4557770177589461, 0.06287574985514549)
+# Coefficients of P and Q, lowest degree first (fitted with numpy at Chebyshev nodes; the same in
+# csrc/bias_act.h's erf_).
 _P0 = tl.constexpr(1.128379167095513)
 _P1 = tl.constexpr(-0.37612638903177553)
 _P2 = tl.constexpr(0.11283791670652926)
@@ -260,8 +260,8 @@ def _memory_order(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     return t.permute(0, 2, 3, 1) if fmt == torch.channels_last else t
 
 
-def launch(mode: int, main: torch.Tensor, ref: torch.Tensor | None, a: torch.Tensor | None,
-           g: torch.Tensor | None, b: torch.Tensor | None, act: int, dim: int, alpha: float) -> torch.Tensor:
+def _launch(mode: int, main: torch.Tensor, ref: torch.Tensor | None, a: torch.Tensor | None,
+            g: torch.Tensor | None, b: torch.Tensor | None, act: int, dim: int, alpha: float) -> torch.Tensor:
     """Runs the kernel; the output has ``main``'s shape, dtype and layout (contiguous/channels_last).
 
     mode 0: main = x, ref = x.   mode 1: main = a = grad.   mode 2: main = a = gg, g = grad.
@@ -281,6 +281,32 @@ def launch(mode: int, main: torch.Tensor, ref: torch.Tensor | None, a: torch.Ten
     with torch.cuda.device(main.device) if main.is_cuda else contextlib.nullcontext():
         launch_kernel(bias_act_kernel, grid, dummy, ref_v, a_v, g_v, b_v, n, C, inner, alpha,
                       ACT=act, MODE=mode, HAS_REF=ref is not None, HAS_BIAS=b is not None,
-                      F64=main.dtype == torch.float64, BLOCK=BLOCK)
+                      F64=acc_dtype(main.dtype) == torch.float64, BLOCK=BLOCK)
     return out
 
+
+def _reference_args(x, b, y):
+    """The reference value of act' (see csrc/bias_act.h): y when given, else x (+ b)."""
+    return (y, None) if y is not None else (x, b)
+
+
+# The launchers of the three ops (their schemas: gradreg_fast/ops/bias_act.py).
+
+def bias_act(x: torch.Tensor, b: torch.Tensor | None, act: int, dim: int, alpha: float) -> torch.Tensor:
+    return _launch(0, x, x, None, None, b, act, dim, alpha)
+
+
+def bias_act_grad(grad: torch.Tensor, x: torch.Tensor | None, b: torch.Tensor | None, y: torch.Tensor | None,
+                  act: int, dim: int, alpha: float) -> torch.Tensor:
+    ref, bias = _reference_args(x, b, y)
+    if ACTIVATIONS[act] == "linear":
+        ref, bias = None, None
+    return _launch(1, grad, ref, grad, None, bias, act, dim, alpha)
+
+
+def bias_act_grad2(gg: torch.Tensor, grad: torch.Tensor, x: torch.Tensor | None, b: torch.Tensor | None,
+                   y: torch.Tensor | None, act: int, dim: int, alpha: float) -> torch.Tensor:
+    if ACTIVATIONS[act] in NO_SECOND:
+        return torch.zeros_like(gg, memory_format=memory_format(gg))
+    ref, bias = _reference_args(x, b, y)
+    return _launch(2, gg, ref, gg, grad, bias, act, dim, alpha)

@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from gradreg_fast import reference
 from gradreg_fast.triton._cast import cast_for_store
 from gradreg_fast.triton._launch import launch_kernel
-
-from gradreg_fast import reference
 
 MAX_BLOCK_K = 1024
 TILE = 2048  # elements per program when several rows share one

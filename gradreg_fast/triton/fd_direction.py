@@ -13,10 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from gradreg_fast import reference
 from gradreg_fast.triton._cast import cast_for_store
 from gradreg_fast.triton._launch import launch_kernel
-
-from gradreg_fast import reference
 from gradreg_fast.triton.sq_norm import BLOCK, default_split, rows, sq_norm_into
 
 
@@ -51,7 +50,8 @@ def fd_direction_row_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h_ptr, BLOCK: tl
 
 @triton.jit
 def fd_direction_apply_kernel(x_ptr, g_ptr, out_ptr, norm_ptr, N, h_ptr, BLOCK: tl.constexpr):
-    """norm_ptr holds Σ g² on entry; program (row, block) writes its block and block 0 the norm."""
+    """Program (row, block) writes its block of out. norm_ptr holds Σ g² (read only here; _sqrt_kernel
+    turns it into the norm after this kernel)."""
     row = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
     acc_ty = norm_ptr.dtype.element_ty

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gradreg_fast.reference.ops import acc_dtype
 from gradreg_fast.reference.philox import MASK32, TWO_PI
 from gradreg_fast.triton._launch import launch_kernel
 
@@ -26,9 +27,6 @@ _W0: tl.constexpr = tl.constexpr(0x9E3779B9)
 _W1: tl.constexpr = tl.constexpr(0xBB67AE85)
 _TWO_PI: tl.constexpr = tl.constexpr(TWO_PI)
 _INV_2_32: tl.constexpr = tl.constexpr(2.0 ** -32)
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
-              torch.float64: tl.float64}
 
 
 @triton.jit
@@ -143,7 +141,8 @@ def _stream_words(seed: int, offset: int) -> tuple[int, int, int, int]:
 
 
 def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton type of acc_dtype(dtype)."""
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def gaussian_like(x: torch.Tensor, seed: int, offset: int, per_sample: bool) -> torch.Tensor:
@@ -166,8 +165,7 @@ def project(out: torch.Tensor, seed: int, offset: int, per_sample: bool) -> torc
     """Launcher: s (B,) in the accumulation dtype."""
     x = out.contiguous()
     B, K = x.shape
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    s = torch.empty(B, dtype=acc_dtype, device=x.device)
+    s = torch.empty(B, dtype=acc_dtype(x.dtype), device=x.device)
     if B == 0:
         return s
     if K == 0:
@@ -183,8 +181,7 @@ def project(out: torch.Tensor, seed: int, offset: int, per_sample: bool) -> torc
 def project_backward(grad: torch.Tensor, seed: int, offset: int, per_sample: bool, num_outputs: int,
                      dtype: torch.dtype) -> torch.Tensor:
     """Launcher: grad_out (B, K) = grad[:, None] · r, in ``dtype``."""
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    g = grad.to(acc_dtype).contiguous()
+    g = grad.to(acc_dtype(dtype)).contiguous()
     out = torch.empty((g.shape[0], num_outputs), dtype=dtype, device=g.device)
     total = out.numel()
     if total == 0:
