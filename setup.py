@@ -113,7 +113,8 @@ setup(
     name="gradreg_fast",
     version="0.1.0",
     description="Fast gradient and Jacobian penalties (DoubleBack, SpectReg, FrobReg, JacReg) for PyTorch",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description=(open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md"))
+                      else ""),
     long_description_content_type="text/markdown",
     packages=PACKAGES,
     python_requires=">=3.11",

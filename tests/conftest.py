@@ -10,9 +10,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import gradreg_fast  # noqa: E402
+import gradreg_fast
 
 # Every Triton launch is recorded (gradreg_fast/triton/_launch.py). tests/test_triton_aot.py compiles the
 # specializations of LAUNCH_TABLE for sm_80 and sm_90; at the end of an interpreted run, any launched
@@ -24,7 +24,7 @@ _CHECK_LAUNCHES = None
 if os.environ.get(_RECORD):
     os.environ[_RECORD] = os.path.abspath(os.environ[_RECORD])  # subprocesses run elsewhere
 elif os.environ.get("TRITON_INTERPRET") == "1":
-    import tempfile  # noqa: E402
+    import tempfile
     _fd, _CHECK_LAUNCHES = tempfile.mkstemp(prefix="gradreg_launches_", suffix=".jsonl")
     os.close(_fd)
     os.environ[_RECORD] = _CHECK_LAUNCHES  # inherited by the tests' subprocesses

@@ -34,8 +34,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ddp_worker as common  # noqa: E402  (make_model, data, objective, run_reference, ...)
-from ddp_worker import FORMS, LAM, SEED, STEPS, gr, rel  # noqa: E402
+import ddp_worker as common  # make_model, data, objective, run_reference, ...
+from ddp_worker import FORMS, LAM, SEED, STEPS, gr, rel
+
 
 def make_bn_model() -> nn.Module:
     """ddp_worker's MLP with a BatchNorm1d (training mode) after the first Linear: the samples

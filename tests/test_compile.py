@@ -138,8 +138,9 @@ def test_compile_expectations_are_declared_and_consistent():
     missing = [m for m in gr.METHODS if m not in COMPILE_EXPECT]
     assert not missing, f"declare in COMPILE_EXPECT what methods {missing} do on a compiled model"
     trains = {m for m, e in COMPILE_EXPECT.items() if e == "trains"}
-    assert trains == set(COMPILED_MODEL_METHODS), \
-        "gradreg_fast._guards.COMPILED_MODEL_METHODS (named in the errors) must be the methods that train compiled models"
+    assert trains == set(COMPILED_MODEL_METHODS), (
+        "gradreg_fast._guards.COMPILED_MODEL_METHODS (named in the errors) must be the methods that train "
+        "compiled models")
 
 
 def _aot_supports_forward_ad() -> bool:

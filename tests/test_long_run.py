@@ -86,7 +86,8 @@ def test_thousand_steps(method):
     late = _growth(run)
     tensors_late = _live_tensors() - len(run.snapshot)  # the step-100 weights kept for the repro check
     assert len(run.losses) == STEPS
-    assert early <= 0 and late <= 0, f"memory held grew every step: {early} B around step 100, {late} B around step 1000"
+    assert early <= 0 and late <= 0, (f"memory held grew every step: {early} B around step 100, {late} B around "
+                                      "step 1000")
     assert tensors_late <= tensors_early, f"live tensors {tensors_early} at step 100, {tensors_late} at 1000"
     # the caller's x, x.grad and requires_grad are untouched
     assert torch.equal(run.x.detach(), x0) and torch.equal(run.x.grad, grad0) and run.x.requires_grad

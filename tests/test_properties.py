@@ -59,7 +59,8 @@ def test_sq_norm_matches_reference(backend, x):
     exact = x.double().reshape(x.shape[0], -1).pow(2).sum(1)
     # fp32 accumulation for fp16/bf16/fp32, fp64 for fp64: compare in the accumulation precision
     tol = TOLERANCES[torch.float64] if x.dtype == torch.float64 else TOLERANCES[torch.float32]
-    torch.testing.assert_close(out.double(), exact, rtol=tol["rtol"], atol=tol["atol"] * max(1.0, exact.abs().max().item()))
+    torch.testing.assert_close(out.double(), exact, rtol=tol["rtol"],
+                               atol=tol["atol"] * max(1.0, exact.abs().max().item()))
     torch.testing.assert_close(out, ref, **tol)
     assert torch.equal(x, before), "sq_norm modified its input"
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import gradreg_fast as gr
-from conftest import assert_close_to_reference, backend_params, TOLERANCES
+from conftest import TOLERANCES, assert_close_to_reference, backend_params
 from gradreg_fast.ops import sq_norm
 
 SHAPES = [(5, 7), (3, 2, 4, 5), (1, 33), (4, 1)]

@@ -24,7 +24,6 @@ import tempfile
 
 import pytest
 import torch
-import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
@@ -104,7 +103,7 @@ def test_a_spill_is_detected(tmp_path):
 
 # -- the recorder keeps exactly what Triton specializes on ----------------------------------------------
 
-def _probe(x_ptr, y_ptr, n, m, s, f, BLOCK: tl.constexpr):  # noqa: N803 - source for JITFunction
+def _probe(x_ptr, y_ptr, n, m, s, f, BLOCK: tl.constexpr):
     pass
 
 
