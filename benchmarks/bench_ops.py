@@ -23,27 +23,23 @@ writes benchmarks/results/ops_<device>.csv and .json (or under --out).
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib
-import json
 import os
 import pkgutil
 import platform
-import statistics
 import sys
-import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # op_cases
-try:
-    import gradreg_fast  # noqa: F401  (the installed package)
-except ImportError:  # a source checkout with the extension built in place
-    sys.path.insert(1, os.path.dirname(HERE))
+sys.path.insert(0, HERE)  # benchmarks/: harness, op_cases
+import harness  # noqa: E402,F401  (gradreg_fast: the installed package, else this source tree)
 
 import torch  # noqa: E402
 
 import op_cases  # noqa: E402
+from harness.memory import cuda_peak_bytes  # noqa: E402
+from harness.results import command_line, utc_now, write_csv, write_json  # noqa: E402
+from harness.timing import probe, time_interleaved  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -81,52 +77,11 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or "cpu"
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_backends(fns: dict, device: torch.device, reps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each callable, repetitions interleaved across backends."""
-    names = list(fns)
-    for name in names:
-        for _ in range(warmup):
-            fns[name]()
-    _sync(device)
-    samples = {name: [] for name in names}
-    for rep in range(reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fns[name]()
-                end.record()
-                end.synchronize()
-                samples[name].append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fns[name]()
-                samples[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
-def peak_memory(fn, device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, reps: int) -> float:
     """Bytes per second of dst.copy_(src) (read + write) for numel elements."""
     src = torch.randn(numel, device=device).to(dtype)
     dst = torch.empty_like(src)
-    t = time_backends({"copy": lambda: dst.copy_(src)}, device, max(reps, 5), warmup=3)["copy"]
+    t = time_interleaved({"copy": lambda: dst.copy_(src)}, device, max(reps, 5), warmup=3)["copy"]
     return 2 * numel * src.element_size() / t
 
 
@@ -157,15 +112,10 @@ def run(args) -> tuple[list[dict], dict]:
         for case in cases:
             if selected and not any(s in (mod_name, case.op) for s in selected):
                 continue
-            fns, failed = {}, {}
-            for be, fn in case.run.items():
-                try:
-                    fn()
-                    fns[be] = fn
-                except Exception as exc:
-                    failed[be] = repr(exc)
-                    errors.append(f"{case.op} {case.pass_name} {be}: {exc!r}")
-            times = time_backends(fns, device, args.reps, warmup=1 if args.quick else 3) if fns else {}
+            fns = dict(case.run)
+            failed = {be: repr(exc) for be, exc in probe(fns).items()}
+            errors += [f"{case.op} {case.pass_name} {be}: {why}" for be, why in failed.items()]
+            times = time_interleaved(fns, device, args.reps, warmup=1 if args.quick else 3)
             ref_t = times.get("reference")
             best = min(times, key=times.get) if times else None
             for be in case.run:
@@ -176,12 +126,11 @@ def run(args) -> tuple[list[dict], dict]:
                     dtype=args.dtype, device=device.type, time_ms=t * 1e3 if t else None,
                     speedup=(ref_t / t) if (t and ref_t) else None, bytes_moved=case.bytes_moved,
                     gbps=gbs, pct_copy=(100 * gbs * 1e9 / copy_bw) if gbs else None,
-                    peak_mb=(peak_memory(fns[be], device) / 2**20) if (be in fns and device.type == "cuda") else None,
+                    peak_mb=(cuda_peak_bytes(fns[be], device) / 2**20) if (be in fns and device.type == "cuda") else None,
                     fastest=be == best, error=failed.get(be)))
     meta = dict(device=device.type, device_name=device_name(device), dtype=args.dtype, numel=args.numel,
                 reps=args.reps, threads=torch.get_num_threads(), torch=torch.__version__,
-                copy_gbps=copy_bw / 1e9, command="python benchmarks/bench_ops.py " + " ".join(sys.argv[1:]),
-                time=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), errors=errors,
+                copy_gbps=copy_bw / 1e9, command=command_line("bench_ops.py"), time=utc_now(), errors=errors,
                 memory="peak bytes above the allocation before the call (CUDA); not measured on the CPU")
     return rows, meta
 
@@ -211,12 +160,8 @@ def write_results(rows, meta, out_dir):
     stem = os.path.join(out_dir, f"ops_{meta['device']}")
     fields = ["op", "pass_name", "backend", "numel", "dtype", "device", "time_ms", "speedup", "bytes_moved",
               "gbps", "pct_copy", "peak_mb", "fastest", "error"]
-    with open(stem + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    write_csv(stem + ".csv", rows, fields, lineterminator="\r\n")   # as the ops tables have always been
+    write_json(stem + ".json", dict(meta=meta, rows=rows))
     return stem
 
 

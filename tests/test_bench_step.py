@@ -59,8 +59,8 @@ def test_smoke_runs_every_default_cell(tmp_path):
 
 
 def test_live_tensor_bytes_counts_a_known_allocation():
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.bench_step import LiveTensorBytes
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from harness.memory import LiveTensorBytes
     mode = LiveTensorBytes()
     with mode:
         a = torch.empty(1000, dtype=torch.float64)      # 8000 bytes

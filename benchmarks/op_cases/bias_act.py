@@ -16,18 +16,11 @@ from __future__ import annotations
 
 import torch
 
-import gradreg_fast as gr
 from gradreg_fast.ops import ACTIVATIONS, bias_act
+from harness.backends import op_backends
 from op_cases import OpCase
 
 COLS = 1024
-
-
-def _backends(device: torch.device) -> list[str]:
-    status = gr.backends()
-    wanted = ["reference"] + (["cpp"] if device.type == "cpu" else ["cuda", "triton"])
-    # Triton on the CPU runs in the interpreter: correct but meaningless to time.
-    return [b for b in wanted if status[b].available]
 
 
 def _inputs(device, dtype, numel, seed):
@@ -40,7 +33,7 @@ def _inputs(device, dtype, numel, seed):
 
 def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
     out = []
-    backends = _backends(device)
+    backends = op_backends(device)
     for k, act in enumerate(ACTIVATIONS):
         x, b, v, w = _inputs(device, dtype, numel, seed=k)
         n, s = x.numel(), x.element_size()

@@ -9,17 +9,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from op_cases import OpCase
-from gradreg_fast import backends
 from gradreg_fast.ops.cross_entropy import cross_entropy
+from harness.backends import kernel_backends
+from op_cases import OpCase
 
 NUM_CLASSES = 10
-
-
-def _backends(device: torch.device) -> list[str]:
-    status = backends()
-    wanted = ("cpp",) if device.type == "cpu" else ("cuda", "triton")
-    return [b for b in wanted if status[b].available]
 
 
 def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
@@ -31,7 +25,7 @@ def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
     u = torch.randn(B, K, generator=gen).to(device=device, dtype=dtype)
     size = z0.element_size()
     fns = {"reference": lambda z: F.cross_entropy(z, y, reduction="none")}
-    for name in _backends(device):
+    for name in kernel_backends(device):
         fns[name] = lambda z, name=name: cross_entropy(z, y, backend=name)
 
     def forward(fn):

@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from op_cases import OpCase
-from gradreg_fast import backends, reference
+from gradreg_fast import reference
 from gradreg_fast.ops.fd_direction import fd_direction
+from harness.backends import kernel_backends
+from op_cases import OpCase
 
 ROW = 3 * 32 * 32
 H = 1e-3
-
-
-def _backends(device: torch.device) -> list[str]:
-    status = backends()
-    wanted = ("cpp",) if device.type == "cpu" else ("cuda", "triton")
-    return [b for b in wanted if status[b].available]
 
 
 def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
@@ -25,7 +20,7 @@ def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
     x = torch.randn(B, 3, 32, 32, generator=gen).to(device=device, dtype=dtype)
     g = torch.randn(B, 3, 32, 32, generator=gen).to(device=device, dtype=dtype)
     run = {"reference": lambda: reference.fd_direction(x, g, H)}
-    for name in _backends(device):
+    for name in kernel_backends(device):
         run[name] = lambda name=name: fd_direction(x, g, H, backend=name)
     n, size = x.numel(), x.element_size()
     acc = 8 if dtype == torch.float64 else 4

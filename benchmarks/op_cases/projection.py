@@ -14,19 +14,13 @@ from __future__ import annotations
 
 import torch
 
-import gradreg_fast as gr
-from op_cases import OpCase
 from gradreg_fast.ops import gaussian_like, project
 from gradreg_fast.reference import philox as P
+from harness.backends import op_backends
+from op_cases import OpCase
 
 SEED, OFFSET = 0x9E3779B97F4A7C15, 7
 K = 10
-
-
-def _backends(device: torch.device) -> list[str]:
-    status = gr.backends()
-    wanted = ["reference", "cuda", "triton"] if device.type == "cuda" else ["reference", "cpp"]
-    return [b for b in wanted if status[b].available]
 
 
 def _backward_op(backend: str):
@@ -41,7 +35,7 @@ def _backward_op(backend: str):
 def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
     device = torch.device(device)
     size = torch.empty((), dtype=dtype).element_size()
-    backends = _backends(device)
+    backends = op_backends(device)
     x = torch.empty(max(1, numel // 1024), 1024, device=device, dtype=dtype)
     out_list = []
     for per_sample in (True, False):

@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from op_cases import OpCase
-from gradreg_fast import backends, reference
+from gradreg_fast import reference
 from gradreg_fast.ops.sq_norm import sq_norm
+from harness.backends import kernel_backends
+from op_cases import OpCase
 
 ROW = 1000
-
-
-def _backends(device: torch.device) -> list[str]:
-    status = backends()
-    wanted = ("cpp",) if device.type == "cpu" else ("cuda", "triton")
-    return [b for b in wanted if status[b].available]
 
 
 def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
@@ -27,7 +22,7 @@ def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
     x0 = torch.randn(B, ROW, generator=gen).to(device=device, dtype=dtype)
     v = torch.randn(B, ROW, generator=gen).to(device=device, dtype=dtype)
     fns = {"reference": reference.sq_norm}
-    for name in _backends(device):
+    for name in kernel_backends(device):
         fns[name] = lambda x, name=name: sq_norm(x, backend=name)
 
     def forward(fn):
