@@ -34,6 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # benchmarks/: harness, op_cases
 import harness  # noqa: E402,F401  (gradreg_fast: the installed package, else this source tree)
 
+# isort: split
+
 import torch  # noqa: E402
 
 import op_cases  # noqa: E402
@@ -126,7 +128,7 @@ def run(args) -> tuple[list[dict], dict]:
                     dtype=args.dtype, device=device.type, time_ms=t * 1e3 if t else None,
                     speedup=(ref_t / t) if (t and ref_t) else None, bytes_moved=case.bytes_moved,
                     gbps=gbs, pct_copy=(100 * gbs * 1e9 / copy_bw) if gbs else None,
-                    peak_mb=(cuda_peak_bytes(fns[be], device) / 2**20) if (be in fns and device.type == "cuda") else None,
+                    peak_mb=cuda_peak_bytes(fns[be], device) / 2**20 if be in fns and device.type == "cuda" else None,
                     fastest=be == best, error=failed.get(be)))
     meta = dict(device=device.type, device_name=device_name(device), dtype=args.dtype, numel=args.numel,
                 reps=args.reps, threads=torch.get_num_threads(), torch=torch.__version__,

@@ -47,6 +47,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/: harness, step_cases
 import harness  # noqa: E402  (gradreg_fast: the installed package, else this source tree)
 
+# isort: split
+
 import torch  # noqa: E402
 
 import gradreg_fast as gr  # noqa: E402
@@ -55,8 +57,16 @@ from harness.memory import cuda_peak_bytes, live_tensor_peak_bytes  # noqa: E402
 from harness.progress import progress_bar  # noqa: E402
 from harness.results import command_line, utc_now  # noqa: E402
 from harness.timing import probe, time_interleaved  # noqa: E402
-from step_cases import (METHODS, QUICK_METHODS, QUICK_PENALTIES, Variant, calls_per_rep,  # noqa: E402
-                        make_step, setup, variants_for)
+from step_cases import (  # noqa: E402
+    METHODS,
+    QUICK_METHODS,
+    QUICK_PENALTIES,
+    Variant,
+    calls_per_rep,
+    make_step,
+    setup,
+    variants_for,
+)
 from step_report import build_rows, format_table, write  # noqa: E402
 
 _ROOT = Path(harness.ROOT)

@@ -94,7 +94,7 @@ def measure(engine: str, method: str, args, x, y) -> tuple[float, float]:
         step()
         times.append(time.perf_counter() - t0)
     peak = _status_kib("VmHWM")
-    del model, opt, crit
+    model = opt = crit = None   # freed before the next measurement (step's closure holds them)
     gc.collect()
     dist.barrier()
     return (peak - base) / MIB, statistics.median(times)
