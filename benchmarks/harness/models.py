@@ -1,7 +1,7 @@
 """The step benchmark's models by name, each with its per-sample input shape.
 
 LeNet is the one of gradreg_fast.testing.zoo, which the tests use (10 classes here): the same layers,
-in the same order, as the paper experiment's (benchmarks/paper_mnist.py).
+in the same order, as the paper experiment's (benchmarks/paper/mnist_data.py).
 """
 from __future__ import annotations
 
