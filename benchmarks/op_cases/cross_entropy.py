@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from gradreg_fast.ops.cross_entropy import cross_entropy
 from harness.backends import kernel_backends
-from op_cases import OpCase
+from op_cases import OpCase, autograd_passes
 
 NUM_CLASSES = 10
 
@@ -28,28 +28,11 @@ def cases(device: torch.device, dtype: torch.dtype, numel: int) -> list[OpCase]:
     for name in kernel_backends(device):
         fns[name] = lambda z, name=name: cross_entropy(z, y, backend=name)
 
-    def forward(fn):
-        return lambda: fn(z0)
-
-    def backward(fn):
-        def run():
-            z = z0.detach().requires_grad_(True)
-            return torch.autograd.grad(fn(z).sum(), z)
-        return run
-
-    def double_backward(fn):
-        def run():
-            z = z0.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(fn(z).sum(), z, create_graph=True)
-            return torch.autograd.grad((g * u).sum(), z)
-        return run
-
+    runs = autograd_passes(fns, z0, u)
     n = B * K
     return [
-        OpCase("cross_entropy", "forward", n, n * size + B * 8 + 2 * B * 4, {k: forward(f) for k, f in fns.items()}),
-        OpCase("cross_entropy", "backward", n, 2 * n * size + B * 8 + 3 * B * 4,
-               {k: backward(f) for k, f in fns.items()}),
+        OpCase("cross_entropy", "forward", n, n * size + B * 8 + 2 * B * 4, runs["forward"]),
+        OpCase("cross_entropy", "backward", n, 2 * n * size + B * 8 + 3 * B * 4, runs["backward"]),
         # forward + backward + hvp pass: z read 3x, grad_z written, u read, hvp written
-        OpCase("cross_entropy", "double_backward", n, 6 * n * size + 3 * B * 8,
-               {k: double_backward(f) for k, f in fns.items()}),
+        OpCase("cross_entropy", "double_backward", n, 6 * n * size + 3 * B * 8, runs["double_backward"]),
     ]
