@@ -28,15 +28,17 @@ import subprocess
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-from torch import nn
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/: harness
+import harness  # noqa: E402,F401  (gradreg_fast: the installed package, else this source tree)
 
-try:
-    import gradreg_fast as gr  # the installed package, with its built extension
-except ImportError:  # a source checkout with the extension built in place
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import gradreg_fast as gr
+# isort: split
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gradreg_fast as gr  # noqa: E402
+from harness.results import write_text  # noqa: E402
 
 METHODS = ("none", "exact", "hvp", "fd", "jvp")
 ENGINES = ("ddp", "fsdp")
@@ -136,8 +138,7 @@ def worker(args) -> None:
         text = "\n".join(lines)
         print(text, flush=True)
         if args.out:
-            with open(args.out, "w") as f:
-                f.write(text + "\n")
+            write_text(args.out, text + "\n")
     dist.barrier()
     dist.destroy_process_group()
 

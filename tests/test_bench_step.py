@@ -89,3 +89,30 @@ def test_gan_discriminator_step(tmp_path):
     assert cells == expected
     assert all(r["ms"] > 0 for r in rows)
     assert all(r["mem_x_naive"] > 0 for r in rows if r["impl"] == "ours" and r["method"] == "exact")
+
+
+def test_time_interleaved_order_calls_and_refusals():
+    """The harness's one timer: every repetition times each variant once, in the given order (rotated by
+    one per repetition unless rotate=False), calls[name] consecutive calls as one sample; probe() sets
+    aside the variants whose first call raises."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from harness.timing import probe, time_interleaved
+    log = []
+
+    def refuse():
+        raise ValueError("not for this model")
+    fns = {name: (lambda name=name: log.append(name)) for name in "abc"}
+    fns["refused"] = refuse
+    failed = probe(fns, ValueError)
+    assert list(failed) == ["refused"] and str(failed["refused"]) == "not for this model"
+    assert list(fns) == ["a", "b", "c"] and log == ["a", "b", "c"]
+    log.clear()
+    ticks = []
+    progress = type("Bar", (), {"update": lambda self, n: ticks.append(n)})()
+    times = time_interleaved(fns, "cpu", 3, warmup=1, calls={"b": 2}, progress=progress)
+    assert log == ["a", "b", "c"] + ["a", "b", "b", "c", "b", "b", "c", "a", "c", "a", "b", "b"]
+    assert set(times) == {"a", "b", "c"} and all(t > 0 for t in times.values()) and ticks == [1] * 9
+    log.clear()
+    time_interleaved(fns, "cpu", 2, rotate=False)
+    assert log == ["a", "b", "c", "a", "b", "c"]
+    assert time_interleaved({}, "cpu", 3) == {}
