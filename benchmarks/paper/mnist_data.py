@@ -15,7 +15,7 @@ SIZES = (500, 1000, 2000, 3000)
 SWEEP_METHODS = ("baseline", "doubleback", "spectreg")
 TABLE_N = 2000
 WEIGHT_DECAY = 5e-4
-# λ by training-set size (PAPER.md); methods with one λ use it at every N.
+# λ by training-set size (the paper's, Varga et al. 2017); methods with one λ use it at every N.
 LAMBDA = {
     "doubleback": {500: 50, 1000: 50, 2000: 50, 3000: 20, 5000: 20, 10000: 5, 15000: 2, 20000: 2},
     "spectreg": {500: .03, 1000: .03, 2000: .03, 3000: .03, 5000: .003, 10000: .01, 15000: .01, 20000: .001},
