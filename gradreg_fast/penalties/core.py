@@ -87,6 +87,24 @@ class Replay:
         self.cuda_state = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
         self.buffers_before = ({k: b.detach().clone() for k, b in model.named_buffers()}
                                if isinstance(model, nn.Module) else {})
+        self._needed: bool | None = None
+
+    @property
+    def needed(self) -> bool:
+        """Whether re-runs must be replayed: the original forward drew random numbers (the RNG state
+        moved since the snapshot) or changed a buffer. Decided once, at the first re-run (the penalty
+        call, before anything else draws from the RNG; anything that did makes this True, the safe
+        answer). When False the model is a pure function of its input and parameters, so a re-run
+        needs no context and may take several inputs in one batch."""
+        if self._needed is None:
+            moved = not torch.equal(torch.get_rng_state(), self.cpu_state) or (
+                self.cuda_state is not None
+                and not torch.equal(torch.cuda.get_rng_state(self.device), self.cuda_state))
+            current = dict(self.model.named_buffers()) if isinstance(self.model, nn.Module) else {}
+            changed = any(k not in current or not torch.equal(current[k], b)
+                          for k, b in self.buffers_before.items())
+            self._needed = moved or changed
+        return self._needed
 
     def buffer_copies(self) -> dict[str, torch.Tensor]:
         """Fresh copies of the buffers as they were before the original forward (for functional calls,
@@ -159,6 +177,11 @@ class Problem:
         """Whether the samples interact inside the model (batch statistics; see ``batch_coupled``)."""
         return batch_coupled(self.model)
 
+    @property
+    def replay_needed(self) -> bool:
+        """Whether re-runs of the model must replay the original forward (see ``Replay.needed``)."""
+        return self.replay is not None and self.replay.needed
+
     def target(self, z: torch.Tensor, params: dict | None = None) -> torch.Tensor:
         if params is None:
             return self.transform(self.run_model(z))
@@ -169,7 +192,7 @@ class Problem:
         if self.model is None:
             raise ValueError("this estimator re-evaluates the model, which is unknown here")
         # a functional call gets copies of the buffers (below), so there is nothing to restore
-        ctx = (self.replay.context(restore_buffers=params is None) if self.replay is not None
+        ctx = (self.replay.context(restore_buffers=params is None) if self.replay_needed
                else contextlib.nullcontext())
         with ctx:
             if params is None:
@@ -283,6 +306,8 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                   options: dict | None = None, target_norm: float | None = None,
                   one_sided: bool | None = None) -> Problem:
     kind = _checks.check_kind(kind)
+    if replay is not None:
+        replay.needed   # decided now, before this call draws from the RNG (projections, random classes)
     batch = x.shape[0]
     transform_func = None   # composite twin of ``transform`` where that uses a fused op
     flat = _checks.check_output(out, batch, kind)
