@@ -22,12 +22,12 @@ from typing import Callable, Iterator
 
 import torch
 
-from gradreg_fast import distributed
+from gradreg_fast import _methods, distributed
 
-# Methods that train torch.compile'd models (tests/test_compile.py checks each one in gradreg_fast.METHODS):
-# fd uses first-order reverse mode only; hvp and jvp differentiate a functional call of the compiled
-# module's original (the same function), so no compiled region meets their forward-mode passes.
-COMPILED_MODEL_METHODS = ("fd", "hvp", "jvp")
+# Methods that train torch.compile'd models (the method table's trains_compiled; tests/test_compile.py
+# checks each one): fd uses first-order reverse mode only; hvp and jvp differentiate a functional call of
+# the compiled module's original (the same function), so no compiled region meets their forward-mode passes.
+COMPILED_MODEL_METHODS = _methods.COMPILED_MODEL_METHODS
 _COMPILED_FORWARD = "CompiledFunctionBackward"                 # a compiled region in the forward graph
 _COMPILED_DOUBLE_BACKWARD = "CompiledFunctionBackwardBackward"  # its backward, differentiated again
 

@@ -436,7 +436,11 @@ def fsdp_estimator(estimator: Callable, model: Callable | None, out: torch.Tenso
                 "MixedPrecisionPolicy param_dtype, or 16-bit parameters): its finite-difference step is "
                 "below 16-bit resolution and the gradient would be rounding noise. Use method='exact' or "
                 "method='hvp' (both exact under FSDP mixed precision), or keep param_dtype=float32")
-        return estimator
+
+        def run_fd(problem):
+            problem.sharded = True   # fd keeps its passes in the caller's graph, for FSDP's backward hooks
+            return estimator(problem)
+        return run_fd
     _check_fsdp_internals(states)
 
     def run(problem):

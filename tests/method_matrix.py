@@ -1,21 +1,17 @@
-"""Which penalty kinds each estimator serves and how it behaves, as the library documents it.
+"""Which penalty kinds each estimator serves and how it behaves: read from the library's own method
+table (gradreg_fast._methods.SPECS), so the tests and the library cannot disagree.
 
 Shared by the robustness tests (test_ddp, test_mixed_precision, test_compile, test_properties,
 test_long_run, test_nonfinite) so that every (kind, method) pair is either run or explicitly
-expected to raise, never silently skipped. Methods not on main yet ("hvp", "fd", "jvp", issue 4)
-are described here so the tests cover them as soon as they are merged.
+expected to raise, never silently skipped.
 """
 import gradreg_fast as gr
+from gradreg_fast._methods import SPECS, serves
 
-JVP_KINDS = ("frobreg", "jacreg")        # method="jvp" estimates ‖J‖_F² only
-NEEDS_MODEL = ("hvp", "fd", "jvp")       # re-run the model: not in the crit(logits, y, inputs=x) form
-STOCHASTIC_METHODS = ("jvp",)            # draws v ~ N(0, I_D) per sample
+NEEDS_MODEL = tuple(n for n, s in SPECS.items() if s.needs_model)   # not in the crit(logits, y, inputs=x) form
+STOCHASTIC_METHODS = tuple(n for n, s in SPECS.items() if s.stochastic)
 # Methods whose result depends on the whole batch beyond the per-sample mean, with why.
-BATCH_DEPENDENT_METHODS = {"fd": "the step t = fd_h * rms(x) is taken over the (per-rank) batch"}
-
-
-def serves(kind: str, method: str) -> bool:
-    return method != "jvp" or kind in JVP_KINDS
+BATCH_DEPENDENT_METHODS = {n: s.batch_dependent for n, s in SPECS.items() if s.batch_dependent}
 
 
 def served_pairs(kinds=gr.KINDS):
@@ -24,3 +20,6 @@ def served_pairs(kinds=gr.KINDS):
 
 def unserved_pairs(kinds=gr.KINDS):
     return [(k, m) for k in kinds for m in gr.METHODS if not serves(k, m)]
+
+
+__all__ = ["NEEDS_MODEL", "STOCHASTIC_METHODS", "BATCH_DEPENDENT_METHODS", "serves", "served_pairs", "unserved_pairs"]

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import gradreg_fast as gr
+from gradreg_fast._methods import serves
 from gradreg_fast.testing import conformance, zoo
 
 # model -> {(kind or "*", method): what the refusal must name}
@@ -20,7 +21,7 @@ EXPECTED_REFUSALS = {
     "once_differentiable": {("*", "exact"): "no double backward|has none", ("*", "hvp"): "torch.func",
                             ("frobreg", "jvp"): "torch.func", ("jacreg", "jvp"): "torch.func"},
 }
-JVP_UNSERVED = [k for k in conformance.KINDS if k not in ("frobreg", "jacreg")]
+JVP_UNSERVED = [k for k in conformance.KINDS if not serves(k, "jvp")]
 
 _MATRIX = conformance.Matrix()
 
@@ -33,7 +34,7 @@ def expected_refusal(model, kind, method):
 
 
 CELLS = [(m, k, meth) for m in zoo.ZOO for k in conformance.KINDS for meth in ("exact", "hvp", "fd")]
-JVP_CELLS = [(m, k) for m in zoo.ZOO for k in ("frobreg", "jacreg")]
+JVP_CELLS = [(m, k) for m in zoo.ZOO for k in conformance.KINDS if serves(k, "jvp")]
 # GAN kinds on the discriminators only (the classifier kinds are not run on them, nor these on classifiers)
 GAN_CELLS = [(m, k, meth) for m in zoo.DISCRIMINATORS for k in conformance.GAN_KINDS for meth in conformance.METHODS]
 

@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from gradreg_fast import _methods
+
 KINDS = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot")
 # Penalties defined on class scores: the output must be (B, K).
 CLASSIFIER_KINDS = ("doubleback", "jacreg", "onehot", "random_onehot")
@@ -85,7 +87,7 @@ def check_lam(lam) -> float:
 
 REDUCTIONS = ("mean", "sum", "none")
 FD_SCHEMES = ("central", "forward")   # as gradreg_fast.penalties.estimators.FD_SCHEMES
-JVP_KINDS = ("frobreg", "jacreg")     # as gradreg_fast.penalties.estimators.JVP_KINDS
+JVP_KINDS = _methods.JVP_KINDS
 
 
 def check_reduction(reduction) -> str:

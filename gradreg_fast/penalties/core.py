@@ -165,6 +165,7 @@ class Problem:
     # ``outer`` is differentiable by autograd, ``outer_grad`` its derivative φ′ (both elementwise on (B,))
     outer: Callable[[torch.Tensor], torch.Tensor] | None = None
     outer_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
+    sharded: bool = False   # the model is sharded with FSDP2 (set by gradreg_fast.distributed.fsdp_estimator)
 
     @property
     def attached(self) -> bool:

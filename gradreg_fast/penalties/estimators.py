@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from gradreg_fast import _methods
 from gradreg_fast._guards import compiled_region_in, graph_nodes
 from gradreg_fast.ops import draw_seed, gaussian_like, sq_norm
 from gradreg_fast.penalties.core import Problem
@@ -54,9 +55,8 @@ def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = No
 
     One batched reverse pass (is_grads_batched, i.e. vmap over the backward) for the n cotangents,
     except for models with convolution or pooling layers, where a loop of n reverse passes over the
-    retained graph is faster (measured on CPU, one thread, FrobReg step incl. the final backward:
-    LeNet batch 50 loop 241 ms vs batched 350 ms; the tanh MLP 784-512-512-10 batch 50 batched
-    152 ms vs loop 188 ms). Raises a ValueError when the targets do not depend on x.
+    retained graph is faster on the CPU (the step benchmark's LeNet FrobReg; the batched pass wins on
+    its tanh MLP). Raises a ValueError when the targets do not depend on x.
     """
     if not p.u.requires_grad:
         raise ValueError("the model output does not depend on x (no autograd graph from x to the "
@@ -246,8 +246,8 @@ def directional_grads(p: Problem, pairs) -> list[torch.Tensor]:
     (∂G_r/∂x)ᵀ d for x when x requires grad. Forward-over-reverse through torch.func is right for
     every op with a forward-mode rule for its backward, including LayerNorm, BatchNorm's batch
     statistics and softmax, where reverse-mode autograd through a forward-mode tangent is not.
-    The pairs run in one torch.func.vmap over (r, d) (measured on the paper's LeNet, FrobReg, batch 50,
-    one CPU thread: 157 ms a step against 194 ms for a loop of jvp calls).
+    The pairs run in one torch.func.vmap over (r, d): the primal forward and backward once, the
+    tangents batched (faster than a loop of jvp calls on the step benchmark's LeNet FrobReg).
     Returns one gradient per entry of ``_differentiated(p)``.
     """
     names, _ = _differentiated(p)
@@ -347,6 +347,23 @@ def fd(p: Problem) -> torch.Tensor:
     perturbed along d = G[j]/‖G[j]‖ (one norm over the batch) with weight ‖G[j]‖, which is the same
     formula for the batch as a whole. When x requires grad the perturbed passes start from x itself,
     so the layers upstream of x receive their (finite-difference) gradient too.
+
+    What it computes: the *exact* parameter gradient of a finite-difference penalty, with G and d
+    held fixed, P_t = (2·scale/B) Σ_j Σ_b ‖G[j,b]‖ (⟨R[j],u⟩_b(x + t d) − ⟨R[j],u⟩_b(x − t d)) / (2t)
+    (the kind of regularizer of Finlay & Oberman 2019). On a twice continuously differentiable model
+    P_t → P and its gradient → double backprop's as t → 0 (measured in fp32 at the default step:
+    cosine ≥ 0.9999 to exact on a tanh MLP and a ViT). On a ReLU/max-pool model a step that crosses
+    an activation kink changes the activation pattern, and the gradient is that of P_t, a smoothed
+    penalty, not an estimate of double backprop's (measured at the default step: cosine 0.05–0.5 to
+    exact on LeNet and a ResNet; ``benchmarks/fd_accuracy.py``); no step serves both regimes in fp32.
+
+    Memory and time: the evaluation points' gradients are computed at the call, one pass at a time
+    (each pass's graph freed before the next), for an nn.Module; when the model is a pure per-sample
+    function (no batch statistics, no random numbers drawn, no buffer changed in its forward) up to
+    ``FD_ROWS`` rows of points share one batch. The forward scheme's base point is the caller's own
+    forward, whose term rides the caller's backward. A plain callable (whose parameters are out of
+    reach here) and an FSDP2-sharded model (whose gradients FSDP reduces in its own backward hooks)
+    keep the passes in the caller's graph.
     """
     _needs_model(p, "fd", "method='exact'")
     h, scheme = _fd_options(p)
@@ -390,8 +407,10 @@ def fd(p: Problem) -> torch.Tensor:
         points = [(1.0, j, 1.0) for j in range(n)]
         if autocast_on:   # the base point in fp32 too (the caller's forward ran in low precision)
             points += [(-1.0, j, 0.0) for j in range(n)]
-    module = isinstance(p.model, torch.nn.Module)
-    batched = module and not coupled and not p.replay_needed and len(points) > 1
+    # gradients at the call need the parameters; a plain callable hides them, and FSDP2 reduces
+    # gradients in its own backward hooks: both keep the passes in the caller's graph
+    module = isinstance(p.model, torch.nn.Module) and not p.sharded
+    batched = not coupled and not p.replay_needed and len(points) > 1
     per_pass = max(1, FD_ROWS // batch) if batched else 1
     chunks = [points[i:i + per_pass] for i in range(0, len(points), per_pass)]
 
@@ -427,8 +446,8 @@ def fd(p: Problem) -> torch.Tensor:
             return total
         out = _deferred(p, value, grads)
     else:
-        # a plain callable: its parameters are out of reach, so the passes stay in the caller's graph
-        # (starting from x itself when x requires grad) and the caller's backward differentiates them
+        # the passes stay in the caller's graph (starting from x itself when x requires grad) and the
+        # caller's backward differentiates them
         xs = p.x.to(work) if p.attached else x0
         with torch.autocast(p.x.device.type, enabled=False):
             linear = sum(terms(chunk, xs)[0] for chunk in chunks)
@@ -447,7 +466,7 @@ def input_tangent(like: torch.Tensor, generator: torch.Generator | None) -> torc
     return gaussian_like(like, draw_seed(generator), 0, per_sample=True)
 
 
-JVP_KINDS = ("frobreg", "jacreg")
+JVP_KINDS = _methods.JVP_KINDS
 
 
 def jvp(p: Problem) -> torch.Tensor:
@@ -493,3 +512,4 @@ def jvp(p: Problem) -> torch.Tensor:
 
 
 METHODS: dict[str, Callable[[Problem], torch.Tensor]] = {"exact": exact, "hvp": hvp, "fd": fd, "jvp": jvp}
+assert tuple(METHODS) == _methods.NAMES, "estimators.METHODS and gradreg_fast._methods.SPECS must name the same methods"
