@@ -25,15 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402,F401  (gradreg_fast: the installed package, else this source tree)
 
-import gradreg_fast as gr
-from gradreg_fast.testing.zoo import LeNet, ResNet, TinyViT
+# isort: split
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import gradreg_fast as gr  # noqa: E402
+from gradreg_fast.testing.zoo import LeNet, ResNet, TinyViT  # noqa: E402
 
 _ROOT = Path(__file__).resolve().parent.parent
 STEPS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)

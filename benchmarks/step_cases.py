@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradreg_fast as gr
+from gradreg_fast._methods import JVP_KINDS
 from gradreg_fast.penalties.core import math_attention
 from harness.models import DISCRIMINATORS, MODELS, load_model
 
@@ -41,14 +42,13 @@ METHODS: dict[str, dict] = {
 }
 QUICK_PENALTIES, QUICK_METHODS = "doubleback,frobreg", "exact,hvp,fd,jvp,exact/every4"   # --quick defaults
 FUSED = ("exact/fused",)  # method labels that run on the fused copy of the model (shared parameters)
-JVP_ONLY = ("frobreg", "jacreg")
 
 
 def method_applies(kind: str, label: str) -> bool:
     if kind in gr.GAN_KINDS:
         return label in ("exact", "hvp", "fd", "fd-forward", "exact/every16") or (
             label == "exact/shared" and kind == "r1")
-    return label not in ("exact/every16", "exact/shared") and (label != "jvp" or kind in JVP_ONLY)
+    return label not in ("exact/every16", "exact/shared") and (label != "jvp" or kind in JVP_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,7 +86,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=50, help="per-rank batch size")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--bf16", action="store_true", help="MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)")
     ap.add_argument("--check", action="store_true",
                     help="compare the first step's gradients with one process on the global batch")
     args = ap.parse_args()
@@ -108,7 +109,8 @@ def main() -> None:
     torch.manual_seed(args.seed)  # same initial weights everywhere (fully_shard keeps each rank's shard)
     model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(device)
     reference = copy.deepcopy(model) if args.check else None
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16 else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if args.bf16
+          else MixedPrecisionPolicy())
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mp_policy=mp)

@@ -25,7 +25,6 @@ import sys
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 

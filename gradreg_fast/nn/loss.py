@@ -8,10 +8,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradreg_fast._backend import check_backend, use_backend
-from gradreg_fast.penalties import (ESTIMATOR_OPTIONS, PROBLEM_OPTIONS, check_method, grad_enabled_copy,
-                                    grad_mode_off, penalty_from_output, schedules)
-from gradreg_fast.penalties._checks import (GAN_KINDS, check_input, check_kind, check_lam, check_penalty_options,
-                                            check_reduction)
+from gradreg_fast.penalties import (
+    ESTIMATOR_OPTIONS,
+    PROBLEM_OPTIONS,
+    check_method,
+    grad_enabled_copy,
+    grad_mode_off,
+    penalty_from_output,
+    schedules,
+)
+from gradreg_fast.penalties._checks import (
+    GAN_KINDS,
+    check_input,
+    check_kind,
+    check_lam,
+    check_penalty_options,
+    check_reduction,
+)
 from gradreg_fast.penalties.core import Replay, differentiable_input, run_forward
 
 _STATE_KEYS = ("calls", "seed", "generator_state", "generator_device", "last_penalty")
@@ -161,7 +174,8 @@ class GradRegLoss(nn.Module):
         expected = (out.shape[0],) if self.reduction == "none" else ()
         if not isinstance(base, torch.Tensor) or tuple(base.shape) != expected:
             shape = tuple(base.shape) if isinstance(base, torch.Tensor) else type(base).__name__
-            raise ValueError(f"base must return {'per-sample losses of shape ' + str(expected) if expected else 'a scalar'}"
+            wanted = f"per-sample losses of shape {expected}" if expected else "a scalar"
+            raise ValueError(f"base must return {wanted}"
                              f" with reduction={self.reduction!r}, got {shape}; e.g. reduce it inside base")
         return base
 

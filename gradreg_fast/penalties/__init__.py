@@ -8,11 +8,18 @@ import torch
 from gradreg_fast._backend import check_backend, use_backend
 from gradreg_fast._guards import run_estimator
 from gradreg_fast.penalties import schedules
-from gradreg_fast.penalties._checks import (GAN_KINDS, KINDS, REDUCTIONS, check_gan_options, check_input,
-                                            check_kind, check_penalty_options, check_reduction)
+from gradreg_fast.penalties._checks import (
+    GAN_KINDS,
+    KINDS,
+    REDUCTIONS,
+    check_gan_options,
+    check_input,
+    check_kind,
+    check_penalty_options,
+    check_reduction,
+)
 from gradreg_fast.penalties.baselines import confidence_penalty, weight_decay
-from gradreg_fast.penalties.core import (Problem, Replay, build_problem, differentiable_input, interpolates,
-                                         run_forward)
+from gradreg_fast.penalties.core import Problem, Replay, build_problem, differentiable_input, interpolates, run_forward
 from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS
 
 PROBLEM_OPTIONS = ("projection", "n_proj", "per_sample", "generator", "loss_fn", "target_norm", "one_sided")

@@ -150,8 +150,8 @@ def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, 
         if kind != "spectreg":
             raise ValueError(f"projection applies to 'spectreg' only, not {kind!r}")
         if not isinstance(projection, torch.Tensor) or not projection.is_floating_point():
-            raise TypeError("projection must be a floating tensor of shape (K,), (B, K) or (n, B, K), got "
-                            f"{type(projection).__name__ if not isinstance(projection, torch.Tensor) else projection.dtype}")
+            got = projection.dtype if isinstance(projection, torch.Tensor) else type(projection).__name__
+            raise TypeError(f"projection must be a floating tensor of shape (K,), (B, K) or (n, B, K), got {got}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)) or None, "
                         f"got {type(generator).__name__}")

@@ -330,7 +330,8 @@ def fd(p: Problem) -> torch.Tensor:
     With t = fd_h · rms(x) (the step is *relative to the input scale*: rms over the whole batch,
     so that fd_h = 1e-3 suits inputs in [0, 1] and in [0, 255] alike):
 
-        central (default, O(t²)):  ∇_θ P ≈ (2·scale/B) Σ_j Σ_b ‖G[j,b]‖ (∇_θ⟨R[j],u⟩_b(x + t d) − ∇_θ⟨R[j],u⟩_b(x − t d)) / (2t)
+        central (default, O(t²)):  ∇_θ P ≈ (2·scale/B) Σ_j Σ_b ‖G[j,b]‖
+                                          · (∇_θ⟨R[j],u⟩_b(x + t d) − ∇_θ⟨R[j],u⟩_b(x − t d)) / (2t)
         forward (O(t)):           same with (∇_θ⟨R[j],u⟩_b(x + t d) − ∇_θ⟨R[j],u⟩_b(x)) / t
 
     realized as a surrogate Σ_b w_b ⟨R[j, b], u_b(x ± t d)⟩ through ordinary forward passes, so

@@ -20,8 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradreg_fast.penalties._checks import (GAN_KINDS, KINDS, check_input, check_kind, check_labels, check_output,
-                                            check_projection, check_reduction)
+from gradreg_fast.penalties._checks import (
+    GAN_KINDS,
+    KINDS,
+    check_input,
+    check_kind,
+    check_labels,
+    check_output,
+    check_projection,
+    check_reduction,
+)
 
 
 def _cotangents(kind: str, flat: torch.Tensor, y, projection) -> tuple[torch.Tensor, float]:

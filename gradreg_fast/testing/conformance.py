@@ -196,8 +196,8 @@ class Matrix:
         status = "unbiased" if ok else ("BIASED" if powered else "UNDERPOWERED")
         rel = abs(stats[1][0] - truths[1]) / truths[1]
         return Cell(name, kind, "jvp", status, abs(stats[0][0] - truths[0]) / abs(truths[0]), rel,
-                    message=f"{calls} calls × {JVP_N_PROJ} draws × {JVP_REPEAT} copies; z value {zs[0]:+.2f}, along ∇ {zs[1]:+.2f}, "
-                            f"random direction {zs[2]:+.2f}")
+                    message=f"{calls} calls × {JVP_N_PROJ} draws × {JVP_REPEAT} copies; z value {zs[0]:+.2f}, "
+                            f"along ∇ {zs[1]:+.2f}, random direction {zs[2]:+.2f}")
 
 
 def _mean_se(xs: list[float]) -> tuple[float, float]:
