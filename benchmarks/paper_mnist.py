@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 from paper.mnist_data import GRADIENT_KINDS, METHODS, SIZES, TABLE_N  # noqa: E402
 from paper.mnist_report import report  # noqa: E402
-from paper.mnist_train import plan, run_sweep  # noqa: E402
+from paper.mnist_train import ESTIMATORS, plan, run_sweep  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = os.path.join(HERE, "results", "paper")
@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="the paper's λ (at each N) times FACTOR, e.g. doubleback=0.02 (= 1/50: the λ if the "
                         "paper's DoubleBack norms were of gradients of the batch-MEAN loss, summed over the "
                         "batch); repeatable")
+    p.add_argument("--estimator", default="exact", choices=tuple(ESTIMATORS),
+                   help="the gradient penalties' method (GradRegLoss method=; fd-forward: method='fd', "
+                        "fd_scheme='forward'); runs with another than exact are reported as their own rows, "
+                        "e.g. 'doubleback [fd]'")
     p.add_argument("--results", default=None, help=f"results JSONL (default {DEFAULT_RESULTS})")
     p.add_argument("--out-dir", default=None, help=f"report folder (default {DEFAULT_DIR})")
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave torch's setting)")
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                 p.error(f"{flag} takes METHOD=NUMBER with METHOD one of cp, {', '.join(GRADIENT_KINDS)}; "
                         f"got {item!r}")
             into[m] = float(v)
-    runs = plan(a.methods, a.sizes, a.seeds, a.iters, a.wd_mode, lam_overrides=overrides, lam_scales=scales)
+    runs = plan(a.methods, a.sizes, a.seeds, a.iters, a.wd_mode, lam_overrides=overrides, lam_scales=scales,
+                estimator=a.estimator)
     run_sweep(runs, results, progress=not a.no_progress)
     if a.quick:
         print(report(results, out_dir, a.iters, a.wd_mode))

