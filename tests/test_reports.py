@@ -1,0 +1,61 @@
+"""The report generators behind the README's tables: benchmarks/step_markdown.py (step-cost tables
+from a bench_step JSON) and benchmarks/paper_recipe.py (the N = 2000 recipe comparison), on inputs
+whose answer is known."""
+import importlib.util
+import math
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"_test_report_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _row(model, kind, impl, method, ms, plain=10.0, naive=None, mem=None):
+    return {"model": model, "batch": 4, "penalty": kind, "impl": impl, "method": method, "ms": ms,
+            "x_plain": ms / plain, "x_naive": None if naive is None else ms / naive, "peak_mib": 1.0,
+            "mem_x_naive": mem}
+
+
+def test_step_markdown_ratios_and_refusals():
+    sm = _load("step_markdown")
+    rows = [_row("m", "-", "plain", "-", 10.0), _row("m", "frobreg", "naive", "-", 40.0),
+            _row("m", "frobreg", "ours", "exact", 44.0, naive=40.0, mem=0.5)]
+    data = {"rows": rows, "meta": {"command": "x", "time": "t", "torch": "v", "load_average": [1.0],
+                                   "refused": {"m|4|frobreg|ours|jvp": "no"}}}
+    text = sm.tables(data)
+    line = next(ln for ln in text.splitlines() if ln.startswith("| frobreg"))
+    # naive is 4.0x the plain step; exact 1.10x naive (4.4x plain); jvp refused
+    assert line == "| frobreg | 4.0 | 1.10 (4.4) | ✗ |", line
+    mem = next(ln for ln in sm.tables(data, memory=True).splitlines() if ln.startswith("| frobreg"))
+    assert mem == "| frobreg | 1.0 | 0.50 | ✗ |", mem
+
+
+def test_paper_recipe_paired_deltas():
+    pr = _load("paper_recipe")
+
+    def rec(method, seed, acc, iters=10000, wd_mode="all"):
+        lam = {"baseline": 0.0, "weightdecay": 0.0, "spectreg": 0.03}[method]
+        return {"method": method, "N": 2000, "seed": seed, "iters": iters, "wd_mode": wd_mode, "lam": lam,
+                "test_acc": acc}
+    base = [0.960, 0.965, 0.970]
+    gain = [0.004, 0.006, 0.005]        # spectreg − baseline per seed: mean +0.5 pp
+    records = [rec("baseline", s, a) for s, a in enumerate(base)]
+    records += [rec("spectreg", s, a + d) for s, (a, d) in enumerate(zip(base, gain))]
+    records += [rec("weightdecay", s, a + 0.002) for s, a in enumerate(base)]
+    text, points = pr.table(pr.by_setting(records))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| spectreg"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "–" and cells[2] == "–"                 # no 3000-iteration or isolated runs
+    assert cells[3].startswith("+0.50 [") and cells[3].endswith("(n=3) *"), cells[3]
+    assert cells[4].startswith("+0.30 ["), cells[4]             # vs weightdecay: 0.5 − 0.2 pp
+    half = 4.303 * 0.001 / math.sqrt(3)                          # t(2) · sd / √n, sd of (4, 6, 5)/1000 = 0.001
+    (mean, h, n), = [p[2] for p in points if p[0] == "spectreg" and p[1] == "10000/all/vs baseline"]
+    assert n == 3 and math.isclose(mean, 0.005, abs_tol=1e-12) and math.isclose(h, half, rel_tol=1e-3)
