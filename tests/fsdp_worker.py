@@ -279,8 +279,7 @@ def main() -> None:
         with open(out_path, "w") as f:
             json.dump({"cases": cases, "extra": extra, "methods": list(gr.METHODS), "kinds": list(gr.KINDS),
                        "torch": torch.__version__}, f, indent=1)
-    dist.barrier()
-    dist.destroy_process_group()
+    common.finish()
 
 
 if __name__ == "__main__":
