@@ -426,8 +426,8 @@ def fd(p: Problem) -> torch.Tensor:
         points, its inputs in one batch; and that batch. Autocast is off here (and must stay off for a
         backward of it: autograd.grad runs the backward ops in this thread)."""
         z = torch.cat([x_start + sign * step * d[j] for _, j, sign in chunk]).to(zdtype)
-        if x_start is x0:
-            z.requires_grad_(p.attached)
+        if p.attached and not z.requires_grad:   # from the detached x: a leaf whose gradient is x's
+            z.requires_grad_()
         out = p.run_model(z)
         # the map to u per block of B rows: it may hold per-sample labels or projections
         us = [p.transform(out[k * batch:(k + 1) * batch]).to(work) for k in range(len(chunk))]
