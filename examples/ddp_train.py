@@ -16,6 +16,7 @@ What matters for the penalty under DDP:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 
@@ -39,7 +40,7 @@ def synthetic_data(n: int, d: int, k: int, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, y)
 
 
-def main() -> None:
+def train() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--penalty", default="spectreg", choices=gr.KINDS)
     ap.add_argument("--lam", type=float, default=0.03)
@@ -99,6 +100,16 @@ def main() -> None:
             print("replicas identical" if same else "REPLICAS DIFFER", flush=True)
             if not same:
                 sys.exit(1)
+
+
+def main() -> None:
+    train()
+    # The model, optimizer and last batch died with train()'s frame; collect them, then end the
+    # process group. Left to the interpreter's exit, a gloo thread finishing its last collective can
+    # need the GIL during finalization and abort the process ("terminate called without an active
+    # exception") after the work is done.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import sys
 
@@ -77,7 +78,7 @@ def check_first_step(reference: nn.Module, model: nn.Module, crit_args: dict, x,
         sys.exit(1)
 
 
-def main() -> None:
+def train() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--penalty", default="spectreg", choices=gr.KINDS)
     ap.add_argument("--lam", type=float, default=0.03)
@@ -145,6 +146,16 @@ def main() -> None:
             if step >= args.steps:
                 break
         epoch += 1
+
+
+def main() -> None:
+    train()
+    # The model, optimizer and last batch died with train()'s frame; collect them, then end the
+    # process group. Left to the interpreter's exit, a gloo thread finishing its last collective can
+    # need the GIL during finalization and abort the process ("terminate called without an active
+    # exception") after the work is done.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
