@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                         "batch); repeatable")
     p.add_argument("--estimator", default="exact", choices=tuple(ESTIMATORS),
                    help="the gradient penalties' method (GradRegLoss method=; fd-forward: method='fd', "
-                        "fd_scheme='forward'); runs with another than exact are reported as their own rows, "
+                        "fd_scheme='forward'; -h1e-4: fd_h=1e-4 instead of the default 1e-3); "
+                        "runs with another than exact are reported as their own rows, "
                         "e.g. 'doubleback [fd]'")
     p.add_argument("--results", default=None, help=f"results JSONL (default {DEFAULT_RESULTS})")
     p.add_argument("--out-dir", default=None, help=f"report folder (default {DEFAULT_DIR})")

@@ -110,6 +110,10 @@ def run_estimator(estimator: Callable, problem, *, method: str, methods, model: 
         # inside torch.func / forward-mode AD fails with find_unused_parameters=True (its _DDPSink
         # has no jvp/setup_context), and the caller's DDP forward already prepared the reducer.
         problem.model = ddp.module
+    if ddp is not None or distributed.find_fsdp(model, out):
+        # DDP and FSDP2 reduce gradients in hooks on the caller's backward through the model: the
+        # base loss stays there
+        problem.fold = None
     estimator = distributed.fsdp_estimator(estimator, model, out, method)  # FSDP2: a no-op otherwise
     try:
         p = estimator(problem)

@@ -62,7 +62,10 @@ class RunConfig:
 
 # --estimator: GradRegLoss keyword arguments of the gradient penalties' method
 ESTIMATORS = {"exact": dict(method="exact"), "hvp": dict(method="hvp"), "fd": dict(method="fd"),
-              "fd-forward": dict(method="fd", fd_scheme="forward")}
+              "fd-forward": dict(method="fd", fd_scheme="forward"),
+              # fd at a 10x smaller step than the default (fd_h = 1e-3): does training follow exact then?
+              "fd-h1e-4": dict(method="fd", fd_h=1e-4),
+              "fd-forward-h1e-4": dict(method="fd", fd_scheme="forward", fd_h=1e-4)}
 
 
 def _key(method, n, seed, iters, wd_mode, lam, estimator) -> tuple:

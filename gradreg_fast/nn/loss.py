@@ -25,7 +25,7 @@ from gradreg_fast.penalties._checks import (
     check_penalty_options,
     check_reduction,
 )
-from gradreg_fast.penalties.core import Replay, differentiable_input, run_forward
+from gradreg_fast.penalties.core import Fold, Replay, differentiable_input, run_forward
 
 _STATE_KEYS = ("calls", "seed", "generator_state", "generator_device", "last_penalty")
 
@@ -230,9 +230,15 @@ class GradRegLoss(nn.Module):
         loss = base
         self.calls += 1
         if active:
+            # the estimators that take the penalty's gradients at the call take the base loss's there
+            # too, on the clean graph, which is then freed before their own passes (core.Fold)
+            fold = (Fold(base, 1.0 / (self.lam * self.every))
+                    if model is not None and self.subsample is None and self.method != "exact" else None)
             pen = penalty_from_output(self.kind, out, x_in, y, method=self.method, model=model, replay=replay,
-                                      subsample=self.subsample, reduction=self.reduction,
+                                      subsample=self.subsample, reduction=self.reduction, fold=fold,
                                       **self._options(x_in.device))
+            if fold is not None and fold.taken:
+                base = base.detach()   # its gradient rides the penalty's
             loss = base + self.lam * (pen * self.every if self.every > 1 else pen)
             self.last_penalty = pen.detach()
         self.last_base = base.detach()

@@ -19,7 +19,15 @@ from gradreg_fast.penalties._checks import (
     check_reduction,
 )
 from gradreg_fast.penalties.baselines import confidence_penalty, weight_decay
-from gradreg_fast.penalties.core import Problem, Replay, build_problem, differentiable_input, interpolates, run_forward
+from gradreg_fast.penalties.core import (
+    Fold,
+    Problem,
+    Replay,
+    build_problem,
+    differentiable_input,
+    interpolates,
+    run_forward,
+)
 from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS
 
 PROBLEM_OPTIONS = ("projection", "n_proj", "per_sample", "generator", "loss_fn", "target_norm", "one_sided")
@@ -64,14 +72,16 @@ def grad_enabled_copy(t):
 
 def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None = None, *,
                         method: str = "exact", model: Callable | None = None, replay: Replay | None = None,
-                        subsample: float | None = None, reduction: str = "mean", **options) -> torch.Tensor:
+                        subsample: float | None = None, reduction: str = "mean", fold: Fold | None = None,
+                        **options) -> torch.Tensor:
     """The penalty for outputs ``out`` already computed from ``x`` (x must require grad).
 
     ``model`` (with ``replay``, captured before ``out`` was computed) lets estimators and
     ``subsample`` re-run the model; without it only method="exact" applies. ``out`` may be None
     when ``subsample`` and ``model`` are given (the model then runs on the sub-batch only).
     ``reduction``: "mean" (batch mean), "sum" (batch sum; with subsample, B/m times the sub-batch
-    sum) or "none" (the (B,) per-sample penalties; not with subsample).
+    sum) or "none" (the (B,) per-sample penalties; not with subsample). ``fold``: the caller's base
+    loss, which an estimator may differentiate at the call (``core.Fold``; not with subsample).
     """
     estimator = check_method(method)
     check_reduction(reduction)
@@ -112,6 +122,7 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
             p.scale = p.scale * batch / idx.numel()
             return run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
     p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts, **problem_opts)
+    p.fold = fold
     return run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
 
 

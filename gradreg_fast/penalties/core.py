@@ -137,6 +137,22 @@ class Replay:
 
 
 @dataclass
+class Fold:
+    """The rest of the caller's loss, for an estimator that takes the penalty's parameter gradients at
+    the call (hvp, fd, jvp on an nn.Module) to differentiate there too.
+
+    GradRegLoss's loss is λ·(P + weight·loss): ``loss`` is its base loss (a scalar on the clean
+    forward's graph) and ``weight`` = 1/λ (1/(λ·every) under a schedule). Differentiated at the call,
+    in one backward over the clean graph right after the input gradient G, the clean graph is freed
+    before the estimator's own passes build theirs (the peak then holds one graph, not two), and the
+    caller's backward does not walk the model again. The estimator sets ``taken``; the caller then
+    detaches its base loss (its gradient rides the penalty's)."""
+    loss: torch.Tensor
+    weight: float
+    taken: bool = False
+
+
+@dataclass
 class Problem:
     """A penalty instance: everything an estimator needs.
 
@@ -166,6 +182,7 @@ class Problem:
     outer: Callable[[torch.Tensor], torch.Tensor] | None = None
     outer_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
     sharded: bool = False   # the model is sharded with FSDP2 (set by gradreg_fast.distributed.fsdp_estimator)
+    fold: Fold | None = None   # the caller's base loss, to differentiate at the call (see Fold)
 
     @property
     def attached(self) -> bool:

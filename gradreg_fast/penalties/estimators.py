@@ -206,7 +206,8 @@ class _Deferred(torch.autograd.Function):
     of Σ_b w_b P_b with respect to ``inputs`` (the parameters, and x when it requires grad).
 
     ``pre`` holds those gradients for w = 1 (computed at the penalty call, so that a model the method
-    cannot serve is refused there, not in the caller's backward). When the penalty is reduced (mean
+    cannot serve is refused there, not in the caller's backward; with a folded base loss, ``pre``
+    holds its gradients too, see ``_fold``). When the penalty is reduced (mean
     or sum) the caller's weights are equal across the batch and the backward scales ``pre``;
     with reduction="none" it calls ``grads_fn(w)`` for the weights the caller applied.
     """
@@ -235,11 +236,40 @@ def _differentiated(p: Problem) -> tuple[list[str], list[torch.Tensor]]:
     return list(params), list(params.values()) + ([p.x] if p.attached else [])
 
 
-def _deferred(p: Problem, value: torch.Tensor, grads_fn: Callable) -> torch.Tensor:
+def _fold(p: Problem, inputs: list[torch.Tensor], clean: torch.Tensor | None) -> list[torch.Tensor | None] | None:
+    """The gradients, on the clean forward's graph, of the caller's base loss (``p.fold``) and of
+    ``clean`` (a scalar on that graph that belongs to the penalty), scaled to the penalty's
+    convention (gradients of Σ_b P_b): one backward that frees the clean graph. None when there is
+    nothing to fold: no base loss offered, per-sample penalties (the caller's weights are known only
+    in its backward), or a sharded model (FSDP reduces gradients in its own backward hooks)."""
+    fold = p.fold
+    if fold is None or _reduction(p) == "none" or p.sharded or not fold.loss.requires_grad:
+        return None
+    per_sample = p.x.shape[0] if _reduction(p) == "mean" else 1   # pen = Σ_b P_b / per_sample
+    scalar = fold.loss * (fold.weight * per_sample)
+    if clean is not None:
+        scalar = scalar + clean.to(scalar.dtype)
+    found = torch.autograd.grad(scalar, inputs, allow_unused=True)
+    fold.taken = True
+    return list(found)
+
+
+def _deferred(p: Problem, value: torch.Tensor, grads_fn: Callable, clean: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` (B,) with the gradients ``grads_fn`` gives, taken at the call (see _Deferred).
+    ``clean`` (B,): per-sample terms on the clean forward's graph whose gradients belong to P_b too (their
+    values do not); folded with the caller's base loss (``_fold``) when there is one, else left in the
+    caller's graph."""
     _, inputs = _differentiated(p)
     with torch.enable_grad():
+        # first: the clean graph is freed before grads_fn's passes build theirs
+        folded = _fold(p, inputs, None if clean is None else clean.sum())
         pre = grads_fn(torch.ones_like(value))
-    return _Deferred.apply(value, grads_fn, pre, _reduction(p) != "none", *inputs)
+    if folded is not None:
+        pre = [a if b is None else (b if a is None else a + b) for a, b in zip(pre, folded)]
+    out = _Deferred.apply(value, grads_fn, pre, _reduction(p) != "none", *inputs)
+    if clean is not None and folded is None:
+        out = out + (clean - clean.detach()).to(out.dtype)
+    return out
 
 
 def directional_grads(p: Problem, pairs) -> list[torch.Tensor]:
@@ -368,9 +398,11 @@ def fd(p: Problem) -> torch.Tensor:
     (each pass's graph freed before the next), for an nn.Module; when the model is a pure per-sample
     function (no batch statistics, no random numbers drawn, no buffer changed in its forward) up to
     ``FD_ROWS`` rows of points share one batch. The forward scheme's base point is the caller's own
-    forward, whose term rides the caller's backward. A plain callable (whose parameters are out of
-    reach here) and an FSDP2-sharded model (whose gradients FSDP reduces in its own backward hooks)
-    keep the passes in the caller's graph.
+    forward: under GradRegLoss its term and the base loss are differentiated at the call, in one
+    backward that frees the clean graph before the perturbed passes run (``core.Fold``); otherwise
+    its term rides the caller's backward. A plain callable (whose parameters are out of reach here)
+    and an FSDP2-sharded model (whose gradients FSDP reduces in its own backward hooks) keep the
+    passes in the caller's graph.
     """
     _needs_model(p, "fd", "method='exact'")
     h, scheme = _fd_options(p)
@@ -433,6 +465,10 @@ def fd(p: Problem) -> torch.Tensor:
         us = [p.transform(out[k * batch:(k + 1) * batch]).to(work) for k in range(len(chunk))]
         return sum(c * weights[j] * (us[k] * p.R[j].to(work)).sum(1) for k, (c, j, _) in enumerate(chunk)), z
 
+    def base_point() -> torch.Tensor:
+        """Σ_j weights[j, b] ⟨R[j, b], u_b(x)⟩ (B,) on the caller's forward: the forward scheme's base point."""
+        return sum(weights[j].reshape(batch, 1).to(p.u.dtype) * p.u * p.R[j] for j in range(n)).sum(1)
+
     if module:
         params = list(p.parameters().values())
 
@@ -451,7 +487,8 @@ def fd(p: Problem) -> torch.Tensor:
                                                 .to(p.x.dtype)]
                 total = [a if b is None else (b if a is None else a + b) for a, b in zip(total, found)]
             return total
-        out = _deferred(p, value, grads)
+        # the forward scheme's base point is the caller's own forward: its term is on the clean graph
+        out = _deferred(p, value, grads, clean=-base_point() if scheme == "forward" and not autocast_on else None)
     else:
         # the passes stay in the caller's graph (starting from x itself when x requires grad) and the
         # caller's backward differentiates them
@@ -459,10 +496,9 @@ def fd(p: Problem) -> torch.Tensor:
         with torch.autocast(p.x.device.type, enabled=False):
             linear = sum(terms(chunk, xs)[0] for chunk in chunks)
         out = _surrogate(value, linear)
-    if scheme == "forward" and not autocast_on:
-        # the base point is the caller's own forward: its term rides the caller's backward
-        base = sum(weights[j].reshape(batch, 1).to(p.u.dtype) * p.u * p.R[j] for j in range(n)).sum(1)
-        out = out - (base - base.detach()).to(out.dtype)
+        if scheme == "forward" and not autocast_on:   # the base point's term rides the caller's backward
+            base = base_point()
+            out = out - (base - base.detach()).to(out.dtype)
     return reduce_samples(p, out)
 
 

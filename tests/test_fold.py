@@ -1,0 +1,78 @@
+"""GradRegLoss with an estimator that takes its gradients at the call (hvp, fd, jvp) also takes the
+base loss's there (core.Fold): the clean graph is freed before the estimator's own passes. The
+gradients must be those of the unfolded loss, base + λ·P, on every kind of model the fold can see
+(batch statistics, dropout, attention, an attached input), every reduction and a schedule."""
+import pytest
+import torch
+
+import gradreg_fast as gr
+import gradreg_fast.nn.loss as loss_module
+from gradreg_fast.testing.zoo import make_case
+
+CASES = [
+    # (zoo model, kind, method, options)
+    ("lenet", "doubleback", "hvp", {}),
+    ("lenet", "spectreg", "fd", {}),
+    ("lenet", "frobreg", "fd", {"fd_scheme": "forward"}),
+    ("resnet_bn_train", "doubleback", "fd", {"fd_scheme": "forward"}),
+    ("resnet_bn_train", "spectreg", "hvp", {}),
+    ("vit_train", "frobreg", "jvp", {}),
+    ("vit_train", "doubleback", "fd", {}),
+    ("text_embedding", "jacreg", "hvp", {}),
+    ("text_embedding", "doubleback", "fd", {"fd_scheme": "forward"}),
+    ("smooth_mlp", "frobreg", "jvp", {}),
+    ("smooth_mlp", "jacreg", "fd", {"fd_scheme": "forward"}),
+]
+
+
+def _gradients(case, kind, method, options, reduction, every, fold_on, monkeypatch):
+    if not fold_on:
+        monkeypatch.setattr(loss_module, "Fold", lambda *args, **kwargs: None)
+    crit = gr.GradRegLoss(kind, 0.3, method=method, reduction=reduction, every=every, seed=7, **options)
+    for prm in case.params:
+        prm.grad = None
+    torch.manual_seed(11)   # dropout masks: the same in both runs
+    x = case.input()
+    loss = crit(case.model, x, case.y)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * weights).sum().backward()
+    monkeypatch.undo()
+    return loss.detach(), [None if prm.grad is None else prm.grad.clone() for prm in case.params], crit
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("name,kind,method,options", CASES)
+def test_fold_keeps_the_gradients(name, kind, method, options, reduction, every, monkeypatch):
+    case = make_case(name)                     # fp64, random parameters and inputs
+    if case.coupled and reduction == "none" and method == "fd":
+        for fold_on in (True, False):   # refused with and without the fold, at the call
+            with pytest.raises(ValueError, match="perturbs the batch as a whole"):
+                _gradients(case, kind, method, options, reduction, every, fold_on, monkeypatch)
+        return
+    folded = _gradients(case, kind, method, options, reduction, every, True, monkeypatch)
+    plain = _gradients(case, kind, method, options, reduction, every, False, monkeypatch)
+    torch.testing.assert_close(folded[0], plain[0], rtol=1e-10, atol=1e-12)
+    assert sum(g is not None for g in folded[1]) == len(case.params)
+    for a, b in zip(folded[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
+    torch.testing.assert_close(folded[2].last_base, plain[2].last_base)
+
+
+def test_fold_is_taken_where_it_applies(monkeypatch):
+    """The fold is not a no-op: with mean reduction the base loss leaves the caller's graph."""
+    seen = []
+    original = loss_module.Fold
+
+    def spy(*args, **kwargs):
+        seen.append(original(*args, **kwargs))
+        return seen[-1]
+    monkeypatch.setattr(loss_module, "Fold", spy)
+    case = make_case("smooth_mlp")
+    for method, taken in [("hvp", True), ("fd", True), ("jvp", True), ("exact", None)]:
+        seen.clear()
+        gr.GradRegLoss("frobreg", 0.3, method=method)(case.model, case.input(), case.y)
+        assert (seen[0].taken if seen else None) is taken, method
+    seen.clear()
+    gr.GradRegLoss("frobreg", 0.3, method="hvp", reduction="none")(case.model, case.input(), case.y)
+    assert seen and not seen[0].taken   # per-sample penalties: the caller's weights come in its backward
