@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from typing import Callable
 
 import torch
@@ -22,6 +23,9 @@ import gradreg_fast as gr
 from gradreg_fast._methods import JVP_KINDS
 from gradreg_fast.penalties.core import math_attention
 from harness.models import DISCRIMINATORS, MODELS, load_model
+
+# the step benchmark times fd on ReLU models (LeNet, the ResNet) on purpose: its cost, not its meaning
+warnings.filterwarnings("ignore", category=gr.FDKinkWarning)
 
 # λ of the paper at 2000 MNIST points (SpectReg's also for the others); they do not change the cost
 LAMBDAS = {"doubleback": 50.0, "spectreg": 0.03, "frobreg": 0.03, "jacreg": 1.0, "onehot": 0.3,

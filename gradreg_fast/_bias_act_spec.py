@@ -18,6 +18,8 @@ Fields:
                     activation with an alpha, only when alpha >= 0), "input" (x and b), "nothing"
                     (act' is constant)
     second          act'' is not identically 0 (else the second-derivative op is never launched)
+    kink            act' jumps (piecewise linear): a finite-difference step that crosses the jump
+                    sees it, which double backprop does not (method='fd' warns, FDKinkWarning)
     fast            replaced by ``gr.fuse`` by default (its fused double backward measured faster
                     than autograd's composite; see gradreg_fast/nn/fuse.py)
     module          the torch.nn class ``gr.fuse`` replaces by it, with the attribute values the
@@ -41,6 +43,7 @@ class Activation:
     default_alpha: float | None = None
     saves: str = "input"
     second: bool = True
+    kink: bool = False
     fast: bool = False
     module: str | None = None
     module_when: tuple[tuple[str, object], ...] = ()
@@ -49,9 +52,9 @@ class Activation:
 
 TABLE = (
     Activation("linear", "kLinear", lambda z, a: z, saves="nothing", second=False),
-    Activation("relu", "kRelu", lambda z, a: torch.relu(z), saves="output", second=False, module="ReLU"),
+    Activation("relu", "kRelu", lambda z, a: torch.relu(z), saves="output", second=False, kink=True, module="ReLU"),
     Activation("leaky_relu", "kLeakyRelu", lambda z, a: F.leaky_relu(z, a), default_alpha=0.01, saves="output",
-               second=False, module="LeakyReLU", module_alpha="negative_slope"),
+               second=False, kink=True, module="LeakyReLU", module_alpha="negative_slope"),
     Activation("tanh", "kTanh", lambda z, a: torch.tanh(z), saves="output", fast=True, module="Tanh"),
     Activation("sigmoid", "kSigmoid", lambda z, a: torch.sigmoid(z), saves="output", fast=True, module="Sigmoid"),
     # log(1 + e^z), z above 20: z (torch.nn.Softplus's beta 1, threshold 20)
@@ -74,6 +77,7 @@ ACTIVATIONS = tuple(SPEC)
 ACT_CODE = {name: code for code, name in enumerate(ACTIVATIONS)}
 DEFAULT_ALPHA = {a.name: a.default_alpha for a in TABLE if a.default_alpha is not None}
 NO_SECOND = frozenset(a.name for a in TABLE if not a.second)
+KINKED = frozenset(a.name for a in TABLE if a.kink)
 FAST_ACTIVATIONS = tuple(a.name for a in TABLE if a.fast)
 
 

@@ -32,11 +32,14 @@ vector itself, so that Σ_b w_b P_b has the gradient Σ_b w_b ∇_θ P_b).
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from typing import Callable
 
 import torch
 
 from gradreg_fast import _methods
+from gradreg_fast._bias_act_spec import ACTIVATIONS, KINKED
 from gradreg_fast._guards import compiled_region_in, graph_nodes
 from gradreg_fast.ops import draw_seed, gaussian_like, sq_norm
 from gradreg_fast.penalties.core import Problem
@@ -154,6 +157,60 @@ _NOT_TWICE_DIFFERENTIABLE = ("torch::autograd::NotImplemented", "torch::autograd
 def _not_twice_differentiable(g: torch.Tensor) -> str | None:
     """The name of a node in g's graph that cannot be differentiated (None when there is none)."""
     return next((node.name() for node in graph_nodes(g) if node.name() in _NOT_TWICE_DIFFERENTIABLE), None)
+
+
+class FDKinkWarning(UserWarning):
+    """method='fd' on a model with piecewise-linear layers (ReLU, max-pooling, ...): fd's gradient is
+    that of a finite-difference penalty there, not double backprop's (see ``fd``)."""
+
+
+# autograd nodes of ops whose derivative jumps (piecewise-linear activations, max-pooling, abs, clamp,
+# max/min): a finite-difference step across a jump sees it, double backprop does not
+_KINK_NODES = frozenset((
+    "ReluBackward0", "ReluBackward1", "ThresholdBackward0", "ThresholdBackward1", "LeakyReluBackward0",
+    "LeakyReluBackward1", "HardtanhBackward0", "HardtanhBackward1", "PreluKernelBackward0",
+    "RreluWithNoiseBackward0", "RreluWithNoiseBackward1", "HardswishBackward0", "HardsigmoidBackward0",
+    "MaxPool2DWithIndicesBackward0", "MaxPool3DWithIndicesBackward0", "AdaptiveMaxPool2DBackward0",
+    "AdaptiveMaxPool3DBackward0", "FractionalMaxPool2DBackward0", "FractionalMaxPool3DBackward0",
+    "AbsBackward0", "ClampBackward0", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0",
+    "MaximumBackward0", "MinimumBackward0", "MaxBackward0", "MaxBackward1", "MinBackward0", "MinBackward1",
+    "AmaxBackward0", "AminBackward0"))
+_FUSED_ACT_NODE = "GeneratedBackwardFor_gradreg_fast_bias_act"   # gr.fuse's bias_act: args[0] is the act code
+_KINK_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> warned or found smooth
+
+
+def _kink_in(out: torch.Tensor) -> str | None:
+    """The first op in out's autograd graph whose derivative jumps (None when there is none)."""
+    for node in graph_nodes(out):
+        name = node.name()
+        if name in _KINK_NODES:
+            return name
+        if name.startswith(_FUSED_ACT_NODE):
+            args = getattr(node, "args", None)
+            act = args[0] if args else None
+            if isinstance(act, int) and 0 <= act < len(ACTIVATIONS) and ACTIVATIONS[act] in KINKED:
+                return f"fused {ACTIVATIONS[act]}"
+    return None
+
+
+def _warn_kinks(p: Problem) -> None:
+    """Warn, once per model, when fd runs on a model with kinks (see FDKinkWarning)."""
+    try:
+        if p.model in _KINK_CHECKED:
+            return
+        _KINK_CHECKED[p.model] = True
+    except TypeError:   # a model that cannot be weakly referenced: checked on every call
+        pass
+    kink = _kink_in(p.u)
+    if kink is not None:
+        warnings.warn(
+            f"method='fd' on a model with piecewise-linear layers ({kink}): a finite-difference step that "
+            "crosses their kinks makes fd's parameter gradient that of a finite-difference penalty, not an "
+            "estimate of double backprop's (cosine 0.05-0.5 to exact on LeNet and a ResNet; LeNet on MNIST "
+            "trained with fd ended 1.6-3.4 points below exact with DoubleBack and SpectReg). For the penalty "
+            "itself use method='exact' or method='hvp'; to train the finite-difference penalty on purpose, "
+            "silence this with warnings.filterwarnings('ignore', category=gradreg_fast.FDKinkWarning)",
+            FDKinkWarning, stacklevel=2)
 
 
 def exact(p: Problem) -> torch.Tensor:
@@ -393,6 +450,13 @@ def fd(p: Problem) -> torch.Tensor:
     an activation kink changes the activation pattern, and the gradient is that of P_t, a smoothed
     penalty, not an estimate of double backprop's (measured at the default step: cosine 0.05–0.5 to
     exact on LeNet and a ResNet; ``benchmarks/fd_accuracy.py``); no step serves both regimes in fp32.
+    A smaller step does not remove the difference: across a batch the samples whose step crosses a
+    kink are about ∝ t in number, each contributing a jump ∝ 1/t, so the kinks' share of the gradient
+    stays O(1) until t is below every sample's distance to its nearest kink (where fp32 rounding
+    dominates). It matters for training: LeNet on MNIST trained with fd ended below exact's accuracy
+    (``benchmarks/paper_estimators.py``). So fd warns (``FDKinkWarning``, once per model) when the
+    model's graph holds an op whose derivative jumps (ReLU family, max-pooling, abs, clamp, max/min,
+    gr.fuse's fused ReLU/LeakyReLU).
 
     Memory and time: the evaluation points' gradients are computed at the call, one pass at a time
     (each pass's graph freed before the next), for an nn.Module; when the model is a pure per-sample
@@ -406,6 +470,7 @@ def fd(p: Problem) -> torch.Tensor:
     """
     _needs_model(p, "fd", "method='exact'")
     h, scheme = _fd_options(p)
+    _warn_kinks(p)
     if p.x.dtype in (torch.float16, torch.bfloat16) and not torch.is_autocast_enabled(p.x.device.type):
         # a difference of two half-precision forwards at a small step is mostly rounding (measured:
         # gradients 150% off on a bf16 MLP); under autocast the perturbed passes run in fp32 instead

@@ -71,10 +71,11 @@ class Cell:
 def _approx(model: str, err: float) -> str:
     """fd's cell: the error measured here (fp64, tiny inputs, no kink crossed); on a piecewise-linear
     model a realistic step crosses kinks, and fd then gives the gradient of a finite-difference penalty
-    (benchmarks/fd_accuracy.py measures how far that is from double backprop's)."""
+    (benchmarks/fd_accuracy.py measures how far that is from double backprop's) and fd warns
+    (FDKinkWarning)."""
     if zoo.ZOO_SPECS[model]["smooth"]:
         return f"≈ {err:.0e}"
-    return f"≈ {err:.0e} kink-free; FD penalty past kinks"
+    return f"≈ {err:.0e} kink-free; warns: FD penalty past kinks"
 
 
 def _restore(model: torch.nn.Module, saved: dict) -> None:
