@@ -1,6 +1,6 @@
 """The report generators behind the README's tables: benchmarks/step_markdown.py (step-cost tables
-from a bench_step JSON) and benchmarks/paper_recipe.py (the N = 2000 recipe comparison), on inputs
-whose answer is known."""
+from a bench_step JSON), benchmarks/paper_recipe.py (the N = 2000 recipe comparison) and
+benchmarks/paper_estimators.py (training by each estimator), on inputs whose answer is known."""
 import importlib.util
 import math
 import os
@@ -59,3 +59,25 @@ def test_paper_recipe_paired_deltas():
     half = 4.303 * 0.001 / math.sqrt(3)                          # t(2) · sd / √n, sd of (4, 6, 5)/1000 = 0.001
     (mean, h, n), = [p[2] for p in points if p[0] == "spectreg" and p[1] == "10000/all/vs baseline"]
     assert n == 3 and math.isclose(mean, 0.005, abs_tol=1e-12) and math.isclose(h, half, rel_tol=1e-3)
+
+
+def test_paper_estimators_deltas_to_exact_and_baseline():
+    pe = _load("paper_estimators")
+
+    def rec(method, seed, acc, estimator=None, lam=None):
+        lam = {"baseline": 0.0, "spectreg": 0.03}[method] if lam is None else lam
+        return {"method": method, "N": 500, "seed": seed, "iters": 3000, "wd_mode": "isolated", "lam": lam,
+                "test_acc": acc, "time_s": 10.0, "step_ms": 3.0, "estimator": estimator}
+    base = [0.930, 0.935, 0.940]
+    records = [rec("baseline", s, a) for s, a in enumerate(base)]
+    records += [rec("spectreg", s, a + 0.010, "exact") for s, a in enumerate(base)]
+    records += [rec("spectreg", s, a + 0.010 + d, "fd") for s, (a, d) in enumerate(zip(base, [-0.019, -0.021, -0.020]))]
+    records += [rec("spectreg", s, a, "hvp", lam=0.3) for s, a in enumerate(base)]   # another λ: not this table
+    text, points = pe.table(*pe.groups(records))
+    rows = {ln.split("|")[3].strip(): [c.strip() for c in ln.strip("|").split("|")]
+            for ln in text.splitlines() if ln.startswith("| spectreg")}
+    assert set(rows) == {"exact", "fd"}, rows
+    assert rows["exact"][4].startswith("+1.00 [") and rows["exact"][5] == "–"
+    assert rows["fd"][4].startswith("-1.00 [")                   # vs baseline: +1 − 2 pp
+    assert rows["fd"][5].startswith("-2.00 [-2.25, -1.75]") and rows["fd"][5].endswith("(n=3) *"), rows["fd"][5]
+    assert {p[1] for p in points} == {"exact", "fd"}
