@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/: 
 import harness  # noqa: E402,F401  (gradreg_fast: the installed package, else this source tree)
 
 # isort: split
-from harness.results import pyplot, save_figure  # noqa: E402
+from paper.mnist_report import delta_bars, write_report  # noqa: E402
 from paper.mnist_stats import lam_rule, mean_std, paired_delta, paired_stats  # noqa: E402
 from paper.mnist_train import ESTIMATORS, read_results  # noqa: E402
 
@@ -66,28 +66,8 @@ def table(runs: dict, base: dict) -> tuple[str, list]:
 
 
 def plot(points: list, path: str) -> None:
-    plt = pyplot("paper_estimators: matplotlib is not installed, no plot")
-    if plt is None or not points:
-        return
-    groups_ = list(dict.fromkeys(p[0] for p in points))
-    ests = [e for e in ESTIMATORS if any(p[1] == e for p in points)]
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(ests)
-    for i, est in enumerate(ests):
-        xs, ys, es = [], [], []
-        for j, g in enumerate(groups_):
-            for p in points:
-                if p[0] == g and p[1] == est:
-                    xs.append(j + (i - (len(ests) - 1) / 2) * width)
-                    ys.append(100 * p[2][0])
-                    es.append(100 * p[2][1])
-        ax.bar(xs, ys, width, yerr=es, capsize=3, label=est)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(groups_)), groups_)
-    ax.set_ylabel("Δ test accuracy vs baseline (pp), 95% CI")
-    ax.set_title(f"MNIST, LeNet, {ITERS} iterations: the penalty's gain by the method that trains it", fontsize=10)
-    ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)
+    delta_bars(points, path, f"MNIST, LeNet, {ITERS} iterations: the penalty's gain by the method that trains it",
+               "Δ test accuracy vs baseline (pp), 95% CI", series_order=ESTIMATORS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,11 +82,8 @@ def main(argv: list[str] | None = None) -> int:
           "the paper's λ ÷ 50, SpectReg at the paper's λ. Paired Δ on the same seeds, 95% t-interval, `*` "
           "when it excludes 0. fd-h1e-4: fd with fd_h = 1e-4 (the default is 1e-3). Wall-clock: one "
           "run on one thread of a shared 2-core VM (a rough figure).\n\n" + text + "\n")
-    os.makedirs(a.out_dir, exist_ok=True)
-    with open(os.path.join(a.out_dir, "estimators_table.md"), "w") as f:
-        f.write(md)
+    write_report(a.out_dir, "estimators_table.md", md)
     plot(points, os.path.join(a.out_dir, "estimators.png"))
-    print(md)
     return 0
 
 

