@@ -146,7 +146,8 @@ class Fold:
     in one backward over the clean graph right after the input gradient G, the clean graph is freed
     before the estimator's own passes build theirs (the peak then holds one graph, not two), and the
     caller's backward does not walk the model again. The estimator sets ``taken``; the caller then
-    detaches its base loss (its gradient rides the penalty's)."""
+    detaches its base loss (its gradient rides the penalty's, and like it carries no graph: a caller
+    who differentiates the loss twice needs method='exact')."""
     loss: torch.Tensor
     weight: float
     taken: bool = False
