@@ -73,3 +73,13 @@ def test_functional_kinks_are_seen():
     found = _kink_warnings(lambda: gr.GradRegLoss("spectreg", 0.1, method="fd")(
         Net(), torch.randn(3, 1, 6, 6), torch.randint(3, (3,))))
     assert found and "MaxPool2D" in str(found[0].message)
+
+
+def test_compiled_models_kinks_are_seen():
+    """A torch.compile'd model's graph is one node (CompiledFunctionBackward): its kink modules are found
+    by looking at the model."""
+    torch.manual_seed(0)
+    model = torch.compile(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)))
+    x, y = torch.randn(4, 6), torch.randint(3, (4,))
+    found = _kink_warnings(lambda: gr.GradRegLoss("doubleback", 0.1, method="fd")(model, x, y))
+    assert found and "ReLU" in str(found[0].message)

@@ -176,11 +176,22 @@ _KINK_NODES = frozenset((
     "MaximumBackward0", "MinimumBackward0", "MaxBackward0", "MaxBackward1", "MinBackward0", "MinBackward1",
     "AmaxBackward0", "AminBackward0"))
 _FUSED_ACT_NODE = "GeneratedBackwardFor_gradreg_fast_bias_act"   # gr.fuse's bias_act: args[0] is the act code
+# the same ops as modules, for graphs that hide them (a torch.compile'd region is one node)
+_KINK_MODULES = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.Hardtanh, torch.nn.PReLU,
+                 torch.nn.RReLU, torch.nn.Threshold, torch.nn.Hardswish, torch.nn.Hardsigmoid, torch.nn.Hardshrink,
+                 torch.nn.Softshrink, torch.nn.modules.pooling._MaxPoolNd, torch.nn.modules.pooling._AdaptiveMaxPoolNd,
+                 torch.nn.FractionalMaxPool2d, torch.nn.FractionalMaxPool3d)
 _KINK_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> warned or found smooth
 
 
-def _kink_in(out: torch.Tensor) -> str | None:
-    """The first op in out's autograd graph whose derivative jumps (None when there is none)."""
+def _kink_in(out: torch.Tensor, model) -> str | None:
+    """The first op in out's autograd graph, or module of the model, whose derivative jumps (None when
+    there is none). Kinks in plain function calls inside a compiled region are out of sight."""
+    if isinstance(model, torch.nn.Module):
+        for m in model.modules():
+            fused_act = getattr(m, "act", None) if type(m).__module__.startswith("gradreg_fast.nn") else None
+            if isinstance(m, _KINK_MODULES) or fused_act in KINKED:
+                return type(m).__name__ if fused_act is None else f"fused {fused_act}"
     for node in graph_nodes(out):
         name = node.name()
         if name in _KINK_NODES:
@@ -201,7 +212,7 @@ def _warn_kinks(p: Problem) -> None:
         _KINK_CHECKED[p.model] = True
     except TypeError:   # a model that cannot be weakly referenced: checked on every call
         pass
-    kink = _kink_in(p.u)
+    kink = _kink_in(p.u, p.model)
     if kink is not None:
         warnings.warn(
             f"method='fd' on a model with piecewise-linear layers ({kink}): a finite-difference step that "
@@ -455,8 +466,9 @@ def fd(p: Problem) -> torch.Tensor:
     stays O(1) until t is below every sample's distance to its nearest kink (where fp32 rounding
     dominates). It matters for training: LeNet on MNIST trained with fd ended below exact's accuracy
     (``benchmarks/paper_estimators.py``). So fd warns (``FDKinkWarning``, once per model) when the
-    model's graph holds an op whose derivative jumps (ReLU family, max-pooling, abs, clamp, max/min,
-    gr.fuse's fused ReLU/LeakyReLU).
+    model holds a layer, or its graph an op, whose derivative jumps (ReLU family, max-pooling, abs,
+    clamp, max/min, gr.fuse's fused ReLU/LeakyReLU; inside a torch.compile'd region only the layers
+    are visible).
 
     Memory and time: the evaluation points' gradients are computed at the call, one pass at a time
     (each pass's graph freed before the next), for an nn.Module; when the model is a pure per-sample
