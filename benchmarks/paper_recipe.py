@@ -37,7 +37,7 @@ def by_setting(records: list[dict]) -> dict:
     """{(iters, wd_mode): {row label: {seed: record}}} at N = 2000."""
     out: dict = defaultdict(lambda: defaultdict(dict))
     for r in records:
-        if r["N"] == TABLE_N:
+        if r["N"] == TABLE_N and r.get("estimator") in (None, "exact"):   # other methods: paper_estimators.py
             out[(r["iters"], r.get("wd_mode", "isolated"))][label(r)][r["seed"]] = r
     return out
 

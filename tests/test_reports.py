@@ -50,7 +50,9 @@ def test_paper_recipe_paired_deltas():
     records = [rec("baseline", s, a) for s, a in enumerate(base)]
     records += [rec("spectreg", s, a + d) for s, (a, d) in enumerate(zip(base, gain))]
     records += [rec("weightdecay", s, a + 0.002) for s, a in enumerate(base)]
+    records += [{**rec("spectreg", s, a - 0.03), "estimator": "fd"} for s, a in enumerate(base)]  # not here
     text, points = pr.table(pr.by_setting(records))
+    assert "[fd]" not in text
     row = next(ln for ln in text.splitlines() if ln.startswith("| spectreg"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == "–" and cells[2] == "–"                 # no 3000-iteration or isolated runs
