@@ -118,6 +118,17 @@ def run_estimator(estimator: Callable, problem, *, method: str, methods, model: 
     try:
         p = estimator(problem)
     except RuntimeError as exc:
+        if "donated buffer" in str(exc):
+            # aot_autograd compiled the model's region with donated buffers (it decides so when it
+            # compiles; seen after an earlier double backward through a compiled model in the same
+            # process): its backward runs once, and hvp/fd need the forward graph twice
+            raise ValueError(
+                f"gradreg_fast: method={method!r} differentiates the model's forward graph twice (the input "
+                "gradient, then the penalty's gradients), and torch.compile compiled the model's backward "
+                "with donated buffers, which allow one backward. Compute the penalty on the uncompiled "
+                "module (compiled._orig_mod), or use method='jvp' (FrobReg/JacReg). Switching "
+                "torch._functorch.config.donated_buffer off does not help: it silences PyTorch's check, "
+                "and the second backward then reads overwritten buffers (wrong gradients)") from exc
         # a custom autograd.Function (without setup_context / jvp) inside the model under the
         # torch.func transforms of hvp and jvp
         if "functorch transforms" not in str(exc) and "torch.func" not in str(exc):
