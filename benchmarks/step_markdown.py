@@ -1,7 +1,7 @@
 """The README's step-cost tables, regenerated from a committed bench_step result (JSON):
 
     python benchmarks/step_markdown.py benchmarks/results/bench_step_cpu.json            # time
-    python benchmarks/step_markdown.py benchmarks/results/fold/bench_step_cpu_new.json --memory
+    python benchmarks/step_markdown.py benchmarks/results/bench_step_cpu_estimators_b50_idle.json --memory
 
 One table per (model, batch): a row per penalty, a column per method; each cell is the step time as
 a ratio to the naive double-backprop step of the same penalty, with the ratio to the plain step in

@@ -2,6 +2,7 @@
 differences, baseline convergence) and mnist_accuracy_vs_n.png, from the results file."""
 from __future__ import annotations
 
+import argparse
 import os
 
 import numpy as np
@@ -193,3 +194,13 @@ def write_report(out_dir: str, name: str, md: str) -> str:
         f.write(md)
     print(md)
     return path
+
+
+def report_args(doc: str, results_dir: str, argv: list[str] | None) -> tuple[list[dict], str]:
+    """The command line of a report script over the MNIST runs (--results FILE, --out-dir DIR, both
+    defaulting to ``results_dir``): the runs read from the results file, and the output folder."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--results", default=os.path.join(results_dir, "mnist_runs.jsonl"))
+    ap.add_argument("--out-dir", default=results_dir)
+    a = ap.parse_args(argv)
+    return read_results(a.results), a.out_dir
