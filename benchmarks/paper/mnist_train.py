@@ -65,7 +65,19 @@ ESTIMATORS = {"exact": dict(method="exact"), "hvp": dict(method="hvp"), "fd": di
               "fd-forward": dict(method="fd", fd_scheme="forward"),
               # fd at a 10x smaller step than the default (fd_h = 1e-3): does training follow exact then?
               "fd-h1e-4": dict(method="fd", fd_h=1e-4),
-              "fd-forward-h1e-4": dict(method="fd", fd_scheme="forward", fd_h=1e-4)}
+              "fd-forward-h1e-4": dict(method="fd", fd_scheme="forward", fd_h=1e-4),
+              # the cheap recipes (benchmarks/paper_cheap.py): exact on a schedule, or fewer projections
+              **{f"every{k}": dict(method="exact", every=k) for k in (2, 4, 8, 16)},
+              **{f"sub{f}": dict(method="exact", subsample=f) for f in (0.5, 0.25)},
+              "every4-sub0.5": dict(method="exact", every=4, subsample=0.5),
+              # lazy regularization with StyleGAN2's optimizer correction c = k/(k+1): lr·c, betas^c
+              **{f"every{k}-c": dict(method="exact", every=k, lazy_c=k / (k + 1)) for k in (4, 8)},
+              **{f"jvp{n}": dict(method="jvp", n_proj=n) for n in (1, 4)}}
+
+
+def loss_options(estimator: str) -> dict:
+    """GradRegLoss keyword arguments of an ESTIMATORS entry (without the optimizer's lazy_c)."""
+    return {k: v for k, v in ESTIMATORS[estimator].items() if k != "lazy_c"}
 
 
 def _key(method, n, seed, iters, wd_mode, lam, estimator) -> tuple:
@@ -78,7 +90,7 @@ def _key(method, n, seed, iters, wd_mode, lam, estimator) -> tuple:
 def make_objective(method: str, lam: float, wd: float, estimator: str = "exact"):
     """loss(model, x, y) -> (total loss, penalty value or None) for one method (its gradient penalty
     computed by ``estimator``, a key of ESTIMATORS)."""
-    crit = gr.GradRegLoss(method, lam=lam, **ESTIMATORS[estimator]) if method in GRADIENT_KINDS else None
+    crit = gr.GradRegLoss(method, lam=lam, **loss_options(estimator)) if method in GRADIENT_KINDS else None
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         pen = None
@@ -137,7 +149,8 @@ def train_one(cfg: RunConfig, data: tuple[torch.Tensor, torch.Tensor], *, step_b
     lam = cfg.lam
     torch.manual_seed(cfg.seed)           # same initial weights for every method of one seed (paired runs)
     model = LeNet()
-    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    c = ESTIMATORS[cfg.estimator].get("lazy_c", 1.0) if cfg.method in GRADIENT_KINDS else 1.0
+    opt = torch.optim.Adam(model.parameters(), lr=LR * c, betas=(0.9 ** c, 0.999 ** c))
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, milestones=[cfg.iters // 2, (3 * cfg.iters) // 4], gamma=0.1)
     objective = make_objective(cfg.method, lam, cfg.wd, cfg.estimator)
