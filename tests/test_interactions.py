@@ -461,9 +461,12 @@ def test_evaluation_leaves_rng_generator_and_state_unchanged():
     last = (crit.last_base, crit.last_penalty, crit.last_active)
     rng = torch.get_rng_state()
     with torch.no_grad():
-        crit(model, x, y)
+        value = crit(model, x, y)
     assert torch.equal(torch.get_rng_state(), rng)
     assert (crit.last_base, crit.last_penalty, crit.last_active) == last
+    # the evaluation's parts are kept apart
+    torch.testing.assert_close(crit.last_eval_base, F.cross_entropy(model(x), y).detach())
+    torch.testing.assert_close(value, crit.last_eval_base + 0.5 * crit.last_eval_penalty)
     assert crit.state_dict()["_extra_state"]["calls"] == state["_extra_state"]["calls"]
     g = torch.Generator().manual_seed(5)
     gstate = g.get_state()

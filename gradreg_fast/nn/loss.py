@@ -57,8 +57,10 @@ class GradRegLoss(nn.Module):
     apply), the generator's state is restored afterwards, the penalty's own draws from torch's
     global RNG are undone (it advances as by the one plain forward), and ``last_base``,
     ``last_penalty`` and ``last_active`` keep the training values (the state_dict is unchanged),
-    so validation leaves training unchanged. ``crit(logits, y, inputs=x)`` cannot work there (the
-    logits have no graph): a ValueError names grad mode.
+    so validation leaves training unchanged; the evaluation's parts are in ``last_eval_base`` and
+    ``last_eval_penalty`` (detached; None before the first evaluation, the penalty None with lam == 0).
+    ``crit(logits, y, inputs=x)`` cannot work there (the logits have no graph): a ValueError names
+    grad mode.
 
     Methods other than "exact" re-run the model, so they need the ``crit(model, x, y)`` form; they
     replay the original forward's random numbers (dropout masks) and restore buffers (BatchNorm
@@ -134,6 +136,8 @@ class GradRegLoss(nn.Module):
         self.last_base: torch.Tensor | None = None
         self.last_penalty: torch.Tensor | None = None
         self.last_active = False
+        self.last_eval_base: torch.Tensor | None = None      # of the last evaluation (no_grad) call
+        self.last_eval_penalty: torch.Tensor | None = None
 
     # -- state ---------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -298,7 +302,8 @@ class GradRegLoss(nn.Module):
         if self.lam == 0:
             out = model(x)
             self._check_labels(y, x)
-            return self._base_loss(out, y).detach()
+            self.last_eval_base, self.last_eval_penalty = self._base_loss(out, y).detach(), None
+            return self.last_eval_base
         owned = self._generator
         options = self._options(x.device)
         gen = options.get("generator")
@@ -317,6 +322,7 @@ class GradRegLoss(nn.Module):
                 with forked_rng(x_in.device):   # the penalty's own draws leave torch's RNG as the forward did
                     pen = penalty_from_output(self.kind, out, x_in, yc, method=self.method, model=model,
                                               replay=replay, reduction=self.reduction, **options)
+                self.last_eval_base, self.last_eval_penalty = base.detach(), pen.detach()
                 return (base + self.lam * pen).detach()
         finally:
             if saved is not None:
