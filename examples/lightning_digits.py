@@ -84,7 +84,7 @@ class DigitsModule(L.LightningModule):
         x, y = batch          # inference mode here: the criterion evaluates itself
         loss = self.crit(self.net, x, y)
         acc = (self.net(x).argmax(1) == y).float().mean()
-        self.log_dict({"val_loss": loss, "val_penalty": self.crit.last_penalty, "val_acc": acc}, on_epoch=True)
+        self.log_dict({"val_loss": loss, "val_penalty": self.crit.last_eval_penalty, "val_acc": acc}, on_epoch=True)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)

@@ -151,6 +151,9 @@ def check_backend(backend, argument: str = "backend") -> str | None:
     """``backend`` validated as ``GRADREG_BACKEND`` is at run time: None (the default), "auto", or a
     name from BACKENDS that can run here. Raises TypeError/ValueError naming ``argument``."""
     if backend is None:
+        env = os.environ.get("GRADREG_BACKEND")
+        if env:   # the default the call falls back to: checked here too, named as the variable
+            check_backend(env, "the environment variable GRADREG_BACKEND")
         return None
     if not isinstance(backend, str):
         raise TypeError(f"{argument} must be a string, one of {', '.join(BACKENDS + ('auto',))} "
@@ -207,7 +210,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 def _resolve(name: str, device: torch.device, source: str) -> str:
     if name not in BACKENDS + ("auto",):
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
+        raise ValueError(f"unknown backend {name!r} ({source}{name}); choose one of "
+                         f"{', '.join(BACKENDS + ('auto',))}")
     status = backends()
     if name == "auto":
         order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpp", "reference")

@@ -12,6 +12,9 @@ and, inside an nn.Sequential, an nn.Linear with a bias directly followed by one 
 activations → FusedLinearAct (matmul without bias, then one fused bias + activation kernel) in the
 Linear's slot and nn.Identity in the activation's slot (indices and state_dict keys unchanged).
 Activations called functionally in a forward (F.relu, torch.tanh) cannot be seen and stay as they are.
+A module with hooks of its own (``register_forward_hook``, ``register_forward_pre_hook``,
+``register_full_backward_hook``, ...) is left unfused, and so is the Linear of a pair, so that
+every hook still fires where it did and outputs stay unchanged.
 
 Copy semantics: by default the given model is NOT modified. The result is a new module tree
 (containers are shallow-copied) that shares every Parameter and buffer with the original: training
@@ -60,17 +63,32 @@ def _check_activations(activations: str | Iterable[str]) -> frozenset[str]:
             return frozenset(ACTIVATIONS)
         raise ValueError(f"fuse: activations must be 'fast', 'all' or a collection of names from "
                          f"{ACTIVATIONS}, got {activations!r}")
-    chosen = frozenset(activations)
+    try:
+        chosen = frozenset(activations)
+    except TypeError:
+        raise TypeError(f"fuse: activations must be 'fast', 'all' or a collection of names from {ACTIVATIONS}, "
+                        f"got {activations!r}") from None
+    if not all(isinstance(a, str) for a in chosen):
+        raise TypeError(f"fuse: activations must name activations as strings from {ACTIVATIONS}, got {activations!r}")
     unknown = sorted(chosen - set(ACTIVATIONS))
     if unknown:
         raise ValueError(f"fuse: unknown activations {unknown}; choose from {ACTIVATIONS}")
     return chosen
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether the module has forward or backward hooks of its own: replacing it would drop them
+    (a feature-capture hook would stop firing, a hook that edits the output would stop editing it)."""
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
+
+
 def _fuse(module: nn.Module, backend: str | None, inplace: bool, chosen: frozenset[str]) -> nn.Module:
     spec = activation_spec(module)
     if spec is not None:
-        if spec[0] not in chosen:
+        if spec[0] not in chosen or _hooked(module):
             return module
         return FusedActivation(spec[0], spec[1], backend=backend)
     if isinstance(module, (FusedActivation, FusedLinearAct)):
@@ -85,7 +103,8 @@ def _fuse(module: nn.Module, backend: str | None, inplace: bool, chosen: frozens
         for first, second in zip(names, names[1:]):
             lin = out._modules[first]
             act = out._modules[second]
-            if (type(lin) is nn.Linear and lin.bias is not None and isinstance(act, FusedActivation)):
+            if (type(lin) is nn.Linear and lin.bias is not None and isinstance(act, FusedActivation)
+                    and not _hooked(lin)):
                 out._modules[first] = FusedLinearAct(lin, act.act, act.alpha if takes_alpha(act.act) else None,
                                                      backend=backend)
                 out._modules[second] = nn.Identity()

@@ -19,13 +19,14 @@ from gradreg_fast.penalties import (
 )
 from gradreg_fast.penalties._checks import (
     GAN_KINDS,
+    check_base_labels,
     check_input,
     check_kind,
     check_lam,
     check_penalty_options,
     check_reduction,
 )
-from gradreg_fast.penalties.core import Fold, Replay, differentiable_input, run_forward
+from gradreg_fast.penalties.core import Fold, Replay, differentiable_input, forked_rng, run_forward, serialized
 
 _STATE_KEYS = ("calls", "seed", "generator_state", "generator_device", "last_penalty")
 
@@ -41,7 +42,7 @@ class GradRegLoss(nn.Module):
 
     ``loss.backward()`` then yields the regularized parameter gradients.
 
-    Logging (every call sets all three, whatever the schedule):
+    Logging (every training call sets all three, whatever the schedule; evaluation calls none):
 
     - ``last_base``: the base loss of the last call, detached.
     - ``last_penalty``: the unscaled penalty P (not λ·P, not every·P) of the last call that computed
@@ -53,9 +54,13 @@ class GradRegLoss(nn.Module):
     Lightning's validation_step) ``crit(model, x, y)`` returns the detached value
     base + λ·P, P computed on a copy of x with gradients enabled (the model runs once, under
     enable_grad); the schedule is not advanced (``calls`` unchanged, every and subsample do not
-    apply) and the generator's state is restored afterwards, so validation leaves training
-    unchanged. ``crit(logits, y, inputs=x)`` cannot work there (the logits have no graph): a
-    ValueError names grad mode.
+    apply), the generator's state is restored afterwards, the penalty's own draws from torch's
+    global RNG are undone (it advances as by the one plain forward), and ``last_base``,
+    ``last_penalty`` and ``last_active`` keep the training values (the state_dict is unchanged),
+    so validation leaves training unchanged; the evaluation's parts are in ``last_eval_base`` and
+    ``last_eval_penalty`` (detached; None before the first evaluation, the penalty None with lam == 0).
+    ``crit(logits, y, inputs=x)`` cannot work there (the logits have no graph): a ValueError names
+    grad mode.
 
     Methods other than "exact" re-run the model, so they need the ``crit(model, x, y)`` form; they
     replay the original forward's random numbers (dropout masks) and restore buffers (BatchNorm
@@ -117,6 +122,8 @@ class GradRegLoss(nn.Module):
         if seed is not None:
             if isinstance(seed, bool) or not isinstance(seed, int):
                 raise TypeError(f"seed must be an int (the seed of the loss's own generator) or None, got {seed!r}")
+            if not -2 ** 63 <= seed < 2 ** 64:
+                raise ValueError(f"seed must be in [-2**63, 2**64) (a torch.Generator seed), got {seed}")
             if penalty_options.get("generator") is not None:
                 raise ValueError("pass either seed= (the loss owns its generator and checkpoints it) or "
                                  "generator= (yours), not both")
@@ -129,6 +136,8 @@ class GradRegLoss(nn.Module):
         self.last_base: torch.Tensor | None = None
         self.last_penalty: torch.Tensor | None = None
         self.last_active = False
+        self.last_eval_base: torch.Tensor | None = None      # of the last evaluation (no_grad) call
+        self.last_eval_penalty: torch.Tensor | None = None
 
     # -- state ---------------------------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -139,22 +148,38 @@ class GradRegLoss(nn.Module):
                 "last_penalty": self.last_penalty}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
+        """Loads all or nothing: every entry is checked (and the generator rebuilt) before any is set."""
+        where = "GradRegLoss.load_state_dict"
         if not isinstance(state, dict) or set(state) != set(_STATE_KEYS):
-            raise ValueError(f"GradRegLoss.load_state_dict: expected the extra state {list(_STATE_KEYS)} written "
+            raise ValueError(f"{where}: expected the extra state {list(_STATE_KEYS)} written "
                              f"by GradRegLoss.state_dict(), got {state!r}")
         calls = state["calls"]
         if isinstance(calls, bool) or not isinstance(calls, int) or calls < 0:
-            raise ValueError(f"GradRegLoss.load_state_dict: calls must be an int >= 0, got {calls!r}")
+            raise ValueError(f"{where}: calls must be an int >= 0, got {calls!r}")
         if state["seed"] != self.seed:
-            raise ValueError(f"GradRegLoss.load_state_dict: the checkpoint's loss was built with seed="
+            raise ValueError(f"{where}: the checkpoint's loss was built with seed="
                              f"{state['seed']!r}, this one with seed={self.seed!r}; construct it with the same seed")
-        self.calls = calls
-        self.last_penalty = state["last_penalty"]
-        self._generator = None
-        if state["generator_state"] is not None:
-            gen = torch.Generator(device=state["generator_device"])
-            gen.set_state(state["generator_state"])
-            self._generator = gen
+        last = state["last_penalty"]
+        if last is not None and not (isinstance(last, torch.Tensor) and last.is_floating_point()
+                                     and last.dim() <= 1):
+            raise ValueError(f"{where}: last_penalty must be None or a floating tensor (the last penalty), "
+                             f"got {last!r}")
+        gen = None
+        gen_state, gen_device = state["generator_state"], state["generator_device"]
+        if gen_state is not None or gen_device is not None:
+            if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != torch.uint8 \
+                    or not isinstance(gen_device, str):
+                raise ValueError(f"{where}: generator_state must be a torch.uint8 tensor (Generator.get_state()) "
+                                 f"and generator_device a device string, got {type(gen_state).__name__} and "
+                                 f"{gen_device!r}")
+            try:
+                gen = torch.Generator(device=gen_device)
+                gen.set_state(gen_state)
+            except (RuntimeError, ValueError, TypeError) as exc:
+                raise ValueError(f"{where}: the checkpoint's generator (device {gen_device!r}) cannot be restored "
+                                 f"here: {str(exc).splitlines()[0][:200]}; load it where that device exists "
+                                 "(e.g. map_location and the same device)") from exc
+        self.calls, self.last_penalty, self._generator = calls, last, gen
 
     def _options(self, device: torch.device) -> dict:
         """The penalty options, with the owned generator (created on ``device`` at the first call)."""
@@ -169,7 +194,7 @@ class GradRegLoss(nn.Module):
 
     def _base_loss(self, out: torch.Tensor, y) -> torch.Tensor:
         if self._default_base:
-            return F.cross_entropy(out, y, reduction=self.reduction)
+            return F.cross_entropy(out, check_base_labels(y, out), reduction=self.reduction)
         base = self.base(out, y)
         expected = (out.shape[0],) if self.reduction == "none" else ()
         if not isinstance(base, torch.Tensor) or tuple(base.shape) != expected:
@@ -182,10 +207,11 @@ class GradRegLoss(nn.Module):
     # -- calls ---------------------------------------------------------------------------------------
     def forward(self, model_or_logits, x_or_y: torch.Tensor, y: torch.Tensor | None = None, *,
                 inputs: torch.Tensor | None = None) -> torch.Tensor:
-        if grad_mode_off():
-            return self._evaluate(model_or_logits, x_or_y, y, inputs)
-        with use_backend(self.backend):
-            return self._train(model_or_logits, x_or_y, y, inputs)
+        with serialized():   # one call at a time per process: docs/threads.md
+            if grad_mode_off():
+                return self._evaluate(model_or_logits, x_or_y, y, inputs)
+            with use_backend(self.backend):
+                return self._train(model_or_logits, x_or_y, y, inputs)
 
     def _split_call(self, model_or_logits, x_or_y, y, inputs):
         if inputs is None:
@@ -206,6 +232,18 @@ class GradRegLoss(nn.Module):
                              f"y has shape {tuple(y.shape)}")
 
     def _train(self, model_or_logits, x_or_y, y, inputs) -> torch.Tensor:
+        """One training call; a call that raises leaves the loss as it was (calls, the owned generator)."""
+        calls, gen = self.calls, self._generator
+        gen_state = gen.get_state() if gen is not None else None
+        try:
+            return self._train_call(model_or_logits, x_or_y, y, inputs)
+        except BaseException:
+            self.calls, self._generator = calls, gen
+            if gen is not None:
+                gen.set_state(gen_state)
+            raise
+
+    def _train_call(self, model_or_logits, x_or_y, y, inputs) -> torch.Tensor:
         model, x, y = self._split_call(model_or_logits, x_or_y, y, inputs)
         active = self.lam > 0 and schedules.is_active(self.calls, self.every)
         if model is not None:
@@ -214,8 +252,12 @@ class GradRegLoss(nn.Module):
             # first layer's input gradient, as in a plain training step
             plain_forward = not active or self.subsample is not None
             x_in = x if plain_forward else differentiable_input(x)
-            replay = Replay(model, x_in.device) if self.method != "exact" else None
+            # subsample re-runs the model on the sub-batch (every method): as this forward, without side effects
+            replay = (Replay(model, x_in.device) if self.method != "exact" or (active and self.subsample is not None)
+                      else None)
             out = run_forward(model, x_in, self.method if active and self.subsample is None else None)
+            if replay is not None:
+                replay.needed   # settled on this forward's draws, before the base loss runs
         else:
             out, x_in, replay = model_or_logits, x, None
             check_input(x_in)
@@ -260,9 +302,9 @@ class GradRegLoss(nn.Module):
         if self.lam == 0:
             out = model(x)
             self._check_labels(y, x)
-            base = self._base_loss(out, y)
-            self.last_base, self.last_active = base.detach(), False
-            return base.detach()
+            self.last_eval_base, self.last_eval_penalty = self._base_loss(out, y).detach(), None
+            return self.last_eval_base
+        owned = self._generator
         options = self._options(x.device)
         gen = options.get("generator")
         saved = gen.get_state() if gen is not None else None
@@ -272,17 +314,20 @@ class GradRegLoss(nn.Module):
                 options = {k: grad_enabled_copy(v) for k, v in options.items()}
                 x_in = differentiable_input(xc)
                 replay = Replay(model, x_in.device) if self.method != "exact" else None
-                out = run_forward(model, x_in, self.method)
+                out = run_forward(model, x_in, self.method)   # the call's one plain forward
+                if replay is not None:
+                    replay.needed
                 self._check_labels(yc, x_in)
                 base = self._base_loss(out, yc)
-                pen = penalty_from_output(self.kind, out, x_in, yc, method=self.method, model=model,
-                                          replay=replay, reduction=self.reduction, **options)
-                loss = (base + self.lam * pen).detach()
+                with forked_rng(x_in.device):   # the penalty's own draws leave torch's RNG as the forward did
+                    pen = penalty_from_output(self.kind, out, x_in, yc, method=self.method, model=model,
+                                              replay=replay, reduction=self.reduction, **options)
+                self.last_eval_base, self.last_eval_penalty = base.detach(), pen.detach()
+                return (base + self.lam * pen).detach()
         finally:
             if saved is not None:
                 gen.set_state(saved)
-        self.last_base, self.last_penalty, self.last_active = base.detach(), pen.detach(), True
-        return loss
+            self._generator = owned   # not created by an evaluation either
 
     def extra_repr(self) -> str:
         extra = (f", every={self.every}" if self.every > 1 else "") + \

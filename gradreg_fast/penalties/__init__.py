@@ -1,6 +1,7 @@
 """Gradient penalties (docs/method.md) behind one function, ``penalty``, and the paper's baselines."""
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -25,8 +26,11 @@ from gradreg_fast.penalties.core import (
     Replay,
     build_problem,
     differentiable_input,
+    forked_rng,
     interpolates,
     run_forward,
+    serialized,
+    serialized_call,
 )
 from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS
 
@@ -59,6 +63,16 @@ def _subset_projection(projection, idx: torch.Tensor, batch: int):
     return projection  # malformed: build_problem reports it
 
 
+@contextlib.contextmanager
+def _restored(generator: torch.Generator | None, state: torch.Tensor | None):
+    """``generator`` set back to ``state`` on exit (nothing for None)."""
+    try:
+        yield
+    finally:
+        if generator is not None:
+            generator.set_state(state)
+
+
 def grad_mode_off() -> bool:
     """True under torch.no_grad() or torch.inference_mode(), where a penalty cannot be built in place."""
     return not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
@@ -70,6 +84,7 @@ def grad_enabled_copy(t):
     return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
 
 
+@serialized_call   # one call at a time per process: docs/threads.md
 def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None = None, *,
                         method: str = "exact", model: Callable | None = None, replay: Replay | None = None,
                         subsample: float | None = None, reduction: str = "mean", fold: Fold | None = None,
@@ -103,9 +118,16 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
         if model is not None:
             x = differentiable_input(x[idx])
             y = y[idx.to(y.device)] if isinstance(y, torch.Tensor) and y.dim() >= 1 else y
-            replay = Replay(model, x.device)
-            with replay.context():
+            if out is None:
+                # no forward yet (gr.penalty): the sub-batch's forward is the call's one plain forward
+                replay = Replay(model, x.device) if method != "exact" else None
                 out = run_forward(model, x, method)
+            else:
+                # the caller's forward ran on the whole batch: the sub-batch's is a re-run of it (from
+                # the RNG state and buffers before it, no side effects), and the estimator's re-runs
+                # replay that sub-batch forward
+                out, replay = (replay or Replay(model, x.device)).original(
+                    lambda: run_forward(model, x, method))
             if reduction == "sum":   # the sub-batch sum times B/m: unbiased for the batch sum
                 p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts,
                                   **problem_opts)
@@ -186,7 +208,10 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         one_sided: "wgan_gp" only: penalize only norms above c (default False).
 
     Grad mode: under torch.no_grad() or torch.inference_mode() the penalty's value is computed
-    with gradients enabled on a copy of x (inference tensors are cloned) and returned detached.
+    with gradients enabled on a copy of x (inference tensors are cloned) and returned detached;
+    as GradRegLoss's evaluation, it leaves ``generator`` and torch's global RNG as they were.
+
+    Threads: calls from several threads run one at a time (docs/threads.md).
 
     Returns:
         The penalty, differentiable with respect to the model's parameters: a scalar, or (B,) with
@@ -215,8 +240,11 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         if not schedules.is_active(step, every):
             return torch.zeros((x.shape[0],) if reduction == "none" else (), device=x.device, dtype=x.dtype)
     if grad_mode_off():
-        # validation loops run under no_grad / inference_mode: the value is still well defined
-        with torch.inference_mode(False), torch.enable_grad():
+        # validation loops run under no_grad / inference_mode: the value is still well defined; as for
+        # GradRegLoss's evaluation, the generator and torch's global RNG are left as they were
+        saved = generator.get_state() if generator is not None else None
+        with (torch.inference_mode(False), torch.enable_grad(), forked_rng(x.device),
+              _restored(generator, saved)):
             value = penalty(kind, model, grad_enabled_copy(x), grad_enabled_copy(y), method=method,
                             projection=grad_enabled_copy(projection), n_proj=n_proj, per_sample=per_sample,
                             generator=generator, loss_fn=loss_fn, fd_h=fd_h, fd_scheme=fd_scheme, every=every,
@@ -224,7 +252,7 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
                             fake=grad_enabled_copy(fake), target_norm=target_norm, one_sided=one_sided)
         return value.detach()
     gan = {} if kind != "wgan_gp" else {"target_norm": target_norm, "one_sided": one_sided}
-    with use_backend(backend):
+    with serialized(), use_backend(backend):   # one call at a time per process: docs/threads.md
         if kind == "wgan_gp":   # the penalty is taken at x̂ = fake + ε (x − fake), ε from the generator
             x = interpolates(x, fake, generator)
         return _penalty(kind, model, x, y, method=method, projection=projection, n_proj=n_proj,

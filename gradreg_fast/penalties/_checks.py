@@ -37,22 +37,60 @@ def check_input(x) -> None:
         raise ValueError("x has an empty batch (B = 0): a batch-averaged penalty is undefined")
 
 
-def check_labels(y, batch: int, kind: str, num_classes: int | None = None) -> None:
+def _integer_classes(y: torch.Tensor) -> bool:
+    return not (y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex())
+
+
+def _range_checkable(y: torch.Tensor) -> bool:
+    """False for a tensor wrapped by a torch.func transform (vmap over the labels), whose values a
+    Python-side range check cannot read."""
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return not (wrapped is not None and wrapped(y))
+
+
+def check_labels(y, batch: int, kind: str, num_classes: int | None = None, indices: bool = True,
+                 ignore_index: int | None = None) -> torch.Tensor:
+    """The one rule for labels at every entry point (gr.penalty, functional_penalty, GradRegLoss):
+
+    y is a tensor with one entry per sample; where it holds class indices (``indices``: onehot, and
+    doubleback's and GradRegLoss's default cross-entropy) it is an integer tensor (any integer dtype)
+    of shape (B,) with values in [0, num_classes) (``ignore_index`` also allowed; the range is checked
+    once num_classes is known). Returns y, as torch.long where it holds indices. ``kind`` names the
+    penalty (or the base loss) in the messages."""
     if y is None:
-        raise ValueError(f"penalty {kind!r} needs the labels y (shape (B,), integer classes)")
+        raise ValueError(f"{kind} needs the labels y (shape (B,), integer classes)")
     if not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    if y.shape[:1] != (batch,):
+        raise TypeError(f"y must be a torch.Tensor of integer class indices, got {type(y).__name__}")
+    if y.dim() == 0 or y.shape[0] != batch:
         raise ValueError(f"y must have one entry per sample: x has batch size {batch}, "
                          f"y has shape {tuple(y.shape)}")
-    if num_classes is not None:
-        if y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
-            raise TypeError(f"y must hold integer class indices (torch.long), got {y.dtype}")
-        if y.dim() != 1:
-            raise ValueError(f"y must have shape (B,) of class indices, got {tuple(y.shape)}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-            raise ValueError(f"y holds class indices outside [0, {num_classes}) for a model with "
+    if not indices:
+        return y
+    if not _integer_classes(y):
+        raise TypeError(f"y must hold integer class indices for {kind} (e.g. y.long()), got dtype {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"y must have shape (B,) of class indices for {kind}, got {tuple(y.shape)}")
+    if num_classes is not None and y.numel() and _range_checkable(y):
+        valid = (y >= 0) & (y < num_classes)
+        if ignore_index is not None:
+            valid |= y == ignore_index
+        if not bool(valid.all()):
+            bad = y[~valid][0].item()
+            raise ValueError(f"y holds class index {bad} outside [0, {num_classes}) for {kind} on a model with "
                              f"{num_classes} outputs")
+    return y if y.dtype == torch.long else y.long()
+
+
+def check_base_labels(y, out: torch.Tensor) -> torch.Tensor:
+    """Labels for GradRegLoss's default base loss, F.cross_entropy(out, y): class indices under the
+    rule of ``check_labels`` (F.cross_entropy's ignore_index -100 allowed), or class probabilities
+    (floating, shaped like out)."""
+    if isinstance(y, torch.Tensor) and y.is_floating_point() and y.shape == out.shape:
+        return y
+    if isinstance(y, torch.Tensor) and out.dim() > 2 and _integer_classes(y) and y.dim() == out.dim() - 1:
+        return y if y.dtype == torch.long else y.long()   # per-position classes (B, d1, ...): F.cross_entropy checks
+    return check_labels(y, out.shape[0], "the cross-entropy base loss", num_classes=out.shape[1] if out.dim() > 1
+                        else None, ignore_index=-100)
 
 
 def check_output(out: torch.Tensor, batch: int, kind: str) -> torch.Tensor:
@@ -70,6 +108,9 @@ def check_output(out: torch.Tensor, batch: int, kind: str) -> torch.Tensor:
                          f"{tuple(out.shape)}; reduce a patch discriminator's map to one score per sample first")
     if not out.is_floating_point():
         raise TypeError(f"the model output must be floating, got {out.dtype}")
+    if out.numel() == 0:
+        raise ValueError(f"the model output has no entries per sample (shape {tuple(out.shape)}): its input "
+                         "gradient is empty and a penalty on it is undefined; check the model's last layer")
     return out.reshape(batch, -1)
 
 
@@ -86,6 +127,10 @@ def check_lam(lam) -> float:
 
 
 REDUCTIONS = ("mean", "sum", "none")
+# fd_h, relative to rms(x): below 1e-12 x + t·d rounds to x even in fp64 (and fp32 loses every digit
+# far above that: fd checks the step against x's dtype at the call); above 1 the "difference" spans
+# more than the inputs' own scale
+FD_H_RANGE = (1e-12, 1.0)
 FD_SCHEMES = ("central", "forward")   # as gradreg_fast.penalties.estimators.FD_SCHEMES
 JVP_KINDS = _methods.JVP_KINDS
 
@@ -162,9 +207,10 @@ def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, 
             raise ValueError(f"loss_fn applies to kind='doubleback' only, not {kind!r}")
     if (fd_h is not None or fd_scheme is not None) and method != "fd":
         raise ValueError(f"fd_h and fd_scheme apply to method='fd' only, not method={method!r}")
-    if fd_h is not None and not _positive_finite(fd_h):
-        raise ValueError(f"fd_h must be a finite number > 0 (the step relative to the batch RMS of x, "
-                         f"default 1e-3), got {fd_h!r}")
+    if fd_h is not None and not (_positive_finite(fd_h) and FD_H_RANGE[0] <= fd_h <= FD_H_RANGE[1]):
+        raise ValueError(f"fd_h must be a number in [{FD_H_RANGE[0]:g}, {FD_H_RANGE[1]:g}] (the step relative to "
+                         f"the batch RMS of x, default 1e-3; outside that range the step under- or overflows "
+                         f"against the inputs), got {fd_h!r}")
     if fd_scheme is not None and fd_scheme not in FD_SCHEMES:
         raise ValueError(f"fd_scheme must be one of {', '.join(repr(s) for s in FD_SCHEMES)}, got {fd_scheme!r}")
     if method == "jvp" and kind not in JVP_KINDS:

@@ -28,6 +28,9 @@ turns a Problem into a scalar whose gradient with respect to the parameters is t
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -35,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradreg_fast._guards import graph_nodes
 from gradreg_fast.ops import cross_entropy, draw_seed, project
 from gradreg_fast.penalties import _checks
 from gradreg_fast.reference import philox
@@ -70,41 +74,102 @@ def batch_coupled(model) -> bool:
         for m in model.modules())
 
 
+# The library's calls hold this lock from the model's first forward to the end of the penalty (and
+# around the re-runs a deferred backward makes): torch's CPU random number generator and its
+# forward-mode AD levels are process-wide, so two threads running penalties at once would replay
+# each other's dropout masks or nest each other's dual levels. Re-entrant: a call may nest another.
+_CALL_LOCK = threading.RLock()
+
+
+def serialized() -> contextlib.AbstractContextManager:
+    """The lock every gr.penalty / GradRegLoss call holds (see docs/threads.md): calls from several
+    threads run one at a time."""
+    return _CALL_LOCK
+
+
+def forked_rng(device: torch.device) -> contextlib.AbstractContextManager:
+    """torch's global RNG (the CPU generator, and ``device``'s when it is a CUDA device) as it was on
+    entry, again on exit."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda")
+
+
+def serialized_call(fn: Callable) -> Callable:
+    """``fn`` holding the call lock (see ``serialized``)."""
+    @functools.wraps(fn)
+    def locked(*args, **kwargs):
+        with _CALL_LOCK:
+            return fn(*args, **kwargs)
+    return locked
+
+
+class ReplayError(RuntimeError):
+    """A re-run of the model did not draw the random numbers its original forward drew."""
+
+
 class Replay:
     """Re-runs the model on new inputs as the original forward ran: same random numbers (dropout
     masks), same buffers as before that forward (BatchNorm running statistics, spectral norm's power
-    iteration vectors), and no side effects (the buffers are put back as the original forward left
-    them).
+    iteration vectors), and no side effects: after a re-run the RNG and the buffers are as the
+    original forward left them, so a call updates buffers and advances the RNG exactly as one plain
+    forward does.
 
     Capture it *before* the original forward pass (``Replay(model, x.device)``): it snapshots the RNG
-    state and the buffers then; each ``context`` restores both for its duration.
+    state and the buffers then. The first use (``needed``) records the RNG state the original forward
+    ended at; each ``context`` restores the snapshot for its duration and checks on exit that the
+    re-run ended at that same state: another thread drawing from torch's process-wide generator
+    meanwhile would have changed the masks, and the re-run then raises ``ReplayError`` rather than
+    give a silently wrong gradient.
     """
 
     def __init__(self, model: Callable, device: torch.device):
         self.model = model
         self.device = torch.device(device)
-        self.cpu_state = torch.get_rng_state()
-        self.cuda_state = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        self.start = self._rng_state()
         self.buffers_before = ({k: b.detach().clone() for k, b in model.named_buffers()}
                                if isinstance(model, nn.Module) else {})
+        self.end: tuple | None = None        # the RNG state the original forward ended at
         self._needed: bool | None = None
+
+    def _rng_state(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng_state(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    @staticmethod
+    def _same(a: tuple, b: tuple) -> bool:
+        return all((s is None and t is None) or (s is not None and t is not None and torch.equal(s, t))
+                   for s, t in zip(a, b))
 
     @property
     def needed(self) -> bool:
         """Whether re-runs must be replayed: the original forward drew random numbers (the RNG state
-        moved since the snapshot) or changed a buffer. Decided once, at the first re-run (the penalty
-        call, before anything else draws from the RNG; anything that did makes this True, the safe
-        answer). When False the model is a pure function of its input and parameters, so a re-run
-        needs no context and may take several inputs in one batch."""
+        moved since the snapshot) or changed a buffer. Decided once, at the first use (the penalty
+        call, right after the original forward, before anything else draws from the RNG). When False
+        the model is a pure function of its input and parameters, so a re-run needs no context and
+        may take several inputs in one batch."""
         if self._needed is None:
-            moved = not torch.equal(torch.get_rng_state(), self.cpu_state) or (
-                self.cuda_state is not None
-                and not torch.equal(torch.cuda.get_rng_state(self.device), self.cuda_state))
+            self.end = self._rng_state()
             current = dict(self.model.named_buffers()) if isinstance(self.model, nn.Module) else {}
             changed = any(k not in current or not torch.equal(current[k], b)
                           for k, b in self.buffers_before.items())
-            self._needed = moved or changed
+            self._needed = not self._same(self.end, self.start) or changed
         return self._needed
+
+    def original(self, forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, Replay]:
+        """``forward()`` (the model on other inputs, e.g. subsample's sub-batch) run as a re-run of the
+        original forward: from the snapshot's RNG state and buffers, with no side effects. Returns its
+        output and the Replay whose original forward it is (its re-runs replay this forward)."""
+        sub = copy.copy(self)
+        sub.end, sub._needed = None, None
+        with self._swapped(restore_buffers=True):
+            out = forward()
+            sub.needed   # decided on this forward's own draws and buffer updates
+        return out, sub
 
     def buffer_copies(self) -> dict[str, torch.Tensor]:
         """Fresh copies of the buffers as they were before the original forward (for functional calls,
@@ -112,15 +177,12 @@ class Replay:
         return {k: b.clone() for k, b in self.buffers_before.items()}
 
     @contextlib.contextmanager
-    def context(self, restore_buffers: bool = True) -> Iterator[None]:
-        devices = [self.device] if self.device.type == "cuda" else []
+    def _swapped(self, restore_buffers: bool) -> Iterator[None]:
         buffers = (dict(self.model.named_buffers()) if isinstance(self.model, nn.Module) and restore_buffers
                    else {})
         after = {k: b.detach().clone() for k, b in buffers.items()}
-        with torch.random.fork_rng(devices=devices, device_type="cuda"):
-            torch.set_rng_state(self.cpu_state)
-            if self.cuda_state is not None:
-                torch.cuda.set_rng_state(self.cuda_state, self.device)
+        with _CALL_LOCK, forked_rng(self.device):
+            self._set_rng_state(self.start)
             try:
                 # through .data: the original forward's graph may have saved these buffers (BatchNorm
                 # keeps its running statistics as inputs of its backward, which in training mode does
@@ -134,6 +196,21 @@ class Replay:
                 with torch.no_grad():
                     for k, b in buffers.items():
                         b.data.copy_(after[k])
+
+    @contextlib.contextmanager
+    def context(self, restore_buffers: bool = True) -> Iterator[None]:
+        """A re-run of the model: the snapshot's RNG state and buffers inside, everything as before
+        on exit; raises ReplayError when the re-run did not end at the original forward's RNG state."""
+        with self._swapped(restore_buffers):
+            yield
+            if self.end is not None and not self._same(self._rng_state(), self.end):
+                raise ReplayError(
+                    "gradreg_fast: a re-run of the model for the penalty drew other random numbers than its "
+                    "original forward (the dropout masks would differ, a silently wrong gradient): something "
+                    "drew from torch's process-wide random number generator between the model's forward and "
+                    "the penalty (another thread?), or the model draws a number of random values that depends "
+                    "on its input. Run the steps of models with dropout from one thread at a time (see "
+                    "docs/threads.md), or use method='exact', which does not re-run the model")
 
 
 @dataclass
@@ -192,6 +269,16 @@ class Problem:
         return not self.x.is_leaf
 
     @property
+    def depends_on_x(self) -> bool:
+        """Whether u's autograd graph reaches x (an output that only broadcasts a parameter, e.g. a bias
+        expanded to (B, K), requires grad without depending on x)."""
+        if not self.u.requires_grad:
+            return False
+        if self.x.grad_fn is not None:
+            return any(node is self.x.grad_fn for node in graph_nodes(self.u))
+        return any(getattr(node, "variable", None) is self.x for node in graph_nodes(self.u))
+
+    @property
     def coupled(self) -> bool:
         """Whether the samples interact inside the model (batch statistics; see ``batch_coupled``)."""
         return batch_coupled(self.model)
@@ -242,8 +329,12 @@ def differentiable_input(x: torch.Tensor) -> torch.Tensor:
     """x as a graph input that requires grad, without touching the caller's tensor.
 
     A leaf x that does not require grad is detached and marked; an x that already requires grad
-    (possibly produced by upstream layers) is viewed, so gradients still flow upstream.
+    (possibly produced by upstream layers) is viewed, so gradients still flow upstream. An x whose
+    elements share memory (expanded, stride 0) is copied first: the estimators' in-place
+    accumulations on tensors shaped like x cannot write to it.
     """
+    if torch._debug_has_internal_overlap(x) == 1:
+        x = x.contiguous()   # differentiable: an attached x keeps its graph
     return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
 
 
@@ -349,7 +440,7 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                                                     bool(one_sided))
     elif kind == "doubleback":
         fn = loss_fn if loss_fn is not None else default_loss
-        _checks.check_labels(y, batch, kind, num_classes=num if loss_fn is None else None)
+        y = _checks.check_labels(y, batch, kind, num_classes=num, indices=loss_fn is None)
 
         def transform(o):
             losses = fn(o, y)
@@ -382,8 +473,7 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     else:  # onehot, random_onehot
         transform = lambda o: o  # noqa: E731
         if kind == "onehot":
-            _checks.check_labels(y, batch, kind, num_classes=num)
-            classes = y
+            classes = _checks.check_labels(y, batch, kind, num_classes=num)
         else:
             classes = torch.randint(num, (batch,), generator=generator, device=x.device)
         R = _one_hot(classes, num, flat)

@@ -42,7 +42,7 @@ from gradreg_fast import _methods
 from gradreg_fast._bias_act_spec import ACTIVATIONS, KINKED
 from gradreg_fast._guards import compiled_region_in, graph_nodes
 from gradreg_fast.ops import draw_seed, gaussian_like, sq_norm
-from gradreg_fast.penalties.core import Problem
+from gradreg_fast.penalties.core import Problem, serialized
 
 FD_SCHEMES = ("central", "forward")
 DEFAULT_FD_H = 1e-3
@@ -291,7 +291,7 @@ class _Deferred(torch.autograd.Function):
             c = w.reshape(-1)[0]
             grads = [None if g is None else c.to(g.dtype) * g for g in ctx.pre]
         else:
-            with torch.enable_grad():
+            with torch.enable_grad(), serialized():   # re-runs and forward-mode AD: docs/threads.md
                 grads = ctx.grads_fn(w.detach())
         return (None, None, None, None, *grads)
 
@@ -501,7 +501,11 @@ def fd(p: Problem) -> torch.Tensor:
     n, batch = g.shape[0], g.shape[1]
     work = torch.promote_types(p.x.dtype, torch.float32)
     x0 = p.x.detach().to(work)
-    rms = x0.pow(2).mean().sqrt()
+    if h < 100 * torch.finfo(work).eps:
+        raise ValueError(f"fd_h={h:g} is below what {work} resolves (x + t·d rounds to x, the differences to "
+                         f"0): use fd_h >= {100 * torch.finfo(work).eps:.1e} for {p.x.dtype} inputs (default 1e-3)")
+    # in fp64: x² of fp32 inputs near the float range overflows (|x| ~ 1e37 gave an inf step, NaN gradients)
+    rms = (torch.linalg.vector_norm(x0, dtype=torch.float64) / math.sqrt(max(1, x0.numel()))).to(work)
     step = h * torch.where(rms > 0, rms, torch.ones_like(rms))
     gw = g.to(work)
     if factor is not None:
@@ -608,7 +612,7 @@ def jvp(p: Problem) -> torch.Tensor:
         raise ValueError("method='jvp' estimates per-sample Jacobian norms, and this model normalizes with "
                          "batch statistics (BatchNorm in training mode), which couple the samples: use "
                          "method='exact' or method='hvp' (or put the BatchNorm layers in eval mode)")
-    if not p.u.requires_grad:
+    if not p.depends_on_x:
         raise ValueError("the model output does not depend on x (no autograd graph from x to the "
                          "output): a gradient penalty would be a silent 0; check that the model uses x")
     x0 = p.x.detach()

@@ -99,6 +99,8 @@ def functional_penalty(kind: str, model: nn.Module, params: Mapping[str, torch.T
     def target(z: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(model, params, (z,))
         flat = check_output(out, batch, kind)
+        if indices:   # the class range, now that K is known
+            check_labels(y, batch, kind, num_classes=flat.shape[1])
         if kind == "doubleback":
             losses = loss_fn(out, y) if loss_fn is not None else F.cross_entropy(out, y, reduction="none")
             if losses.shape not in ((batch,), (batch, 1)):
@@ -107,11 +109,12 @@ def functional_penalty(kind: str, model: nn.Module, params: Mapping[str, torch.T
             return losses.reshape(batch, 1)
         return torch.softmax(flat, dim=1) if kind == "jacreg" else flat
 
+    # labels under the rule of every entry point (_checks.check_labels): class indices for onehot and the
+    # default cross-entropy, checked here (dtype, shape) and in target (range)
+    indices = kind == "onehot" or (kind == "doubleback" and loss_fn is None)
     if kind in ("doubleback", "onehot"):
-        check_labels(y, batch, kind)   # the class range is checked once K is known (below, or by F.cross_entropy)
+        y = check_labels(y, batch, kind, indices=indices)
     u, pullback = torch.func.vjp(target, x.detach())
-    if kind == "onehot":
-        check_labels(y, batch, kind, num_classes=u.shape[1])
     R, scale = _cotangents(kind, u, y, projection)
     per_sample = 0
     for j in range(R.shape[0]):
