@@ -72,7 +72,8 @@ ESTIMATORS = {"exact": dict(method="exact"), "hvp": dict(method="hvp"), "fd": di
               "every4-sub0.5": dict(method="exact", every=4, subsample=0.5),
               # lazy regularization with StyleGAN2's optimizer correction c = k/(k+1): lr·c, betas^c
               **{f"every{k}-c": dict(method="exact", every=k, lazy_c=k / (k + 1)) for k in (4, 8)},
-              **{f"jvp{n}": dict(method="jvp", n_proj=n) for n in (1, 4)}}
+              **{f"jvp{n}": dict(method="jvp", n_proj=n) for n in (1, 4)},
+              "jvp1-every16": dict(method="jvp", n_proj=1, every=16)}
 
 
 def loss_options(estimator: str) -> dict:
