@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -55,8 +54,8 @@ import gradreg_fast as gr  # noqa: E402
 from harness.backends import compiled_backend  # noqa: E402
 from harness.memory import cuda_peak_bytes, live_tensor_peak_bytes  # noqa: E402
 from harness.progress import progress_bar  # noqa: E402
-from harness.results import command_line, utc_now  # noqa: E402
-from harness.timing import probe, time_interleaved  # noqa: E402
+from harness.results import command_line, cpu_name, utc_now  # noqa: E402
+from harness.timing import CPU_CLOCK, probe, time_interleaved  # noqa: E402
 from step_cases import (  # noqa: E402
     METHODS,
     QUICK_METHODS,
@@ -192,13 +191,14 @@ def main(argv=None) -> list[dict]:
     print(table)
 
     backends = {name: st.available for name, st in gr.backends().items()}
-    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
+    dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     meta = dict(command=command_line("bench_step.py", argv),
                 device=device, device_name=dev_name, threads=args.threads if device == "cpu" else None,
                 amp=args.amp, torch=torch.__version__, reps=args.reps, gradreg_fast=gr.__file__,
                 backends=backends, refused=refused,
                 memory=("cuda max_memory_allocated growth over one step" if device.startswith("cuda") else
                         "peak live tensor storage created during one step (TorchDispatchMode accounting)"),
+                clock="CUDA events" if device.startswith("cuda") else CPU_CLOCK,
                 load_average=os.getloadavg(), time=utc_now())
     out = Path(args.out)
     stem = f"bench_step_{device.split(':')[0]}" + (f"_{args.tag}" if args.tag else "")

@@ -5,9 +5,8 @@ DoubleBack (paper λ ÷ 50) and JacReg (paper λ), each trained by exact double 
 (every = 2, 4, 8, 16: the penalty on one step in k, times k; with StyleGAN2's optimizer correction
 c = k/(k+1) for k = 4, 8), on a sub-batch (subsample = 0.5, 0.25), both (every 4 on half the batch),
 and for JacReg by jvp with 1 and 4 projections (and 1 projection every 16 steps). Every run is
-paired with the exact run of the same
-seed (same initial weights and minibatch order; the committed exact runs are reused) and with the
-baseline of that seed.
+paired with the exact run of the same seed (same initial weights and minibatch order; the committed
+exact runs are reused) and with the baseline of that seed.
 
     python benchmarks/paper_cheap.py --run            # the runs (resumable; seed by seed over every recipe)
     python benchmarks/paper_cheap.py                  # table + plot from the JSONL and the step benchmark
@@ -29,7 +28,6 @@ import harness  # noqa: E402,F401  (gradreg_fast: the installed package, else th
 # isort: split
 import json  # noqa: E402
 import math  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections import defaultdict  # noqa: E402
@@ -37,7 +35,7 @@ from collections import defaultdict  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness.results import pyplot, save_figure  # noqa: E402
+from harness.results import cpu_name, pyplot, save_figure  # noqa: E402
 from paper.mnist_data import BATCH, TABLE_N, LeNet, load_digits  # noqa: E402
 from paper.mnist_report import write_report  # noqa: E402
 from paper.mnist_stats import lam_rule, mean_std, paired_stats  # noqa: E402
@@ -67,17 +65,6 @@ def planned(seeds) -> list[RunConfig]:
                 runs.append(RunConfig(method, TABLE_N, s, ITERS, WD_MODE, lam_scale=LAM_SCALE[method],
                                       estimator=est))
     return runs
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def measure_steps(reps: int = 15, out: str = STEPS) -> dict:
@@ -123,7 +110,7 @@ def measure_steps(reps: int = 15, out: str = STEPS) -> dict:
                 step()
             times[key].append((time.thread_time() - t0) / k)
     plain = statistics.median(times["plain|-"])
-    result = {"cpu": _cpu_name(), "torch": torch.__version__, "threads": 1, "batch": BATCH, "reps": reps,
+    result = {"cpu": cpu_name(), "torch": torch.__version__, "threads": 1, "batch": BATCH, "reps": reps,
               "clock": "time.thread_time (CPU time of the step)", "plain_ms": 1000 * plain,
               "ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
               "x_plain": {k: statistics.median(v) / plain for k, v in times.items()},

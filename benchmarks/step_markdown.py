@@ -17,7 +17,8 @@ import sys
 def tables(data: dict, memory: bool = False) -> str:
     rows, meta = data["rows"], data["meta"]
     refused = meta.get("refused", {})
-    out = [f"<!-- {meta['command'].strip()} · {meta['time']} · torch {meta['torch']} · "
+    out = [f"<!-- {meta['command'].strip()} · {meta['time']} · {meta.get('device_name', meta.get('device', '?'))} · "
+           f"torch {meta['torch']} · {meta.get('clock', 'wall clock')} · "
            f"load {', '.join(f'{v:.1f}' for v in meta.get('load_average', []))} -->"]
     for model, batch in dict.fromkeys((r["model"], r["batch"]) for r in rows):
         mine = [r for r in rows if r["model"] == model and r["batch"] == batch]

@@ -12,6 +12,19 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the record of a CPU measurement."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
 def command_line(script: str, argv: list[str] | None = None) -> str:
     """The command that reproduces a run: ``python benchmarks/<script> <arguments>``."""
     return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])

@@ -1,5 +1,10 @@
 """One timer for every benchmark: median seconds per call, repetitions interleaved across variants,
-so that drifts of the machine (load, clocks, caches) hit every variant alike."""
+so that drifts of the machine (load, clocks, caches) hit every variant alike.
+
+On the CPU the clock is the process's CPU time (time.process_time: every thread of this process,
+nothing of other processes), so a benchmark run beside other work on a shared machine is not
+inflated by the time the scheduler gives to them; with one torch thread it equals wall time on an
+idle machine. On a GPU: CUDA events."""
 from __future__ import annotations
 
 import statistics
@@ -7,6 +12,8 @@ import time
 from typing import Callable
 
 import torch
+
+CPU_CLOCK = "time.process_time (CPU time of this process)"
 
 
 def probe(fns: dict[str, Callable[[], object]], catch: type[BaseException] = Exception
@@ -24,7 +31,7 @@ def probe(fns: dict[str, Callable[[], object]], catch: type[BaseException] = Exc
 
 
 def _seconds(fn: Callable[[], object], calls: int, device: torch.device) -> float:
-    """Seconds of ``calls`` consecutive calls: CUDA events on a GPU, time.perf_counter on the CPU."""
+    """Seconds of ``calls`` consecutive calls: CUDA events on a GPU, the process's CPU time on the CPU."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -33,10 +40,10 @@ def _seconds(fn: Callable[[], object], calls: int, device: torch.device) -> floa
         end.record()
         torch.cuda.synchronize(device)
         return start.elapsed_time(end) / 1e3
-    t = time.perf_counter()
+    t = time.process_time()
     for _ in range(calls):
         fn()
-    return time.perf_counter() - t
+    return time.process_time() - t
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device | str, reps: int, *,
