@@ -99,7 +99,7 @@ def test_hvp_right_on_layernorm():
                                       materialize_grads=True)
         g_hvp = torch.autograd.grad(gr.penalty(kind, model, x, y, method="hvp"), params, allow_unused=True,
                                     materialize_grads=True)
-        for a, b in zip(g_hvp, g_exact):
+        for a, b in zip(g_hvp, g_exact, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -117,7 +117,7 @@ def test_softmax_inside_model_and_in_loss_fn(method):
         a = torch.autograd.grad(gr.penalty("doubleback", case.model, x, case.y, loss_fn=loss_fn), case.params)
         b = torch.autograd.grad(gr.penalty("doubleback", case.model, x, case.y, loss_fn=loss_fn, method="hvp"),
                                 case.params)
-        for ga, gb in zip(a, b):
+        for ga, gb in zip(a, b, strict=True):
             torch.testing.assert_close(gb, ga, rtol=1e-9, atol=1e-12)
 
 
@@ -132,7 +132,7 @@ def test_fused_ops_under_torch_func_batchnorm_train():
         g = torch.Generator().manual_seed(1)
         hvp = torch.autograd.grad(gr.penalty(kind, case.model, case.input(), case.y, method="hvp", generator=g),
                                   case.params, allow_unused=True, materialize_grads=True)
-        for a, b in zip(hvp, exact):
+        for a, b in zip(hvp, exact, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
 
 

@@ -99,7 +99,7 @@ def test_thousand_steps(method):
     for _ in range(REPRO_STEPS):
         again.step()
     assert again.losses == run.losses[:REPRO_STEPS]
-    for a, b in zip(again.model.parameters(), run.snapshot):
+    for a, b in zip(again.model.parameters(), run.snapshot, strict=True):
         assert torch.equal(a, b)
 
 

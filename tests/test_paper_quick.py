@@ -62,7 +62,7 @@ def test_lenet_is_the_zoo_lenet(pm):
     torch.manual_seed(0)
     zoo = LeNet(k=10)
     assert isinstance(ours, LeNet) and [repr(m) for m in ours.children()] == [repr(m) for m in zoo.children()]
-    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), zoo.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), zoo.parameters(), strict=True))
 
 
 def test_weight_decay_reading(pm):

@@ -1,7 +1,8 @@
 """GradRegLoss: a drop-in regularized loss, base(model(x), y) + λ · penalty."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

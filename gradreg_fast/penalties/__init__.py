@@ -1,7 +1,7 @@
 """Gradient penalties (docs/method.md) behind one function, ``penalty``, and the paper's baselines."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

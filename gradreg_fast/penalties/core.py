@@ -28,8 +28,8 @@ turns a Problem into a scalar whose gradient with respect to the parameters is t
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -326,7 +326,7 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                   one_sided: bool | None = None) -> Problem:
     kind = _checks.check_kind(kind)
     if replay is not None:
-        replay.needed   # decided now, before this call draws from the RNG (projections, random classes)
+        _ = replay.needed   # decided now, before this call draws from the RNG (projections, random classes)
     batch = x.shape[0]
     transform_func = None   # composite twin of ``transform`` where that uses a fused op
     flat = _checks.check_output(out, batch, kind)
