@@ -72,6 +72,7 @@ def _live_tensors():
     return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
 
 
+@pytest.mark.slow      # 12-60 s per method (measured with --durations); CI runs it, scripts/test.sh --fast skips it
 @pytest.mark.parametrize("method", list(gr.METHODS))
 def test_thousand_steps(method):
     torch.set_num_threads(1)
