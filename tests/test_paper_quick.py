@@ -72,6 +72,7 @@ def test_weight_decay_reading(pm):
     assert stacked["baseline"] == 0 and all(v == 5e-4 for m, v in stacked.items() if m != "baseline")
 
 
+@pytest.mark.slow      # 160 s on a loaded 2-core machine (--durations); CI runs it, scripts/test.sh --fast skips it
 def test_quick_sweep_resumes_and_reports(pm, tmp_path):
     results = tmp_path / "runs.jsonl"
     args = ["--methods", "baseline", "doubleback", "--sizes", "500", "2000", "--seeds", "0", "1",
