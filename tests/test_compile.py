@@ -120,7 +120,7 @@ def test_op_in_fullgraph_compiled_region(name, backend, compiler):
 
 
 @pytest.mark.skipif(not gr.backends()["cpp"].available, reason="the extension is not built")
-@pytest.mark.slow      # 21 s (--durations); the fullgraph aot_eager/inductor cases cover the ops
+@pytest.mark.slow      # 21 s (--durations); --fast keeps the fullgraph eager/aot_eager traces of every op
 def test_op_under_inductor():
     """Inductor (C++ codegen on the CPU) around the cpp op: one small case, forward and backward."""
     torch._dynamo.reset()
