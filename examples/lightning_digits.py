@@ -126,7 +126,7 @@ def main(argv=None) -> int:
         first, _ = fit(args, 1, os.path.join(root, "first"))
         ckpt = os.path.join(root, "first", "epoch=0.ckpt")
         resumed, trainer2 = fit(args, args.epochs, os.path.join(root, "resumed"), resume=ckpt)
-        same_params = all(torch.equal(a, b) for a, b in zip(module.parameters(), resumed.parameters()))
+        same_params = all(torch.equal(a, b) for a, b in zip(module.parameters(), resumed.parameters(), strict=True))
         same_penalties = first.penalties + resumed.penalties == module.penalties
         same_schedule = resumed.crit.calls == module.crit.calls
         print(f"resumed from {os.path.basename(ckpt)} (calls {first.crit.calls}): parameters equal {same_params}, "

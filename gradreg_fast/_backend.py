@@ -76,7 +76,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> tuple[bool, str]:
     if importlib.util.find_spec("triton") is None:
         return False, "triton is not installed: pip install triton"
@@ -92,7 +92,7 @@ def _major_minor(dist: str) -> tuple[int, int] | None:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def interpreter_incompatibility() -> str | None:
     """Why the installed Triton interpreter cannot run our kernels here, or None.
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import weakref
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -187,7 +187,7 @@ class FSDPDeferral:
     """
 
     # id(root state context) -> the deferral, alive while a penalty token or a backward holds it
-    _active: "weakref.WeakValueDictionary[int, FSDPDeferral]" = weakref.WeakValueDictionary()
+    _active: weakref.WeakValueDictionary[int, FSDPDeferral] = weakref.WeakValueDictionary()
 
     def __init__(self, states: list, key: object):
         self.states = states
@@ -200,7 +200,7 @@ class FSDPDeferral:
         self.hooks: list = []
 
     @classmethod
-    def for_states(cls, states: list) -> "FSDPDeferral":
+    def for_states(cls, states: list) -> FSDPDeferral:
         key = getattr(states[0], "_state_ctx", states[0])
         deferral = cls._active.get(id(key))
         if deferral is None or deferral.saved is None or deferral.key() is not key:
@@ -250,8 +250,8 @@ class FSDPDeferral:
         self.hooks = []
         if self.saved is None:
             return
-        for g, values in zip(self.groups, self.saved):
-            for name, value in zip(_FSDP_GROUP_SETTINGS, values):
+        for g, values in zip(self.groups, self.saved, strict=True):
+            for name, value in zip(_FSDP_GROUP_SETTINGS, values, strict=True):
                 setattr(g, name, value)
         self.saved = None
 
@@ -278,7 +278,7 @@ class FSDPDeferral:
         if final is not None:
             final()
 
-    def token(self) -> "_Token":
+    def token(self) -> _Token:
         tok = _Token(self)
         self.pending.add(id(tok))
         return tok
@@ -361,7 +361,7 @@ def fsdp_rerun_passthrough(model: Callable, states: list) -> Iterator[None]:
             s._training_state = TrainingState.PRE_BACKWARD
 
     def leave(_module, _args, _output):
-        for s, value in zip(states, saved.pop()):
+        for s, value in zip(states, saved.pop(), strict=True):
             s._training_state = value
 
     handles = [model.register_forward_pre_hook(enter, prepend=True),

@@ -76,7 +76,7 @@ def run_reference(form, kind, method, x, y, halves: bool, make=None):
         model.zero_grad(set_to_none=True)
         if halves:
             parts = []
-            for xh, yh in zip(x.chunk(2), y.chunk(2)):
+            for xh, yh in zip(x.chunk(2), y.chunk(2), strict=True):
                 gen.manual_seed(SEED + step)
                 parts.append(objective(form, kind, method, model, xh, yh, gen))
             value = (parts[0] + parts[1]) / 2

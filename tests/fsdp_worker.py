@@ -156,7 +156,7 @@ def run_accumulation(method, x, y, rank, world):
     xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
     gen = torch.Generator()
     model.zero_grad(set_to_none=True)
-    for i, (xm, ym) in enumerate(zip(xs.chunk(2), ys.chunk(2))):
+    for i, (xm, ym) in enumerate(zip(xs.chunk(2), ys.chunk(2), strict=True)):
         model.set_requires_gradient_sync(i == 1)
         gen.manual_seed(SEED)
         (common.objective("loss", "doubleback", method, model, xm, ym, gen) / 2).backward()
@@ -167,7 +167,7 @@ def run_accumulation(method, x, y, rank, world):
         return None
     ref = common.make_model()
     total = 0
-    for xq, yq in zip(x.chunk(2 * world), y.chunk(2 * world)):
+    for xq, yq in zip(x.chunk(2 * world), y.chunk(2 * world), strict=True):
         total = total + common.objective("loss", "doubleback", method, ref, xq, yq, gen) / (2 * world)
     total.backward()
     return {"ranks_differ": rel(gathered[1], gathered[0]), "grad_vs_concat": rel(grads, common.flat_grads(ref))}
@@ -232,7 +232,7 @@ def run_two_penalties(method, x, y, rank, world):
 
     def reference():   # the mean of the two ranks' objectives (fd's step is per half)
         ref = common.make_model()
-        halves = [objective(ref, xh, yh) for xh, yh in zip(x.chunk(world), y.chunk(world))]
+        halves = [objective(ref, xh, yh) for xh, yh in zip(x.chunk(world), y.chunk(world), strict=True)]
         (sum(halves) / world).backward()
         return common.flat_grads(ref)
     return _gathered_vs(model, reference, rank, world, restored)

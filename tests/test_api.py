@@ -42,7 +42,7 @@ def test_backends_report():
     status = gr.backends()
     assert set(status) == set(gr.BACKENDS)
     assert status["reference"].available
-    for name, s in status.items():
+    for s in status.values():
         assert isinstance(s.available, bool) and s.reason
 
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import subprocess_env
@@ -37,6 +38,7 @@ def test_quick_run_writes_results(tmp_path):
     assert (tmp_path / "bench_step_cpu_quick.png").stat().st_size > 1000
 
 
+@pytest.mark.slow      # 34 s (--durations); test_quick_run_writes_results covers the same path in 10 s
 def test_smoke_runs_every_default_cell(tmp_path):
     """The main job's every (model × penalty × method) cell, once at batch 2: a crash in any cell fails.
     Cells the library refuses for a model (jvp with BatchNorm's batch statistics) are reported, not timed."""

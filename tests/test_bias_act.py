@@ -69,7 +69,7 @@ def test_double_backward_matches_reference(device, backend, act):
         y = bias_act(xr, br, act, backend=be) if be else gr.reference.bias_act(xr, br, act)
         (gx,) = torch.autograd.grad((y ** 2).sum(), xr, create_graph=True)
         return torch.autograd.grad(gx.pow(2).sum(), (xr, br))
-    for got, want in zip(penalty_grads(backend), penalty_grads(None)):
+    for got, want in zip(penalty_grads(backend), penalty_grads(None), strict=True):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
 
 
@@ -96,7 +96,7 @@ def test_zero_second_derivative_gives_zeros(device, backend, act, layout):
         (gx,) = torch.autograd.grad(y, xr, v, create_graph=True)
         return torch.autograd.grad(gx, (xr, br, v), w, **unused)
     got, want = second(backend), second(None)
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, **TOLERANCES[torch.float64])
     assert not got[0].any() and not got[1].any()
 
@@ -134,14 +134,14 @@ def test_low_precision(device, backend, act, dtype):
         y = fn(x, b)
         gx, gb = torch.autograd.grad(y, (x, b), v, create_graph=True)
         dd = torch.autograd.grad((gx * w).sum(), (x, b, v), allow_unused=True)
-        dd = [torch.zeros_like(t) if d is None else d for d, t in zip(dd, (x, b, v))]
+        dd = [torch.zeros_like(t) if d is None else d for d, t in zip(dd, (x, b, v), strict=True)]
         return [y, gx, gb] + dd
 
     ours = passes(lambda x, b: bias_act(x, b, act, alpha=alpha, backend=backend), x, b, v, w)
     ref = passes(lambda x, b: gr.reference.bias_act(x, b, act, alpha=alpha), x, b, v, w)
     exact = passes(lambda x, b: gr.reference.bias_act(x, b, act, alpha=alpha),
                    *(t.double() for t in (x, b, v, w)))
-    for name, o, r, e in zip(["y", "grad_x", "grad_b", "dd_x", "dd_b", "dd_v"], ours, ref, exact):
+    for name, o, r, e in zip(["y", "grad_x", "grad_b", "dd_x", "dd_b", "dd_v"], ours, ref, exact, strict=True):
         assert o.dtype == dtype, name
         scale = max(e.abs().max().item(), 1.0)
         assert_close_to_reference(o, r, e, floor=4 * torch.finfo(dtype).eps * scale)
@@ -167,7 +167,7 @@ def test_layouts(device, backend, act):
         got = torch.autograd.grad(out, (xr, br), v)
         xw, bw = x.detach().requires_grad_(True), b.clone().requires_grad_(True)
         exp = torch.autograd.grad(gr.reference.bias_act(xw, bw, act, dim=dim), (xw, bw), v)
-        for g_, e_ in zip(got, exp):
+        for g_, e_ in zip(got, exp, strict=True):
             torch.testing.assert_close(g_, e_, **TOLERANCES[torch.float64])
         assert torch.equal(x, x0) and torch.equal(b, b0)
 
@@ -282,7 +282,7 @@ def test_cpu_baseline_loops_match_reference(tmp_path):
             for got in (got_base, got_here):
                 assert got.dtype == dtype
                 torch.testing.assert_close(got.double(), want.detach(), **TOLERANCES[dtype],
-                                           msg=lambda m: f"{act} {name}: {m}")
+                                           msg=lambda m, act=act, name=name: f"{act} {name}: {m}")
 
 
 def test_cpp_activation_list_matches_the_table():

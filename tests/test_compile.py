@@ -115,11 +115,12 @@ def test_op_in_fullgraph_compiled_region(name, backend, compiler):
         return
     g_out = torch.autograd.grad(out.sum(), diff)
     g_ref = torch.autograd.grad(ref.sum(), diff)
-    for a, b in zip(g_out, g_ref):
+    for a, b in zip(g_out, g_ref, strict=True):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float32])
 
 
 @pytest.mark.skipif(not gr.backends()["cpp"].available, reason="the extension is not built")
+@pytest.mark.slow      # 21 s (--durations); --fast keeps the fullgraph eager/aot_eager traces of every op
 def test_op_under_inductor():
     """Inductor (C++ codegen on the CPU) around the cpp op: one small case, forward and backward."""
     torch._dynamo.reset()
@@ -195,9 +196,9 @@ def test_method_on_aot_compiled_model(kind, method):
                                   generator=torch.Generator().manual_seed(0))(fwd, x, y)
             grads = torch.autograd.grad(loss, list(m.parameters()))
             with torch.no_grad():
-                for p, g in zip(m.parameters(), grads):
+                for p, g in zip(m.parameters(), grads, strict=True):
                     p -= 0.1 * g
-    for a, b in zip(model.parameters(), twin.parameters()):
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -253,5 +254,5 @@ def test_inductor_compiled_model_trains_right_or_refuses(method, earlier_double_
         assert "donated buffers" in str(exc) and "_orig_mod" in str(exc) and "method='jvp'" in str(exc)
         return
     gr.GradRegLoss("doubleback", lam=1.0, method=method)(twin, x, y).backward()
-    for a, b in zip(model.parameters(), twin.parameters()):
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4)

@@ -124,7 +124,7 @@ def test_doubleback_penalty_matches_torch(device, backend):
         results.append((value, grads))
     (v_ours, g_ours), (v_ref, g_ref) = results
     torch.testing.assert_close(v_ours, v_ref, **F64)
-    for a, b in zip(g_ours, g_ref):
+    for a, b in zip(g_ours, g_ref, strict=True):
         torch.testing.assert_close(a, b, **F64)
 
 
@@ -146,7 +146,7 @@ def test_low_precision(device, backend, dtype):
     assert loss.dtype == torch.float32 and g.dtype == dtype and h.dtype == dtype
     exact = run(lambda t: F.cross_entropy(t, y, reduction="none"), z.double())
     same = run(lambda t: F.cross_entropy(t, y, reduction="none"), z)
-    for mine, ex, sm in zip((loss, g, h), exact, same):
+    for mine, ex, sm in zip((loss, g, h), exact, same, strict=True):
         assert_close_to_reference(mine, sm, ex)
 
 
@@ -168,7 +168,7 @@ def test_fp32_wide_range(device, backend):
     mine = run(lambda t: cross_entropy(t, y, backend=backend), z)
     exact = run(lambda t: F.cross_entropy(t, y, reduction="none"), z.double())
     same = run(lambda t: F.cross_entropy(t, y, reduction="none"), z)
-    for m, ex, sm in zip(mine, exact, same):
+    for m, ex, sm in zip(mine, exact, same, strict=True):
         assert torch.isfinite(m).all()
         assert_close_to_reference(m, sm, ex)
 

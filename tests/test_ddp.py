@@ -95,6 +95,7 @@ def test_static_graph_raises(results, method):
     assert "static_graph" in msg and "static_graph=False" in msg
 
 
+@pytest.mark.slow      # 13 s (torchrun, 2 ranks); the worker cases cover the same code path
 def test_example_runs(tmp_path):
     """examples/ddp_train.py trains for a few steps and its replicas stay identical."""
     proc = _torchrun([os.path.join("examples", "ddp_train.py"), "--steps", "5", "--check"])

@@ -21,7 +21,7 @@ DETERMINISTIC = ["doubleback", "spectreg", "frobreg", "jacreg", "onehot", "rando
 def flat_grad(model, value):
     params = [p for p in model.parameters()]
     gs = torch.autograd.grad(value, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params)])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(gs, params, strict=True)])
 
 
 def run(kind, model, x, y, method, seed=3, **kw):
@@ -137,7 +137,7 @@ def test_dropout_masks_replayed_and_buffers_untouched(method):
     model.load_state_dict(start)
     torch.manual_seed(5)  # the same dropout mask for the caller's forward
     v1, g1 = run("frobreg", model, x, y, method)
-    for a, b in zip(model.buffers(), buffers_after_exact):
+    for a, b in zip(model.buffers(), buffers_after_exact, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the re-runs updated no statistics
     torch.testing.assert_close(v1, v0, rtol=1e-12, atol=1e-14)
     if method == "hvp":

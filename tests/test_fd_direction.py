@@ -75,7 +75,7 @@ def test_gradient_matches_reference(device, backend):
         a, b = x.clone().requires_grad_(True), g.clone().requires_grad_(True)
         out, n = fn(a, b)
         grads.append(torch.autograd.grad((out * go).sum() + (n * gn).sum(), (a, b)))
-    for mine, ref in zip(*grads):
+    for mine, ref in zip(*grads, strict=True):
         torch.testing.assert_close(mine, ref, **TOLERANCES[torch.float64])
 
 

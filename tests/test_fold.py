@@ -54,7 +54,7 @@ def test_fold_keeps_the_gradients(name, kind, method, options, reduction, every,
     plain = _gradients(case, kind, method, options, reduction, every, False, monkeypatch)
     torch.testing.assert_close(folded[0], plain[0], rtol=1e-10, atol=1e-12)
     assert sum(g is not None for g in folded[1]) == len(case.params)
-    for a, b in zip(folded[1], plain[1]):
+    for a, b in zip(folded[1], plain[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
     torch.testing.assert_close(folded[2].last_base, plain[2].last_base)
 

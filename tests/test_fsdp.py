@@ -144,6 +144,7 @@ def test_unsharded_model_not_detected():
     assert distributed.find_fsdp(model, model(torch.randn(2, 3))) is None
 
 
+@pytest.mark.slow      # 30 s (torchrun, 2 ranks); CI runs it, scripts/test.sh --fast skips it
 def test_memory_benchmark_runs(tmp_path):
     """benchmarks/fsdp_memory.py end to end on a tiny model (it launches torchrun itself)."""
     out = tmp_path / "mem.md"
@@ -156,6 +157,7 @@ def test_memory_benchmark_runs(tmp_path):
     assert "| exact |" in table and "FSDP2 / DDP" in table
 
 
+@pytest.mark.slow      # 15 s (torchrun, 2 ranks); the worker cases cover the same code path
 def test_example_runs():
     """examples/fsdp_train.py trains a few steps; its first step matches one process on the global batch."""
     proc = _torchrun([os.path.join("examples", "fsdp_train.py"), "--steps", "3", "--check"])

@@ -122,7 +122,7 @@ def test_doubleback_penalty_same(name):
     p0, g0 = value_and_grads(model)
     p1, g1 = value_and_grads(fused)
     torch.testing.assert_close(p1, p0, **FP64)
-    for a, b in zip(g1, g0):
+    for a, b in zip(g1, g0, strict=True):
         torch.testing.assert_close(a, b, **FP64)
 
 

@@ -42,7 +42,7 @@ def _close(got, want, rtol):
     # a parameter whose exact gradient is 0 (a bias the input gradient does not depend on) gets fd's
     # fp64 rounding from its ± points (~1e-15 of the largest gradient): the absolute floor is 1e-12 of it
     floor = 1e-12 * max(float(b.abs().max()) for b in want)
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=rtol, atol=max(rtol * float(b.abs().max()), floor, 1e-16))
 
 

@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 _PATH = Path(__file__).resolve().parent.parent / "examples" / "gan_toy.py"
@@ -22,6 +23,7 @@ def test_metrics_on_real_data():
     assert far["modes_covered"] == 0 and far["high_quality"] == 0.0
 
 
+@pytest.mark.slow      # 23 s (--durations); CI runs it, scripts/test.sh --fast skips it
 def test_r1_short_run_covers_all_modes():
     """2500 generator steps with lazy R1 (every=16), seed 0: all 8 modes covered (measured margin: 8/8
     already at 1250-2000 steps for seeds 0-3)."""

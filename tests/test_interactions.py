@@ -131,7 +131,7 @@ def run_case(case: dict, seed: int) -> str:
     out = twin(xt)
     plain_rng = torch.get_rng_state()
     assert torch.equal(rng_after, plain_rng), "the call advanced torch's global RNG unlike one plain forward"
-    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+    for (name, a), b in zip(model.named_buffers(), twin.buffers(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"buffer {name} differs from one plain forward's")
     twin_buffers = [b.clone() for b in twin.buffers()]
     base = F.cross_entropy(out, y, reduction=reduction)
@@ -149,7 +149,8 @@ def run_case(case: dict, seed: int) -> str:
         if not xs.requires_grad:
             xs = xs.detach().requires_grad_()
         per = truth_per_sample(kind, twin(xs), xs, y[idx], classes, projection)
-        for b, saved in zip(twin.buffers(), twin_buffers):   # the ground truth's second forward leaves no trace
+        # the ground truth's second forward leaves no trace
+        for b, saved in zip(twin.buffers(), twin_buffers, strict=True):
             b.data.copy_(saved)
         if reduction == "mean":
             pen = per.mean()
@@ -165,7 +166,7 @@ def run_case(case: dict, seed: int) -> str:
     total = total.sum() if reduction == "none" else total
     tparams = list(twin.parameters()) + ([up_twin] if case["attached"] else [])
     truth = torch.autograd.grad(total, tparams, allow_unused=True)
-    truth = [torch.zeros_like(p) if t is None else t for p, t in zip(tparams, truth)]
+    truth = [torch.zeros_like(p) if t is None else t for p, t in zip(tparams, truth, strict=True)]
     if method == "jvp" and active:
         # jvp is a random (unbiased) estimate, whose tangents the ground truth cannot redraw: its
         # expectation is tested in test_estimators; here the side effects above and finiteness
@@ -192,7 +193,7 @@ def _space():
         if calls and every == 1:
             continue   # the same case as calls=0
         cases.append(dict(zip(CASE_KEYS, (kind, method, subsample, every, calls, reduction, mode, attached,
-                                          dtype))))
+                                          dtype), strict=True)))
     return cases
 
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, subprocess_env
 
 
+@pytest.mark.slow      # 105 s (--durations); CI runs it, scripts/test.sh --fast skips it
 def test_lightning_example_trains_validates_and_resumes(tmp_path):
     if importlib.util.find_spec("lightning") is None:
         if os.environ.get("CI") == "true":

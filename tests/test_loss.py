@@ -30,7 +30,7 @@ def test_two_call_forms_give_the_same_gradients(kind):
         crit.penalty_options["generator"] = torch.Generator().manual_seed(0)
     xr = x.clone().requires_grad_(True)
     g2 = torch.autograd.grad(crit(model(xr), y, inputs=xr), params)
-    for a, b in zip(g1, g2):
+    for a, b in zip(g1, g2, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 

@@ -34,7 +34,7 @@ def grads(value, model):
 
 
 def assert_grads_close(a, b, **tol):
-    for u, v in zip(a, b):
+    for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(u, v, **tol)
 
 
@@ -99,9 +99,9 @@ def test_reduction_none_gives_per_sample_penalties_and_gradients(kind, method):
         assert_grads_close(grads(per[i], model), grads(truth, model), **tol)
     weights = torch.rand(4, dtype=x.dtype, generator=torch.Generator().manual_seed(5))
     assert_grads_close(grads((weights * per).sum(), model),
-                       [sum(w * g for w, g in zip(weights, gs)) for gs in
+                       [sum(w * g for w, g in zip(weights, gs, strict=True)) for gs in
                         zip(*[grads(ref_penalty(kind, model, x[i:i + 1], y[i:i + 1], r), model)
-                              for i in range(4)])], **tol)
+                              for i in range(4)], strict=True)], **tol)
     torch.testing.assert_close(gr.penalty(kind, model, x, y, method=method, reduction="sum", **kw),
                                per.sum(), rtol=1e-12, atol=0)
     torch.testing.assert_close(gr.penalty(kind, model, x, y, method=method, **kw), per.mean(),
@@ -176,7 +176,7 @@ def test_checkpoint_and_resume_give_the_uninterrupted_run():
     first, ckpt = _run(6, stop=3)
     rest, params = _run(6, state=ckpt)
     assert first + rest == full_pens
-    for a, b in zip(params, full_params):
+    for a, b in zip(params, full_params, strict=True):
         assert torch.equal(a, b)
     # the state: call counter and the owned generator
     crit = gr.GradRegLoss("spectreg", 0.3, seed=123)
@@ -303,7 +303,7 @@ def test_functional_penalty_composes_with_torch_func_grad(kind):
     truth = ref_penalty(kind, model, x, y, r)
     torch.testing.assert_close(gr.functional_penalty(kind, model, params, x, y, **kw), truth.detach(),
                                rtol=1e-10, atol=1e-14)
-    for name, a, b in zip(params, grads(module_form, model), grads(truth, model)):
+    for name, a, b in zip(params, grads(module_form, model), grads(truth, model), strict=True):
         torch.testing.assert_close(g_func[name], a, rtol=1e-9, atol=1e-13)
         torch.testing.assert_close(g_func[name], b, rtol=1e-9, atol=1e-13)
 
@@ -318,7 +318,7 @@ def test_functional_penalty_per_sample_gradients_by_vmap():
     per_sample = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0))(params, x, y)
     per = gr.penalty("doubleback", model, x, y, reduction="none")
     for i in range(4):
-        for name, g in zip(params, grads(per[i], model)):
+        for name, g in zip(params, grads(per[i], model), strict=True):
             torch.testing.assert_close(per_sample[name][i], g, rtol=1e-9, atol=1e-13)
     with pytest.raises(ValueError, match="needs projection="):
         gr.functional_penalty("spectreg", model, params, x)

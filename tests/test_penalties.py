@@ -51,7 +51,7 @@ def param_grads(model, value):
     names = [n for n, _ in model.named_parameters()]
     gs = torch.autograd.grad(value, [p for _, p in model.named_parameters()], allow_unused=True)
     return {n: (g if g is not None else torch.zeros_like(p)) for n, g, (_, p) in
-            zip(names, gs, model.named_parameters())}
+            zip(names, gs, model.named_parameters(), strict=True)}
 
 
 def assert_same(model, ours, expected_value, expected_grads):
@@ -132,7 +132,7 @@ def test_doubleback_custom_per_sample_loss():
     ours = gr.penalty("doubleback", model, x, target, loss_fn=loss_fn)
     ref = gr.reference.doubleback(model, x, target, loss_fn=loss_fn)
     torch.testing.assert_close(ours, ref, **TOL)
-    for a, b in zip(param_grads(model, ours).values(), param_grads(model, ref).values()):
+    for a, b in zip(param_grads(model, ours).values(), param_grads(model, ref).values(), strict=True):
         torch.testing.assert_close(a, b, **TOL)
 
 
@@ -147,5 +147,5 @@ def test_baselines():
     torch.testing.assert_close(gr.weight_decay(model), expected, **TOL)
     torch.testing.assert_close(gr.weight_decay(model), gr.reference.weight_decay(model), **TOL)
     g = torch.autograd.grad(gr.weight_decay(model), weights)
-    for w, gw in zip(weights, g):
+    for w, gw in zip(weights, g, strict=True):
         torch.testing.assert_close(gw, w.detach(), **TOL)

@@ -53,7 +53,7 @@ def scalar_philox(counter, key):
     """Philox 4x32-10 from its definition, on Python integers (independent of the module)."""
     c0, c1, c2, c3 = counter
     k0, k1 = key
-    for i in range(10):
+    for _ in range(10):
         p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
         c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF
         k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
@@ -432,7 +432,7 @@ def test_spectreg_with_project_equals_reference(device, backend, per_sample, mod
     ours = g.pow(2).flatten(1).sum(1).mean()
     grads = torch.autograd.grad(ours, list(model.parameters()), materialize_grads=True)
     torch.testing.assert_close(ours, expected, **TOLERANCES[torch.float64])
-    for a, b in zip(grads, expected_grads):
+    for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
 
 
@@ -459,7 +459,7 @@ def test_spectreg_n_projections_batched_equals_reference(device, backend, per_sa
     ours = g.pow(2).flatten(2).sum(2).mean(1).mean(0)
     grads = torch.autograd.grad(ours, list(model.parameters()), materialize_grads=True)
     torch.testing.assert_close(ours, expected, **TOLERANCES[torch.float64])
-    for a, b in zip(grads, expected_grads):
+    for a, b in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(a, b, **TOLERANCES[torch.float64])
 
 

@@ -48,7 +48,7 @@ def test_paper_recipe_paired_deltas():
     base = [0.960, 0.965, 0.970]
     gain = [0.004, 0.006, 0.005]        # spectreg − baseline per seed: mean +0.5 pp
     records = [rec("baseline", s, a) for s, a in enumerate(base)]
-    records += [rec("spectreg", s, a + d) for s, (a, d) in enumerate(zip(base, gain))]
+    records += [rec("spectreg", s, a + d) for s, (a, d) in enumerate(zip(base, gain, strict=True))]
     records += [rec("weightdecay", s, a + 0.002) for s, a in enumerate(base)]
     records += [{**rec("spectreg", s, a - 0.03), "estimator": "fd"} for s, a in enumerate(base)]  # not here
     text, points = pr.table(pr.by_setting(records))
@@ -73,7 +73,8 @@ def test_paper_estimators_deltas_to_exact_and_baseline():
     base = [0.930, 0.935, 0.940]
     records = [rec("baseline", s, a) for s, a in enumerate(base)]
     records += [rec("spectreg", s, a + 0.010, "exact") for s, a in enumerate(base)]
-    records += [rec("spectreg", s, a + 0.010 + d, "fd") for s, (a, d) in enumerate(zip(base, [-0.019, -0.021, -0.020]))]
+    fd_gap = [-0.019, -0.021, -0.020]
+    records += [rec("spectreg", s, a + 0.010 + d, "fd") for s, (a, d) in enumerate(zip(base, fd_gap, strict=True))]
     records += [rec("spectreg", s, a, "hvp", lam=0.3) for s, a in enumerate(base)]   # another λ: not this table
     text, points = pe.table(*pe.groups(records))
     rows = {ln.split("|")[3].strip(): [c.strip() for c in ln.strip("|").split("|")]

@@ -57,6 +57,7 @@ def compiled(tmp_path_factory) -> list[dict]:
     return json.loads(out.read_text())["rows"]
 
 
+@pytest.mark.slow      # with the next test, 270 s of AOT compiles in the shared fixture (--durations); CI runs both
 def test_every_launched_specialization_compiles_for_sm80_and_sm90(compiled):
     failed = [r for r in compiled if not r["ok"]]
     assert not failed, failed[:3]
@@ -69,6 +70,7 @@ def test_every_launched_specialization_compiles_for_sm80_and_sm90(compiled):
     assert len({(r["kernel"], r["spec"]) for r in per_arch[90]}) == len(per_arch[90])
 
 
+@pytest.mark.slow
 def test_no_unexplained_spill(compiled):
     """A spill fails unless gradreg_fast.triton.aot.EXPLAINED_SPILLS explains it for that kernel and size."""
     bad = [(r["kernel"], r["arch"], r["spec"], r["spill_stores"], r["spill_loads"])

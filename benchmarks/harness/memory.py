@@ -7,7 +7,7 @@ autograd engine's backward ops, an optimizer's) and counts each new tensor stora
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef

@@ -6,7 +6,7 @@ in the same order, as the paper experiment's (benchmarks/paper/mnist_data.py).
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import nn

@@ -6,8 +6,8 @@ backend that can run there ("reference" is the pure-PyTorch composite the kernel
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

@@ -136,12 +136,12 @@ def plot(by_rule: dict, sizes: list[int], path: str, iters: int) -> None:
     for name, pts in acc.items():
         if name in off:
             continue
-        n_, mu, sd = zip(*pts)
+        n_, mu, sd = zip(*pts, strict=True)
         ax.errorbar(n_, mu, yerr=sd, marker="o", capsize=3, label=name, color=color[name])
     for name, pts in delta.items():
         if name in off:
             continue
-        n_, mu, h = zip(*pts)
+        n_, mu, h = zip(*pts, strict=True)
         axd.errorbar(n_, mu, yerr=h, marker="o", capsize=3, label=name, color=color[name])
     axd.axhline(0.0, color="0.4", lw=1)
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")

@@ -24,7 +24,7 @@ the model itself is rewired and returned.
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -100,7 +100,7 @@ def _fuse(module: nn.Module, backend: str | None, inplace: bool, chosen: frozens
         if child is not None:
             out._modules[name] = _fuse(child, backend, inplace, chosen)
     if isinstance(out, nn.Sequential):
-        for first, second in zip(names, names[1:]):
+        for first, second in zip(names, names[1:], strict=False):
             lin = out._modules[first]
             act = out._modules[second]
             if (type(lin) is nn.Linear and lin.bias is not None and isinstance(act, FusedActivation)

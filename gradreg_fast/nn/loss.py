@@ -1,7 +1,8 @@
 """GradRegLoss: a drop-in regularized loss, base(model(x), y) + λ · penalty."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -257,7 +258,7 @@ class GradRegLoss(nn.Module):
                       else None)
             out = run_forward(model, x_in, self.method if active and self.subsample is None else None)
             if replay is not None:
-                replay.needed   # settled on this forward's draws, before the base loss runs
+                _ = replay.needed   # settled on this forward's draws, before the base loss runs
         else:
             out, x_in, replay = model_or_logits, x, None
             check_input(x_in)
@@ -316,7 +317,7 @@ class GradRegLoss(nn.Module):
                 replay = Replay(model, x_in.device) if self.method != "exact" else None
                 out = run_forward(model, x_in, self.method)   # the call's one plain forward
                 if replay is not None:
-                    replay.needed
+                    _ = replay.needed   # settled on this forward's draws
                 self._check_labels(yc, x_in)
                 base = self._base_loss(out, yc)
                 with forked_rng(x_in.device):   # the penalty's own draws leave torch's RNG as the forward did

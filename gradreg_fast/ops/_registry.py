@@ -25,8 +25,8 @@ schema in csrc/gradreg.cpp.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

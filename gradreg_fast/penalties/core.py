@@ -31,8 +31,8 @@ import contextlib
 import copy
 import functools
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +143,7 @@ class Replay:
     @staticmethod
     def _same(a: tuple, b: tuple) -> bool:
         return all((s is None and t is None) or (s is not None and t is not None and torch.equal(s, t))
-                   for s, t in zip(a, b))
+                   for s, t in zip(a, b, strict=True))
 
     @property
     def needed(self) -> bool:
@@ -168,7 +168,7 @@ class Replay:
         sub.end, sub._needed = None, None
         with self._swapped(restore_buffers=True):
             out = forward()
-            sub.needed   # decided on this forward's own draws and buffer updates
+            _ = sub.needed   # decided on this forward's own draws and buffer updates
         return out, sub
 
     def buffer_copies(self) -> dict[str, torch.Tensor]:
@@ -417,7 +417,7 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                   one_sided: bool | None = None) -> Problem:
     kind = _checks.check_kind(kind)
     if replay is not None:
-        replay.needed   # decided now, before this call draws from the RNG (projections, random classes)
+        _ = replay.needed   # decided now, before this call draws from the RNG (projections, random classes)
     batch = x.shape[0]
     transform_func = None   # composite twin of ``transform`` where that uses a fused op
     flat = _checks.check_output(out, batch, kind)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -333,7 +333,7 @@ def _deferred(p: Problem, value: torch.Tensor, grads_fn: Callable, clean: torch.
         folded = _fold(p, inputs, None if clean is None else clean.sum())
         pre = grads_fn(torch.ones_like(value))
     if folded is not None:
-        pre = [a if b is None else (b if a is None else a + b) for a, b in zip(pre, folded)]
+        pre = [a if b is None else (b if a is None else a + b) for a, b in zip(pre, folded, strict=True)]
     out = _Deferred.apply(value, grads_fn, pre, _reduction(p) != "none", *inputs)
     if clean is not None and folded is None:
         out = out + (clean - clean.detach()).to(out.dtype)
@@ -566,7 +566,7 @@ def fd(p: Problem) -> torch.Tensor:
                 if p.attached:   # z = x + constant: its gradient is x's, summed over the chunk's blocks
                     found = list(found[:-1]) + [found[-1].reshape((len(chunk),) + tuple(x0.shape)).sum(0)
                                                 .to(p.x.dtype)]
-                total = [a if b is None else (b if a is None else a + b) for a, b in zip(total, found)]
+                total = [a if b is None else (b if a is None else a + b) for a, b in zip(total, found, strict=True)]
             return total
         # the forward scheme's base point is the caller's own forward: its term is on the clean graph
         out = _deferred(p, value, grads, clean=-base_point() if scheme == "forward" and not autocast_on else None)

@@ -14,7 +14,7 @@ through torch.func). For the kernels and the cheaper estimators use gr.penalty /
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F

@@ -6,7 +6,7 @@ projection, in a Python loop. ``model`` maps x of shape (B, ...) to outputs of s
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -135,7 +135,7 @@ class Matrix:
                            generator=torch.Generator().manual_seed(gen_seed), **self.options(case, kind), **extra)
         grads = torch.autograd.grad(value, case.params, allow_unused=True)
         _restore(case.model, saved)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, case.params)]
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, case.params, strict=True)]
         return value.detach(), [g.detach() for g in grads]
 
     def run(self, name: str, kind: str, method: str) -> Cell:
@@ -161,8 +161,9 @@ class Matrix:
         value_err = (abs(value - truth.value) / truth.value.abs().clamp_min(1e-300)).item()
         total = math.sqrt(sum(float(g.pow(2).sum()) for g in truth.grads))
         per_param = [float((a - b).norm()) / max(float(b.norm()), 1e-8 * total, 1e-300)
-                     for a, b in zip(grads, truth.grads)]
-        overall = math.sqrt(sum(float((a - b).pow(2).sum()) for a, b in zip(grads, truth.grads))) / max(total, 1e-300)
+                     for a, b in zip(grads, truth.grads, strict=True)]
+        overall = math.sqrt(sum(float((a - b).pow(2).sum())
+                                for a, b in zip(grads, truth.grads, strict=True))) / max(total, 1e-300)
         if method == "fd":
             ok = value_err <= EXACT_RTOL and all(math.isfinite(e) for e in per_param)
             return Cell(name, kind, method, "approx" if ok else "WRONG", value_err, overall)
@@ -192,7 +193,8 @@ class Matrix:
             if powered or calls >= JVP_MAX_CALLS:
                 break
         truths = (float(truth.value), float(g_true.norm()), float(g_true @ rand))
-        zs = [(m - t) / se if se > 0 else (0.0 if m == t else math.inf) for (m, se), t in zip(stats, truths)]
+        zs = [(m - t) / se if se > 0 else (0.0 if m == t else math.inf)
+              for (m, se), t in zip(stats, truths, strict=True)]
         ok = powered and all(abs(z) < JVP_Z for z in zs)
         status = "unbiased" if ok else ("BIASED" if powered else "UNDERPOWERED")
         rel = abs(stats[1][0] - truths[1]) / truths[1]

@@ -90,5 +90,5 @@ def penalty(case: Case, kind: str, *, projection: torch.Tensor | None = None,
             per_sample = (torch.relu(d) if one_sided else d).pow(2)
         value = per_sample.mean()
         grads = torch.autograd.grad(value, case.params, allow_unused=True)
-    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, case.params)]
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, case.params, strict=True)]
     return Truth(per_sample.detach(), value.detach(), [g.detach() for g in grads])

@@ -21,8 +21,8 @@ the ground truth when the model itself has an op without a double backward.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -93,7 +93,7 @@ def describe(kernel: Any, args: tuple, kwargs: dict) -> dict:
     names = list(inspect.signature(_python_fn(kernel)).parameters)
     if len(args) > len(names):
         raise TypeError(f"{kernel_id(kernel)} takes {len(names)} arguments, got {len(args)}")
-    bound = dict(zip(names, args))
+    bound = dict(zip(names, args, strict=False))
     options = {k: v for k, v in kwargs.items() if k not in names}
     bound.update({k: v for k, v in kwargs.items() if k in names})
     missing = [n for n in names if n not in bound]

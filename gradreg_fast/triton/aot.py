@@ -124,8 +124,8 @@ def _arguments(entry: dict, fn) -> tuple[list, dict]:
         raise ValueError(f"{entry['kernel']}: the table has {len(entry['args'])} arguments, the kernel "
                          f"{len(names)} ({names}); re-record the launch table")
     cx = {p.name for p in fn.params if p.is_constexpr}
-    args = [value(v) for n, v in zip(names, entry["args"]) if n not in cx]
-    kwargs = {n: value(v) for n, v in zip(names, entry["args"]) if n in cx}
+    args = [value(v) for n, v in zip(names, entry["args"], strict=False) if n not in cx]
+    kwargs = {n: value(v) for n, v in zip(names, entry["args"], strict=False) if n in cx}
     kwargs.update({k: value(v) for k, v in entry.get("options", {}).items()})
     return args, kwargs
 
@@ -148,7 +148,7 @@ def _source(entry: dict, arch: int):
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     spec = []
-    for name, (ty, sp) in zip(fn.arg_names, specialization):
+    for name, (ty, sp) in zip(fn.arg_names, specialization, strict=False):
         if ty == "constexpr":
             spec.append(f"{name}={getattr(sp, 'name', sp)}")
         elif ty.startswith("*"):
@@ -403,7 +403,7 @@ def cuda_report(rows: list[dict], threads: int, generated_by: str) -> str:
     spills = [r for r in rows if r["spill_stores"] or r["spill_loads"]]
     archs = sorted({r["arch"] for r in rows})
     warps = threads // 32
-    for name, r in zip(names, rows):
+    for name, r in zip(names, rows, strict=True):
         r["demangled"], r["kernel"] = name, _kernel_name(name)
         r["blocks"], r["limiter"] = occupancy_bound(r["regs"], r["smem"], warps)
     out = ["# CUDA kernels: GPU resources (ptxas -v of the CUDA build, no GPU)", "",
