@@ -73,7 +73,7 @@ def _approx(model: str, err: float) -> str:
     model a realistic step crosses kinks, and fd then gives the gradient of a finite-difference penalty
     (benchmarks/fd_accuracy.py measures how far that is from double backprop's) and fd warns
     (FDKinkWarning)."""
-    if zoo.ZOO_SPECS[model]["smooth"]:
+    if zoo.spec_of(model)["smooth"]:
         return f"≈ {err:.0e}"
     return f"≈ {err:.0e} kink-free; warns: FD penalty past kinks"
 
@@ -102,7 +102,7 @@ class Matrix:
     def options(self, case, kind: str) -> dict:
         if kind == "spectreg":   # two per-sample projections, drawn here (independent of the library's RNG)
             g = torch.Generator().manual_seed(99)
-            return {"projection": torch.randn(2, zoo.BATCH, zoo.K, generator=g, dtype=self.dtype)}
+            return {"projection": torch.randn(2, case.y.shape[0], case.k, generator=g, dtype=self.dtype)}
         if kind == "wgan_gp":    # the generated batch; ε comes from the call's generator (GEN_SEED)
             return {"fake": case.notes["fake"]}
         return {}
@@ -115,7 +115,7 @@ class Matrix:
             opts = self.options(case, kind)
             classes = None
             if kind == "random_onehot":   # the library's draw: torch.randint from the caller's generator
-                classes = torch.randint(zoo.K, (zoo.BATCH,), generator=torch.Generator().manual_seed(GEN_SEED))
+                classes = torch.randint(case.k, (case.y.shape[0],), generator=torch.Generator().manual_seed(GEN_SEED))
             eps = None
             if kind == "wgan_gp":   # the library's draw: torch.rand(B) in x's dtype from the caller's generator
                 eps = torch.rand(zoo.BATCH, generator=torch.Generator().manual_seed(GEN_SEED), dtype=self.dtype)
@@ -131,6 +131,8 @@ class Matrix:
         torch.manual_seed(RNG_SEED)
         x = ground_truth.repeated_batch(case.input(), repeat)
         y = ground_truth.repeated_batch(case.y, repeat) if kind not in GAN_KINDS else None
+        if case.model_kwargs:
+            extra["model_kwargs"] = ground_truth.repeated_kwargs(case.model_kwargs, case.y.shape[0], repeat)
         value = gr.penalty(kind, case.model, x, y, method=method,
                            generator=torch.Generator().manual_seed(gen_seed), **self.options(case, kind), **extra)
         grads = torch.autograd.grad(value, case.params, allow_unused=True)
@@ -217,7 +219,7 @@ def table(cells: list[Cell]) -> str:
     for m in models:
         for k in kinds:
             row = [by[(m, k, meth)].symbol() if (m, k, meth) in by else "" for meth in methods]
-            lines.append(f"| {m} | {zoo.ZOO_SPECS[m]['layers']} | {k} | " + " | ".join(row) + " |")
+            lines.append(f"| {m} | {zoo.spec_of(m)['layers']} | {k} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -259,7 +261,7 @@ def summary(cells: list[Cell]) -> str:
                 row.append(_approx(m, max(c.grad_err for c in served)))
             else:
                 row.append("**" + ", ".join(sorted(statuses)) + "**")
-        lines.append(f"| {m} | {zoo.ZOO_SPECS[m]['layers']} | " + " | ".join(row) + " |")
+        lines.append(f"| {m} | {zoo.spec_of(m)['layers']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
