@@ -126,6 +126,9 @@ setup(
         "experiments": ["mlxtend", "tqdm", "matplotlib"],
         # examples/lightning_digits.py and its test (any torch the package supports satisfies it)
         "lightning": ["lightning>=2.1,<3", "mlxtend"],
+        # the third-party zoo (gradreg_fast.testing.third_party, tests/test_third_party.py). torchvision's
+        # wheels pair with the package index's own (CUDA) torch builds: install it beside such a torch
+        "models": ["transformers", "timm", "torchvision"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -36,6 +36,14 @@ def _need(name):
         pytest.skip(f"{pkg} not installed (pip install .[models])")
 
 
+# issue 23 defect 5, open: fd's truncation error at the default step on EfficientNet-B0 (SiLU, SE, BN eval)
+# is 0.1-0.4 relative in fp64 here (measured 4.1e-01, frobreg, torchvision), above the README's 3e-3
+_FD_OPEN = {"tv_efficientnet_b0", "timm_efficientnet_b0"}
+CELLS = [pytest.param(*c, marks=pytest.mark.xfail(strict=True, reason="issue 23 defect 5: fd truncation on "
+                                                  "EfficientNet above the stated 3e-3"))
+         if c[0] in _FD_OPEN and c[2] == "fd" else c for c in CELLS]
+
+
 @pytest.mark.parametrize("model,kind,method", CELLS)
 def test_third_party_cell(model, kind, method):
     _need(model)
