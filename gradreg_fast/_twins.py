@@ -13,11 +13,18 @@ rounding): hardsigmoid(z) = relu6(z + 3) / 6, whose derivative is 1/6 on (-3, 3)
 kernel's. ``twice_differentiable()`` is a TorchFunctionMode that routes the listed functions to their
 twins: nn modules and functional calls in the model's forward both reach it; a direct
 ``torch.ops.aten`` call does not, and method='exact' then refuses naming the op.
+
+The mode adds Python work to every torch call of the forward, so it is entered only for a model known
+to need it (``needed``/``remember``: found by the library from the model's modules or from the op's
+autograd node in the graph of a forward it ran without the mode; see core.run_forward).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 
@@ -30,6 +37,35 @@ TWINS = {F.hardsigmoid: _hardsigmoid}
 
 # autograd node of each op without a double backward -> what to call it in an error message
 NO_DOUBLE_BACKWARD = {"HardsigmoidBackward0": "hardsigmoid (nn.Hardsigmoid / F.hardsigmoid)"}
+# the modules that call them (a model holding one needs the twins before its first forward)
+MODULES = (nn.Hardsigmoid,)
+
+FORCE = False   # benchmarks/twin_mode_cost.py: the mode on for every model, to measure what it costs
+_NEEDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # models known to need the twins
+
+
+def needed(model) -> bool:
+    """Whether ``model``'s second-order forwards must run with the twins: known from an earlier call,
+    or the model holds one of ``MODULES`` (then remembered)."""
+    if FORCE:
+        return True
+    try:
+        if model in _NEEDED:
+            return True
+    except TypeError:   # not weakly referenceable: decided on every call
+        pass
+    if isinstance(model, nn.Module) and any(isinstance(m, MODULES) for m in model.modules()):
+        remember(model)
+        return True
+    return False
+
+
+def remember(model) -> None:
+    """Record that ``model`` needs the twins (an op of ``NO_DOUBLE_BACKWARD`` was seen in its graph)."""
+    try:
+        _NEEDED[model] = True
+    except TypeError:
+        pass
 
 
 class _TwinMode(TorchFunctionMode):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import gradreg_fast as gr
+from gradreg_fast import _twins
 from gradreg_fast.penalties.core import second_order
 from gradreg_fast.testing import ground_truth, zoo
 
@@ -78,3 +79,89 @@ def test_exact_logits_form_names_hardsigmoid():
     with pytest.raises(ValueError, match="hardsigmoid.*crit\\(model, x, y\\).*method='fd'"):
         crit(case.model(x), case.y, inputs=x)
     crit(case.model, case.input(), case.y).backward()   # the model form swaps the twin in
+
+
+class _FunctionalGate(nn.Module):
+    """A user's squeeze-excite gate calling F.hardsigmoid (no nn.Hardsigmoid module to find), with
+    dropout and BatchNorm in training mode (the side effects a re-run must not double)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.bn(self.lin(x))
+        return self.head(self.drop(h * torch.nn.functional.hardsigmoid(h)))
+
+
+class _ComposedGate(_FunctionalGate):
+    def forward(self, x):   # the same function in plain ops: the ground truth's twin
+        h = self.bn(self.lin(x))
+        return self.head(self.drop(h * (torch.nn.functional.relu6(h + 3) / 6)))
+
+
+def _counting_mode(monkeypatch):
+    entered = []
+    make = _twins.twice_differentiable
+
+    def counting():
+        entered.append(1)
+        return make()
+    monkeypatch.setattr(_twins, "twice_differentiable", counting)
+    return entered
+
+
+def test_twin_mode_entered_only_for_models_that_need_it(monkeypatch):
+    """The twins' mode adds Python work to every torch call of a forward, so exact runs a model without
+    hardsigmoid without it; a functional F.hardsigmoid is found in the forward's graph, that forward is
+    run again with the twins as the first ran (same dropout mask, BatchNorm statistics updated once), and
+    the model is remembered. Gradients equal plain double backprop of the composite twin (fp64)."""
+    entered = _counting_mode(monkeypatch)
+    plain = zoo.make_case("lenet")
+    gr.penalty("frobreg", plain.model, plain.input(), plain.y).backward()
+    assert not entered
+
+    torch.manual_seed(0)
+    model = _FunctionalGate().double().train()
+    truth_model = _ComposedGate().double().train()
+    truth_model.load_state_dict(model.state_dict())
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for call in range(2):
+        torch.manual_seed(10 + call)
+        value = gr.penalty("frobreg", model, x, method="exact")
+        grads = torch.autograd.grad(value, list(model.parameters()), allow_unused=True, materialize_grads=True)
+        torch.manual_seed(10 + call)
+        xt = x.clone().requires_grad_(True)
+        out = truth_model(xt)
+        g = torch.stack([torch.autograd.grad(out[:, k].sum(), xt, create_graph=True)[0] for k in range(3)])
+        truth = g.pow(2).sum((0, 2)).mean()
+        tgrads = torch.autograd.grad(truth, list(truth_model.parameters()), allow_unused=True,
+                                     materialize_grads=True)
+        torch.testing.assert_close(value, truth, rtol=1e-6, atol=0)
+        for a, b in zip(grads, tgrads):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(model.bn.running_mean, truth_model.bn.running_mean, rtol=1e-12, atol=0)
+        assert model.bn.num_batches_tracked.item() == call + 1
+        assert _twins.needed(model)
+    assert len(entered) == 2   # the first call: found after its first forward; the second: directly
+
+
+def test_twin_mode_for_hvp_found_from_the_callers_graph(monkeypatch):
+    entered = _counting_mode(monkeypatch)
+    torch.manual_seed(0)
+    model = _FunctionalGate().double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    params = list(model.parameters())
+    exact = torch.autograd.grad(gr.penalty("frobreg", model, x), params, allow_unused=True, materialize_grads=True)
+    hvp = torch.autograd.grad(gr.penalty("frobreg", model, x, method="hvp"), params, allow_unused=True,
+                              materialize_grads=True)
+    for a, b in zip(hvp, exact):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    assert entered
+    entered.clear()
+    plain = zoo.make_case("smooth_mlp")
+    gr.penalty("frobreg", plain.model, plain.input(), plain.y, method="hvp").backward()
+    assert not entered

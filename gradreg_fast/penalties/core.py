@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradreg_fast._twins import twice_differentiable
+from gradreg_fast import _twins
+from gradreg_fast._guards import graph_nodes
 from gradreg_fast.ops import cross_entropy, draw_seed, project
 from gradreg_fast.penalties import _checks
 from gradreg_fast.reference import philox
@@ -54,23 +55,43 @@ def math_attention():
 
 
 @contextlib.contextmanager
-def second_order() -> Iterator[None]:
+def second_order(twins: bool = True) -> Iterator[None]:
     """The context of a forward the library differentiates twice: attention on the math kernel
-    (``math_attention``) and the ops without a double backward or forward-mode rule replaced by their
-    twice-differentiable twins (gradreg_fast._twins: hardsigmoid); outputs unchanged."""
-    with math_attention(), twice_differentiable():
+    (``math_attention``) and, with ``twins``, the ops without a double backward or forward-mode rule
+    replaced by their twice-differentiable twins (gradreg_fast._twins: hardsigmoid); outputs unchanged."""
+    with math_attention(), (_twins.twice_differentiable() if twins else contextlib.nullcontext()):
         yield
+
+
+def twin_ops_in(t: torch.Tensor) -> bool:
+    """Whether t's autograd graph holds an op that the twins replace (gradreg_fast._twins)."""
+    return any(node.name() in _twins.NO_DOUBLE_BACKWARD for node in graph_nodes(t))
 
 
 def run_forward(model: Callable, x: torch.Tensor, method: str | None,
                 model_kwargs: dict | None = None) -> torch.Tensor:
     """``model(x, **model_kwargs)`` for a penalty the library computes itself: in ``second_order()`` when
-    the method differentiates this forward twice (method="exact"), on the model's own kernels otherwise."""
+    the method differentiates this forward twice (method="exact"), on the model's own kernels otherwise.
+
+    The twins' mode costs Python work on every torch call, so exact enters it only for a model known
+    to need it (``_twins.needed``); any other model runs without it, and when the graph of that forward
+    holds an op the twins replace (a functional F.hardsigmoid), the model is remembered and the forward
+    run again with them, as the first ran (same random numbers, same buffers: ``Replay``)."""
     kwargs = model_kwargs or {}
-    if method == "exact":
+    if method != "exact":
+        return model(x, **kwargs)
+    if _twins.needed(model):
         with second_order():
             return model(x, **kwargs)
-    return model(x, **kwargs)
+    replay = Replay(model, x.device)
+    with second_order(twins=False):
+        out = model(x, **kwargs)
+    if not (isinstance(out, torch.Tensor) and twin_ops_in(out)):
+        return out
+    _twins.remember(model)
+    del out
+    with replay.context(), second_order():
+        return model(x, **kwargs)
 
 
 def check_model_kwargs(model_kwargs) -> dict:
@@ -268,9 +289,19 @@ class Problem:
                 module = self.functional_module()
                 buffers = (self.replay.buffer_copies() if self.replay is not None
                            else {k: b.clone() for k, b in module.named_buffers()})
-                with second_order():
+                with second_order(twins=self.twins_needed()):
                     out = torch.func.functional_call(module, (params, buffers), (z,), kwargs)
         return out.reshape(out.shape[0], -1)
+
+    def twins_needed(self) -> bool:
+        """Whether the functional re-runs need the twins' mode (gradreg_fast._twins): the model is known
+        to, or the caller's forward (u's graph) holds an op they replace (then the model is remembered)."""
+        if _twins.needed(self.model):
+            return True
+        if twin_ops_in(self.u):
+            _twins.remember(self.model)
+            return True
+        return False
 
     def functional_module(self) -> nn.Module:
         """The module the torch.func estimators call (a torch.compile'd module's original: the compiled
