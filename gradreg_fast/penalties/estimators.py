@@ -581,11 +581,12 @@ def fd(p: Problem) -> torch.Tensor:
                 _FIXED_BATCH[p.model] = True
         return [each([point]) for point in points]
 
-    def terms(chunk, x_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(chunk, x_start: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-sample Σ_points c · weights[j, b] ⟨R[j, b], u_b(x + sign·t·d[j])⟩ (B,) of one chunk of
-        points, its inputs in one batch; and that batch. Autocast is off here (and must stay off for a
-        backward of it: autograd.grad runs the backward ops in this thread)."""
-        z = torch.cat([x_start + sign * step * d[j] for _, j, sign in chunk]).to(zdtype)
+        points, its inputs in one batch; and that batch (the step t·shrink with ``shrink``: the step
+        check). Autocast is off here (and must stay off for a backward of it: autograd.grad runs the
+        backward ops in this thread)."""
+        z = torch.cat([x_start + sign * shrink * step * d[j] for _, j, sign in chunk]).to(zdtype)
         if p.attached and not z.requires_grad:   # from the detached x: a leaf whose gradient is x's
             z.requires_grad_()
         out = p.run_model(z)
@@ -594,7 +595,8 @@ def fd(p: Problem) -> torch.Tensor:
                              "its forward must keep the batch (one output row per input row)")
         # the map to u per block of B rows: it may hold per-sample labels or projections
         us = [p.transform(out[k * batch:(k + 1) * batch]).to(work) for k in range(len(chunk))]
-        return sum(c * weights[j] * (us[k] * p.R[j].to(work)).sum(1) for k, (c, j, _) in enumerate(chunk)), z
+        return sum(c * (weights[j] / shrink) * (us[k] * p.R[j].to(work)).sum(1)
+                   for k, (c, j, _) in enumerate(chunk)), z
 
     def base_point() -> torch.Tensor:
         """Σ_j weights[j, b] ⟨R[j, b], u_b(x)⟩ (B,) on the caller's forward: the forward scheme's base point."""
@@ -603,7 +605,7 @@ def fd(p: Problem) -> torch.Tensor:
     if module:
         params = list(p.parameters().values())
 
-        def grads(w: torch.Tensor) -> list[torch.Tensor | None]:
+        def grads(w: torch.Tensor, shrink: float = 1.0) -> list[torch.Tensor | None]:
             """∇_{θ, x} Σ_b w_b terms_b, one forward and backward per chunk: each pass's graph is freed
             before the next."""
             total: list[torch.Tensor | None] = [None] * (len(params) + int(p.attached))
@@ -611,7 +613,7 @@ def fd(p: Problem) -> torch.Tensor:
 
             def each(chunk) -> list[torch.Tensor | None]:
                 with torch.autocast(p.x.device.type, enabled=False):
-                    t, z = terms(chunk, x0)
+                    t, z = terms(chunk, x0, shrink)
                     found = torch.autograd.grad((wk * t).sum(), params + ([z] if p.attached else []),
                                                 allow_unused=True)
                 if p.attached:   # z = x + constant: its gradient is x's, summed over the chunk's blocks
@@ -621,6 +623,8 @@ def fd(p: Problem) -> torch.Tensor:
             for found in over_chunks(each):
                 total = [a if b is None else (b if a is None else a + b) for a, b in zip(total, found)]
             return total
+        if scheme == "central" or autocast_on:   # the forward scheme's base term is outside grads
+            _check_step(p, h, scheme, grads, torch.ones_like(value))
         # the forward scheme's base point is the caller's own forward: its term is on the clean graph
         out = _deferred(p, value, grads, clean=-base_point() if scheme == "forward" and not autocast_on else None)
     else:
@@ -637,6 +641,52 @@ def fd(p: Problem) -> torch.Tensor:
 
 
 _FIXED_BATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # models fd runs one point per pass
+
+FD_STATED_RTOL = 3e-3   # the relative gradient error the README states for fd on smooth models
+
+
+class FDStepWarning(UserWarning):
+    """method='fd' on a smooth model whose curvature makes the default step too coarse: the step-halving
+    estimate of fd's relative gradient error exceeds ``FD_STATED_RTOL`` (see ``_check_step``)."""
+
+
+_STEP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> penalty kinds checked
+
+
+def _check_step(p: Problem, h: float, scheme: str, grads: Callable, ones: torch.Tensor) -> None:
+    """Estimate fd's truncation error at step h by halving it (Richardson), once per (model, penalty
+    kind), and warn (``FDStepWarning``) when it exceeds FD_STATED_RTOL. Models with kinks are skipped
+    (FDKinkWarning says more there).
+
+    fd's parameter gradient g_t has error c·t^q + o(t^q) (q = 2 central, 1 forward), so
+    g_t − g_{t/2} = (1 − 2^-q)·c·t^q and the error at t is estimated as ‖g_t − g_{t/2}‖ / (1 − 2^-q),
+    relative to ‖g_{t/2}‖. Costs two more sets of fd passes on the first call."""
+    if not isinstance(p.model, torch.nn.Module):
+        return
+    try:
+        kinds = _STEP_CHECKED.setdefault(p.model, set())
+    except TypeError:
+        return   # not weakly referenceable: never checked (it would cost three fd evaluations per call)
+    if p.kind in kinds:
+        return
+    kinds.add(p.kind)
+    if _kink_in(p.u, p.model) is not None:
+        return
+    coarse, fine = grads(ones), grads(ones, 0.5)
+    pairs = [(a, b) for a, b in zip(coarse, fine) if a is not None and b is not None]
+    ref = math.sqrt(sum(float(b.double().pow(2).sum()) for _, b in pairs))
+    if not pairs or ref == 0.0:
+        return
+    diff = math.sqrt(sum(float((a.double() - b.double()).pow(2).sum()) for a, b in pairs))
+    est = diff / ref / (1.0 - 2.0 ** -(2 if scheme == "central" else 1))
+    if est > FD_STATED_RTOL:
+        warnings.warn(
+            f"method='fd' at fd_h={h:g} ({scheme}): the step-halving estimate of the parameter gradient's "
+            f"relative error is {est:.1e}, above the {FD_STATED_RTOL:g} stated for smooth models (the model's "
+            "curvature makes the step coarse: the error falls as the step's square). Use method='exact' or "
+            f"method='hvp' for double backprop's gradient, or a smaller step (fd_h={h / 10:g}: about "
+            f"{est / (100 if scheme == 'central' else 10):.0e} expected, until fp32 rounding dominates). "
+            "Checked once per model and penalty kind", FDStepWarning, stacklevel=2)
 
 
 def _fixed_batch(model) -> bool:

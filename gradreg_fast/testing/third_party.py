@@ -49,13 +49,20 @@ def composite_twin(model: nn.Module) -> nn.Module | None:
 # ------------------------------------------------------------------------------------------ builders
 def _tv(name: str):
     import torchvision.models as tvm
-    from torchvision.models import convnext, efficientnet, mobilenetv3
+    from torchvision.models import convnext
+    from torchvision.models import efficientnet as ef
+    from torchvision.models import mobilenetv3 as mb
     if name == "resnet18":
         return tvm.resnet18(weights=None, num_classes=K)
-    if name == "mobilenet_v3_small":
-        return tvm.mobilenet_v3_small(weights=None, num_classes=K)
-    if name == "efficientnet_b0":
-        return tvm.efficientnet_b0(weights=None, num_classes=K)
+    if name == "mobilenet_v3":   # three of mobilenet_v3_small's block kinds at width 16-24
+        cfg = [mb.InvertedResidualConfig(16, 3, 16, 16, True, "RE", 2, 1, 1.0),
+               mb.InvertedResidualConfig(16, 3, 48, 24, False, "RE", 2, 1, 1.0),
+               mb.InvertedResidualConfig(24, 5, 64, 24, True, "HS", 1, 1, 1.0)]
+        return mb.MobileNetV3(cfg, last_channel=64, num_classes=K, dropout=0.0)
+    if name == "efficientnet":   # efficientnet_b0's first three stages (MBConv, SE, SiLU), one block each
+        cfg = [ef.MBConvConfig(1, 3, 1, 16, 16, 1), ef.MBConvConfig(6, 3, 2, 16, 24, 1),
+               ef.MBConvConfig(6, 5, 2, 24, 32, 1)]
+        return ef.EfficientNet(cfg, dropout=0.0, stochastic_depth_prob=0.0, num_classes=K, last_channel=64)
     if name == "convnext":
         return convnext.ConvNeXt([convnext.CNBlockConfig(8, 16, 1), convnext.CNBlockConfig(16, None, 1)],
                                  stochastic_depth_prob=0.0, num_classes=K)
@@ -66,7 +73,6 @@ def _tv(name: str):
         return tvm.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
                                    window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=K)
     raise ValueError(name)
-    _ = (efficientnet, mobilenetv3)
 
 
 def _timm(name: str, **kwargs):
@@ -102,25 +108,24 @@ SPECS: dict[str, dict] = {
                               layers="torchvision resnet18: conv, BatchNorm (batch statistics), ReLU, max-pool"),
     "tv_resnet18_eval": dict(requires="torchvision", build=lambda: _tv("resnet18"), smooth=False, train=False,
                              layers="torchvision resnet18: conv, BatchNorm (running statistics), ReLU, max-pool"),
-    "tv_mobilenet_v3_small": dict(requires="torchvision", build=lambda: _tv("mobilenet_v3_small"), smooth=False,
-                                  train=False,
-                                  layers="torchvision mobilenet_v3_small: Hardswish, SE with Hardsigmoid, BN"),
-    "tv_efficientnet_b0": dict(requires="torchvision", build=lambda: _tv("efficientnet_b0"), smooth=True,
-                               train=False, layers="torchvision efficientnet_b0: SiLU, SE (sigmoid), BN (eval)"),
+    "tv_mobilenet_v3": dict(requires="torchvision", build=lambda: _tv("mobilenet_v3"), smooth=False, train=False,
+                            layers="torchvision MobileNetV3 (3 blocks): Hardswish, SE with Hardsigmoid, BN (eval)"),
+    "tv_efficientnet": dict(requires="torchvision", build=lambda: _tv("efficientnet"), smooth=True, train=False,
+                            layers="torchvision EfficientNet (b0's first 3 stages): SiLU, SE (sigmoid), BN (eval)"),
     "tv_convnext": dict(requires="torchvision", build=lambda: _tv("convnext"), smooth=True, train=True,
                         layers="torchvision ConvNeXt: depthwise conv, LayerNorm2d, GELU, layer scale"),
     "tv_vit": dict(requires="torchvision", build=lambda: _tv("vit"), smooth=True, train=False,
                    layers="torchvision VisionTransformer: patch conv, nn.MultiheadAttention, GELU"),
     "tv_swin": dict(requires="torchvision", build=lambda: _tv("swin"), smooth=True, train=False,
                     layers="torchvision SwinTransformer: shifted windows, relative position bias, GELU"),
-    "timm_resnet10t": dict(requires="timm", build=lambda: _timm("resnet10t"), smooth=False, train=False,
-                           layers="timm resnet10t: deep stem, BN (eval), ReLU, max-pool"),
+    "timm_resnet": dict(requires="timm", build=lambda: _timm("test_resnet"), smooth=False, train=False,
+                        layers="timm test_resnet: deep stem, BN (eval), ReLU, max-pool"),
     "timm_vit_tiny": dict(requires="timm", build=lambda: _timm("vit_tiny_patch16_224", img_size=32, depth=1),
                           smooth=True, train=False, layers="timm vit_tiny (depth 1, 32 px): attention, GELU"),
-    "timm_efficientnet_b0": dict(requires="timm", build=lambda: _timm("efficientnet_b0"), smooth=True, train=False,
-                                 layers="timm efficientnet_b0: SiLU, SE, BN (eval)"),
-    "timm_convnext_atto": dict(requires="timm", build=lambda: _timm("convnext_atto"), smooth=True, train=False,
-                               layers="timm convnext_atto: depthwise conv, LayerNorm, GELU"),
+    "timm_efficientnet": dict(requires="timm", build=lambda: _timm("test_efficientnet"), smooth=True, train=False,
+                              layers="timm test_efficientnet: SiLU, SE, BN (eval)"),
+    "timm_convnext": dict(requires="timm", build=lambda: _timm("test_convnext"), smooth=True, train=False,
+                          layers="timm test_convnext: depthwise conv, LayerNorm, GELU"),
     "hf_bert": dict(requires="transformers", build=lambda: _hf("bert"), smooth=True, train=True,
                     layers="transformers BERT (train: dropout), attention mask, w.r.t. embeddings"),
     "hf_roberta": dict(requires="transformers", build=lambda: _hf("roberta"), smooth=True, train=False,
