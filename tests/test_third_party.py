@@ -26,7 +26,10 @@ _BIG = ("tv_resnet18_train", "tv_resnet18_eval")
 CELLS = [(m, k, meth) for m in third_party.NAMES for k in (("doubleback", "frobreg") if m in _BIG else _ALL_KINDS)
          for meth in ("exact", "hvp", "fd")]
 EXPECTED_REFUSALS = {"tv_resnet18_train": {"jvp": "batch statistics"}}
-JVP_CELLS = ["hf_bert", "hf_distilbert", "tv_vit", "tv_mobilenet_v3"]
+# jvp's unbiasedness cells run up to hundreds of calls each: two HF models here (the hardsigmoid twin under
+# jvp is covered by the zoo's hard_se_block in tests/test_conformance.py); tv_vit's jvp cell ran past
+# 10 minutes on a loaded 2-core machine (issue 23: to investigate before adding it back)
+JVP_CELLS = ["hf_bert", "hf_distilbert"]
 
 
 def _need(name):
