@@ -62,12 +62,13 @@ def _aot_autograd_used() -> bool:
     return counters.get("aot_autograd", {}).get("total", 0) > 0
 
 
-def graph_nodes(t: torch.Tensor) -> Iterator:
-    """Every node of t's autograd graph, once each (depth first from t.grad_fn)."""
+def graph_nodes(t: torch.Tensor, stop=None) -> Iterator:
+    """Every node of t's autograd graph, once each (depth first from t.grad_fn), not walking past the
+    node ``stop`` (excluded) when given."""
     seen, stack = set(), [t.grad_fn]
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node is stop or node in seen:
             continue
         seen.add(node)
         yield node

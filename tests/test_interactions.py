@@ -24,6 +24,7 @@ from torch import nn
 
 import gradreg_fast as gr
 from gradreg_fast.penalties.core import ReplayError
+from gradreg_fast.penalties.estimators import FD_STATED_RTOL
 
 K, D, B = 3, 5, 6
 
@@ -172,7 +173,9 @@ def run_case(case: dict, seed: int) -> str:
         # expectation is tested in test_estimators; here the side effects above and finiteness
         assert all(torch.isfinite(g).all() for g in got)
         return "checked"
-    rtol = {("fd", torch.float64): 1e-4, ("fd", torch.float32): 2e-2}.get(
+    # fd in fp64: the accuracy the docs state for smooth models (its truncation error depends on the
+    # drawn inputs; 1e-4 failed on 1 of ~80 cases with GRADREG_INTERACTION_SEED=964237325, at 1.4e-4)
+    rtol = {("fd", torch.float64): FD_STATED_RTOL, ("fd", torch.float32): 2e-2}.get(
         (method, dtype), 1e-6 if dtype == torch.float64 else 1e-3)
     a, b = torch.cat([g.flatten() for g in got]), torch.cat([t.flatten() for t in truth]).to(dtype)
     err = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()

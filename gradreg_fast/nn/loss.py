@@ -27,7 +27,15 @@ from gradreg_fast.penalties._checks import (
     check_penalty_options,
     check_reduction,
 )
-from gradreg_fast.penalties.core import Fold, Replay, differentiable_input, forked_rng, run_forward, serialized
+from gradreg_fast.penalties.core import (
+    Fold,
+    Replay,
+    check_model_kwargs,
+    differentiable_input,
+    forked_rng,
+    run_forward,
+    serialized,
+)
 
 _STATE_KEYS = ("calls", "seed", "generator_state", "generator_device", "last_penalty")
 
@@ -37,7 +45,9 @@ class GradRegLoss(nn.Module):
 
     Two call forms:
 
-    - ``crit(model, x, y)``: runs the model once on x (x is not modified and need not require grad).
+    - ``crit(model, x, y)``: runs the model once on x (x is not modified and need not require grad);
+      ``crit(model, x, y, model_kwargs={...})`` calls ``model(x, **model_kwargs)`` (e.g. an attention
+      mask; per-sample tensors follow subsample and fd's re-runs, see gradreg_fast.penalty).
     - ``crit(logits, y, inputs=x)``: drop-in where logits are already computed as ``model(x)`` from
       an x that requires grad (``x.requires_grad_()`` before the forward pass).
 
@@ -207,12 +217,16 @@ class GradRegLoss(nn.Module):
 
     # -- calls ---------------------------------------------------------------------------------------
     def forward(self, model_or_logits, x_or_y: torch.Tensor, y: torch.Tensor | None = None, *,
-                inputs: torch.Tensor | None = None) -> torch.Tensor:
+                inputs: torch.Tensor | None = None, model_kwargs: dict | None = None) -> torch.Tensor:
+        kwargs = check_model_kwargs(model_kwargs)
+        if kwargs and inputs is not None:
+            raise TypeError("GradRegLoss: model_kwargs go with crit(model, x, y, model_kwargs=...); with "
+                            "crit(logits, y, inputs=x) the model has already run")
         with serialized():   # one call at a time per process: docs/threads.md
             if grad_mode_off():
-                return self._evaluate(model_or_logits, x_or_y, y, inputs)
+                return self._evaluate(model_or_logits, x_or_y, y, inputs, kwargs)
             with use_backend(self.backend):
-                return self._train(model_or_logits, x_or_y, y, inputs)
+                return self._train(model_or_logits, x_or_y, y, inputs, kwargs)
 
     def _split_call(self, model_or_logits, x_or_y, y, inputs):
         if inputs is None:
@@ -232,19 +246,19 @@ class GradRegLoss(nn.Module):
             raise ValueError(f"y must have one entry per sample: x has batch size {x.shape[0]}, "
                              f"y has shape {tuple(y.shape)}")
 
-    def _train(self, model_or_logits, x_or_y, y, inputs) -> torch.Tensor:
+    def _train(self, model_or_logits, x_or_y, y, inputs, model_kwargs: dict) -> torch.Tensor:
         """One training call; a call that raises leaves the loss as it was (calls, the owned generator)."""
         calls, gen = self.calls, self._generator
         gen_state = gen.get_state() if gen is not None else None
         try:
-            return self._train_call(model_or_logits, x_or_y, y, inputs)
+            return self._train_call(model_or_logits, x_or_y, y, inputs, model_kwargs)
         except BaseException:
             self.calls, self._generator = calls, gen
             if gen is not None:
                 gen.set_state(gen_state)
             raise
 
-    def _train_call(self, model_or_logits, x_or_y, y, inputs) -> torch.Tensor:
+    def _train_call(self, model_or_logits, x_or_y, y, inputs, model_kwargs: dict) -> torch.Tensor:
         model, x, y = self._split_call(model_or_logits, x_or_y, y, inputs)
         active = self.lam > 0 and schedules.is_active(self.calls, self.every)
         if model is not None:
@@ -256,7 +270,8 @@ class GradRegLoss(nn.Module):
             # subsample re-runs the model on the sub-batch (every method): as this forward, without side effects
             replay = (Replay(model, x_in.device) if self.method != "exact" or (active and self.subsample is not None)
                       else None)
-            out = run_forward(model, x_in, self.method if active and self.subsample is None else None)
+            out = run_forward(model, x_in, self.method if active and self.subsample is None else None,
+                              model_kwargs)
             if replay is not None:
                 _ = replay.needed   # settled on this forward's draws, before the base loss runs
         else:
@@ -279,7 +294,7 @@ class GradRegLoss(nn.Module):
                     if model is not None and self.subsample is None and self.method != "exact" else None)
             pen = penalty_from_output(self.kind, out, x_in, y, method=self.method, model=model, replay=replay,
                                       subsample=self.subsample, reduction=self.reduction, fold=fold,
-                                      **self._options(x_in.device))
+                                      model_kwargs=model_kwargs, **self._options(x_in.device))
             if fold is not None and fold.taken:
                 base = base.detach()   # its gradient rides the penalty's
             loss = base + self.lam * (pen * self.every if self.every > 1 else pen)
@@ -288,7 +303,7 @@ class GradRegLoss(nn.Module):
         self.last_active = active
         return loss
 
-    def _evaluate(self, model_or_logits, x_or_y, y, inputs) -> torch.Tensor:
+    def _evaluate(self, model_or_logits, x_or_y, y, inputs, model_kwargs: dict) -> torch.Tensor:
         """The loss's value under no_grad / inference_mode (see the class docstring)."""
         if inputs is not None:
             raise ValueError("GradRegLoss: crit(logits, y, inputs=x) was called with gradients off "
@@ -301,7 +316,7 @@ class GradRegLoss(nn.Module):
             # DDP's forward under enable_grad would arm its reducer for a backward that never comes
             model = model.module
         if self.lam == 0:
-            out = model(x)
+            out = model(x, **model_kwargs)
             self._check_labels(y, x)
             self.last_eval_base, self.last_eval_penalty = self._base_loss(out, y).detach(), None
             return self.last_eval_base
@@ -313,16 +328,18 @@ class GradRegLoss(nn.Module):
             with torch.inference_mode(False), torch.enable_grad(), use_backend(self.backend):
                 xc, yc = grad_enabled_copy(x), grad_enabled_copy(y)
                 options = {k: grad_enabled_copy(v) for k, v in options.items()}
+                model_kwargs = {k: grad_enabled_copy(v) for k, v in model_kwargs.items()}
                 x_in = differentiable_input(xc)
                 replay = Replay(model, x_in.device) if self.method != "exact" else None
-                out = run_forward(model, x_in, self.method)   # the call's one plain forward
+                out = run_forward(model, x_in, self.method, model_kwargs)   # the call's one plain forward
                 if replay is not None:
                     _ = replay.needed   # settled on this forward's draws
                 self._check_labels(yc, x_in)
                 base = self._base_loss(out, yc)
                 with forked_rng(x_in.device):   # the penalty's own draws leave torch's RNG as the forward did
                     pen = penalty_from_output(self.kind, out, x_in, yc, method=self.method, model=model,
-                                              replay=replay, reduction=self.reduction, **options)
+                                              replay=replay, reduction=self.reduction, model_kwargs=model_kwargs,
+                                              **options)
                 self.last_eval_base, self.last_eval_penalty = base.detach(), pen.detach()
                 return (base + self.lam * pen).detach()
         finally:

@@ -25,10 +25,12 @@ from gradreg_fast.penalties.core import (
     Problem,
     Replay,
     build_problem,
+    check_model_kwargs,
     differentiable_input,
     forked_rng,
     interpolates,
     run_forward,
+    select_kwargs,
     serialized,
     serialized_call,
 )
@@ -88,7 +90,7 @@ def grad_enabled_copy(t):
 def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor | None = None, *,
                         method: str = "exact", model: Callable | None = None, replay: Replay | None = None,
                         subsample: float | None = None, reduction: str = "mean", fold: Fold | None = None,
-                        **options) -> torch.Tensor:
+                        model_kwargs: dict | None = None, **options) -> torch.Tensor:
     """The penalty for outputs ``out`` already computed from ``x`` (x must require grad).
 
     ``model`` (with ``replay``, captured before ``out`` was computed) lets estimators and
@@ -97,11 +99,13 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
     ``reduction``: "mean" (batch mean), "sum" (batch sum; with subsample, B/m times the sub-batch
     sum) or "none" (the (B,) per-sample penalties; not with subsample). ``fold``: the caller's base
     loss, which an estimator may differentiate at the call (``core.Fold``; not with subsample).
+    ``model_kwargs``: keyword arguments of every call of ``model`` (see ``penalty``).
     """
     estimator = check_method(method)
     check_reduction(reduction)
     problem_opts, estimator_opts = _split_options(options)
     estimator_opts["reduction"] = reduction
+    model_kwargs = check_model_kwargs(model_kwargs)
     if out is not None and isinstance(out, torch.Tensor) and not out.requires_grad and grad_mode_off():
         raise ValueError("the model output was computed with gradients off (torch.no_grad() or "
                          "torch.inference_mode()), so it has no graph to x and no input gradient exists: "
@@ -118,19 +122,20 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
         if model is not None:
             x = differentiable_input(x[idx])
             y = y[idx.to(y.device)] if isinstance(y, torch.Tensor) and y.dim() >= 1 else y
+            model_kwargs = select_kwargs(model_kwargs, batch, idx)
             if out is None:
                 # no forward yet (gr.penalty): the sub-batch's forward is the call's one plain forward
                 replay = Replay(model, x.device) if method != "exact" else None
-                out = run_forward(model, x, method)
+                out = run_forward(model, x, method, model_kwargs)
             else:
                 # the caller's forward ran on the whole batch: the sub-batch's is a re-run of it (from
                 # the RNG state and buffers before it, no side effects), and the estimator's re-runs
                 # replay that sub-batch forward
                 out, replay = (replay or Replay(model, x.device)).original(
-                    lambda: run_forward(model, x, method))
+                    lambda: run_forward(model, x, method, model_kwargs))
             if reduction == "sum":   # the sub-batch sum times B/m: unbiased for the batch sum
                 p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts,
-                                  **problem_opts)
+                                  model_kwargs=model_kwargs, **problem_opts)
                 value = run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
                 return value * (batch / idx.numel())
         else:
@@ -143,7 +148,8 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
             p.R = p.R * mask.reshape(1, batch, 1)
             p.scale = p.scale * batch / idx.numel()
             return run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
-    p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts, **problem_opts)
+    p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts,
+                      model_kwargs=model_kwargs, **problem_opts)
     p.fold = fold
     return run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
 
@@ -154,7 +160,7 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
             loss_fn: Callable | None = None, fd_h: float | None = None, fd_scheme: str | None = None,
             every: int = 1, step: int | None = None, subsample: float | None = None, reduction: str = "mean",
             backend: str | None = None, fake: torch.Tensor | None = None, target_norm: float | None = None,
-            one_sided: bool | None = None) -> torch.Tensor:
+            one_sided: bool | None = None, model_kwargs: dict | None = None) -> torch.Tensor:
     """Gradient penalty of ``model`` at inputs ``x``, averaged over the batch (``reduction``).
 
     With f = model, J_i = ∂f(x_i)/∂x_i and p = softmax(f):
@@ -206,6 +212,10 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
             discriminator step; if it requires grad, the penalty differentiates into it too).
         target_norm: "wgan_gp" only: the norm c the critic's gradient is pulled to (default 1).
         one_sided: "wgan_gp" only: penalize only norms above c (default False).
+        model_kwargs: keyword arguments of every call of the model, ``model(x, **model_kwargs)`` (e.g.
+            a Hugging Face attention mask, with gr.nn.FromEmbeddings). Tensors whose first dimension
+            is the batch size are per-sample: subsample selects their rows and re-runs on stacked
+            copies of the batch (fd) repeat them; everything else is passed as it is.
 
     Grad mode: under torch.no_grad() or torch.inference_mode() the penalty's value is computed
     with gradients enabled on a copy of x (inference tensors are cloned) and returned detached;
@@ -249,7 +259,8 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
                             projection=grad_enabled_copy(projection), n_proj=n_proj, per_sample=per_sample,
                             generator=generator, loss_fn=loss_fn, fd_h=fd_h, fd_scheme=fd_scheme, every=every,
                             step=step, subsample=subsample, reduction=reduction, backend=backend,
-                            fake=grad_enabled_copy(fake), target_norm=target_norm, one_sided=one_sided)
+                            fake=grad_enabled_copy(fake), target_norm=target_norm, one_sided=one_sided,
+                            model_kwargs={k: grad_enabled_copy(v) for k, v in check_model_kwargs(model_kwargs).items()})
         return value.detach()
     gan = {} if kind != "wgan_gp" else {"target_norm": target_norm, "one_sided": one_sided}
     with serialized(), use_backend(backend):   # one call at a time per process: docs/threads.md
@@ -257,19 +268,20 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
             x = interpolates(x, fake, generator)
         return _penalty(kind, model, x, y, method=method, projection=projection, n_proj=n_proj,
                         per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,
-                        fd_scheme=fd_scheme, every=every, subsample=subsample, reduction=reduction, **gan)
+                        fd_scheme=fd_scheme, every=every, subsample=subsample, reduction=reduction,
+                        model_kwargs=check_model_kwargs(model_kwargs), **gan)
 
 
 def _penalty(kind, model, x, y, *, method, projection, n_proj, per_sample, generator, loss_fn, fd_h, fd_scheme,
-             every, subsample, reduction, **gan) -> torch.Tensor:
+             every, subsample, reduction, model_kwargs, **gan) -> torch.Tensor:
     x_in = differentiable_input(x)
     replay = Replay(model, x.device) if method != "exact" else None
     # with subsample the model runs on the sub-batch only (inside penalty_from_output)
-    out = run_forward(model, x_in, method) if subsample is None else None
+    out = run_forward(model, x_in, method, model_kwargs) if subsample is None else None
     value = penalty_from_output(kind, out, x_in, y, method=method, model=model, replay=replay,
                                 subsample=subsample, projection=projection, n_proj=n_proj,
                                 per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,
-                                fd_scheme=fd_scheme, reduction=reduction, **gan)
+                                fd_scheme=fd_scheme, reduction=reduction, model_kwargs=model_kwargs, **gan)
     return value * every if every > 1 else value
 
 

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradreg_fast import _twins
 from gradreg_fast._guards import graph_nodes
 from gradreg_fast.ops import cross_entropy, draw_seed, project
 from gradreg_fast.penalties import _checks
@@ -56,13 +57,74 @@ def math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
-def run_forward(model: Callable, x: torch.Tensor, method: str | None) -> torch.Tensor:
-    """``model(x)`` for a penalty the library computes itself: on the math attention kernel when the
-    method differentiates this forward twice (method="exact"), the model's own kernels otherwise."""
-    if method == "exact":
-        with math_attention():
-            return model(x)
-    return model(x)
+@contextlib.contextmanager
+def second_order(twins: bool = True) -> Iterator[None]:
+    """The context of a forward the library differentiates twice: attention on the math kernel
+    (``math_attention``) and, with ``twins``, the ops without a double backward or forward-mode rule
+    replaced by their twice-differentiable twins (gradreg_fast._twins: hardsigmoid); outputs unchanged."""
+    with math_attention(), (_twins.twice_differentiable() if twins else contextlib.nullcontext()):
+        yield
+
+
+def twin_ops_in(t: torch.Tensor) -> bool:
+    """Whether t's autograd graph holds an op that the twins replace (gradreg_fast._twins)."""
+    return any(node.name() in _twins.NO_DOUBLE_BACKWARD for node in graph_nodes(t))
+
+
+def run_forward(model: Callable, x: torch.Tensor, method: str | None,
+                model_kwargs: dict | None = None) -> torch.Tensor:
+    """``model(x, **model_kwargs)`` for a penalty the library computes itself: in ``second_order()`` when
+    the method differentiates this forward twice (method="exact"), on the model's own kernels otherwise.
+
+    The twins' mode costs Python work on every torch call, so exact enters it only for a model known
+    to need it (``_twins.needed``); any other model runs without it, and when the graph of that forward
+    holds an op the twins replace (a functional F.hardsigmoid), the model is remembered and the forward
+    run again with them, as the first ran (same random numbers, same buffers: ``Replay``)."""
+    kwargs = model_kwargs or {}
+    if method != "exact":
+        return model(x, **kwargs)
+    if _twins.needed(model):
+        with second_order():
+            return model(x, **kwargs)
+    replay = Replay(model, x.device)
+    with second_order(twins=False):
+        out = model(x, **kwargs)
+    if not (isinstance(out, torch.Tensor) and twin_ops_in(out)):
+        return out
+    _twins.remember(model)
+    del out
+    with replay.context(), second_order():
+        return model(x, **kwargs)
+
+
+def check_model_kwargs(model_kwargs) -> dict:
+    """``model_kwargs`` as a dict (None: {}), or a TypeError naming the argument."""
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise TypeError("model_kwargs must be a dict of keyword arguments for the model (e.g. "
+                        f"{{'attention_mask': mask}}), got {type(model_kwargs).__name__}")
+    return model_kwargs
+
+
+def _per_sample_arg(v, batch: int) -> bool:
+    """Whether a model keyword argument is per sample: a tensor whose first dimension is the batch."""
+    return isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch
+
+
+def select_kwargs(model_kwargs: dict, batch: int, idx: torch.Tensor) -> dict:
+    """The model keyword arguments of the samples ``idx`` (a sub-batch): per-sample tensors (first
+    dimension = the batch) indexed, everything else as it is."""
+    return {k: v[idx.to(v.device)] if _per_sample_arg(v, batch) else v for k, v in model_kwargs.items()}
+
+
+def repeat_kwargs(model_kwargs: dict, batch: int, rows: int) -> dict:
+    """The model keyword arguments for an input of ``rows`` = m·batch rows (m copies of the batch, as
+    fd's batched passes stack them): per-sample tensors repeated m times along dim 0."""
+    if rows == batch:
+        return model_kwargs
+    return {k: v.repeat((rows // batch,) + (1,) * (v.dim() - 1)) if _per_sample_arg(v, batch) else v
+            for k, v in model_kwargs.items()}
 
 
 def batch_coupled(model) -> bool:
@@ -261,6 +323,9 @@ class Problem:
     outer_grad: Callable[[torch.Tensor], torch.Tensor] | None = None
     sharded: bool = False   # the model is sharded with FSDP2 (set by gradreg_fast.distributed.fsdp_estimator)
     fold: Fold | None = None   # the caller's base loss, to differentiate at the call (see Fold)
+    # keyword arguments of every model call (an attention mask): per-sample tensors (first dimension =
+    # the batch) follow the rows of each re-run's input (``repeat_kwargs``)
+    model_kwargs: dict = field(default_factory=dict)
 
     @property
     def attached(self) -> bool:
@@ -300,18 +365,29 @@ class Problem:
         # a functional call gets copies of the buffers (below), so there is nothing to restore
         ctx = (self.replay.context(restore_buffers=params is None) if self.replay_needed
                else contextlib.nullcontext())
+        kwargs = repeat_kwargs(self.model_kwargs, self.x.shape[0], z.shape[0])
         with ctx:
             if params is None:
-                out = self.model(z)
+                out = self.model(z, **kwargs)
             else:
                 # buffers as the original forward saw them, passed as copies so that in-place updates
                 # (BatchNorm statistics, spectral norm's power iteration) never touch the module's own
                 module = self.functional_module()
                 buffers = (self.replay.buffer_copies() if self.replay is not None
                            else {k: b.clone() for k, b in module.named_buffers()})
-                with math_attention():
-                    out = torch.func.functional_call(module, (params, buffers), (z,))
+                with second_order(twins=self.twins_needed()):
+                    out = torch.func.functional_call(module, (params, buffers), (z,), kwargs)
         return out.reshape(out.shape[0], -1)
+
+    def twins_needed(self) -> bool:
+        """Whether the functional re-runs need the twins' mode (gradreg_fast._twins): the model is known
+        to, or the caller's forward (u's graph) holds an op they replace (then the model is remembered)."""
+        if _twins.needed(self.model):
+            return True
+        if twin_ops_in(self.u):
+            _twins.remember(self.model)
+            return True
+        return False
 
     def functional_module(self) -> nn.Module:
         """The module the torch.func estimators call (a torch.compile'd module's original: the compiled
@@ -414,7 +490,7 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                   per_sample: bool = False, generator: torch.Generator | None = None,
                   loss_fn: Callable | None = None, replay: Replay | None = None,
                   options: dict | None = None, target_norm: float | None = None,
-                  one_sided: bool | None = None) -> Problem:
+                  one_sided: bool | None = None, model_kwargs: dict | None = None) -> Problem:
     kind = _checks.check_kind(kind)
     if replay is not None:
         _ = replay.needed   # decided now, before this call draws from the RNG (projections, random classes)
@@ -486,4 +562,4 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform,
                    transform_func=transform_func, replay=replay,
                    n_proj=n_proj, generator=generator, options=dict(options or {}),
-                   outer=outer, outer_grad=outer_grad)
+                   outer=outer, outer_grad=outer_grad, model_kwargs=check_model_kwargs(model_kwargs))

@@ -31,6 +31,7 @@ vector itself, so that Σ_b w_b P_b has the gradient Σ_b w_b ∇_θ P_b).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -41,6 +42,7 @@ import torch
 from gradreg_fast import _methods
 from gradreg_fast._bias_act_spec import ACTIVATIONS, KINKED
 from gradreg_fast._guards import compiled_region_in, graph_nodes
+from gradreg_fast._twins import NO_DOUBLE_BACKWARD
 from gradreg_fast.ops import draw_seed, gaussian_like, sq_norm
 from gradreg_fast.penalties.core import Problem, serialized
 
@@ -241,10 +243,15 @@ def exact(p: Problem) -> torch.Tensor:
                          "with this penalty; method='fd' needs first derivatives only")
     blocker = _not_twice_differentiable(g)
     if blocker is not None:
+        known = next((NO_DOUBLE_BACKWARD[n.name()] for n in graph_nodes(p.u)
+                      if n.name() in NO_DOUBLE_BACKWARD), None)
+        op = (f"{known}, whose backward torch cannot differentiate; the library swaps in a twice-differentiable "
+              "twin when it runs the forward itself, as crit(model, x, y) and gr.penalty(kind, model, x) do"
+              if known else f"autograd node {blocker}: an op whose backward is not differentiable, such as a "
+              "custom autograd.Function marked once_differentiable or a fused attention kernel")
         raise ValueError(
             f"method='exact' needs the model's double backward, and an op in the model has none "
-            f"(autograd node {blocker}: an op whose backward is not differentiable, such as a custom "
-            "autograd.Function marked once_differentiable or a fused attention kernel). Use method='fd' "
+            f"({op}). Use method='fd' "
             "(first derivatives only). For attention, call the penalty as crit(model, x, y) or "
             "gr.penalty(kind, model, x): the library then runs the forward on the twice-differentiable "
             "math kernel; with precomputed logits, run the forward under "
@@ -317,9 +324,37 @@ def _fold(p: Problem, inputs: list[torch.Tensor], clean: torch.Tensor | None) ->
     scalar = fold.loss * (fold.weight * per_sample)
     if clean is not None:
         scalar = scalar + clean.to(scalar.dtype)
-    found = torch.autograd.grad(scalar, inputs, allow_unused=True)
+    keep = _fold_inputs(p, scalar, inputs)
+    if keep is None:
+        return None
+    found = iter(torch.autograd.grad(scalar, [t for t, k in zip(inputs, keep, strict=True) if k], allow_unused=True))
     fold.taken = True
-    return list(found)
+    return [next(found) if k else None for k in keep]
+
+
+def _fold_inputs(p: Problem, scalar: torch.Tensor, inputs: list[torch.Tensor]) -> list[bool] | None:
+    """Which ``inputs`` the fold differentiates (all of them, unless x is attached to parameters of the
+    model, e.g. x = the model's own embedding lookup), or None: no fold.
+
+    The fold's gradient for x reaches the layers upstream of x through the caller's backward (the
+    penalty's x gradient rides there too), so the fold must not also differentiate the parameters
+    upstream of x through x: that would count their base-loss gradient twice and free the graph the
+    caller's backward still needs. Those parameters are left out of the fold (autograd then stops at
+    x); a parameter used both upstream of x and past it (tied weights) would lose its direct term,
+    so then the base loss is not folded at all (it stays on the caller's graph)."""
+    if not p.attached:
+        return [True] * len(inputs)
+    upstream = _leaves(p.x)
+    if not upstream:
+        return [True] * len(inputs)
+    if upstream & _leaves(scalar, stop=p.x.grad_fn):
+        return None
+    return [t is p.x or id(t) not in upstream for t in inputs]
+
+
+def _leaves(t: torch.Tensor, stop=None) -> set[int]:
+    """ids of the leaf tensors (AccumulateGrad nodes) in t's graph, not walking past ``stop``."""
+    return {id(node.variable) for node in graph_nodes(t, stop) if hasattr(node, "variable")}
 
 
 def _deferred(p: Problem, value: torch.Tensor, grads_fn: Callable, clean: torch.Tensor | None = None) -> torch.Tensor:
@@ -473,8 +508,11 @@ def fd(p: Problem) -> torch.Tensor:
     Memory and time: the evaluation points' gradients are computed at the call, one pass at a time
     (each pass's graph freed before the next), for an nn.Module; when the model is a pure per-sample
     function (no batch statistics, no random numbers drawn, no buffer changed in its forward) up to
-    ``FD_ROWS`` rows of points share one batch. The forward scheme's base point is the caller's own
-    forward: under GradRegLoss its term and the base loss are differentiated at the call, in one
+    ``FD_ROWS`` rows of points share one batch (per-sample ``model_kwargs`` repeated to match); a model
+    that fails on such a stacked batch (one that holds batch-sized state, such as a (B, T) attention
+    mask) is run one point per pass, at the caller's batch size, from then on. The forward scheme's
+    base point is the caller's own forward: under GradRegLoss its term and the base loss are
+    differentiated at the call, in one
     backward that frees the clean graph before the perturbed passes run (``core.Fold``); otherwise
     its term rides the caller's backward. A plain callable (whose parameters are out of reach here)
     and an FSDP2-sharded model (whose gradients FSDP reduces in its own backward hooks) keep the
@@ -530,21 +568,39 @@ def fd(p: Problem) -> torch.Tensor:
     # gradients at the call need the parameters; a plain callable hides them, and FSDP2 reduces
     # gradients in its own backward hooks: both keep the passes in the caller's graph
     module = isinstance(p.model, torch.nn.Module) and not p.sharded
-    batched = not coupled and not p.replay_needed and len(points) > 1
+    batched = not coupled and not p.replay_needed and len(points) > 1 and not _fixed_batch(p.model)
     per_pass = max(1, FD_ROWS // batch) if batched else 1
     chunks = [points[i:i + per_pass] for i in range(0, len(points), per_pass)]
 
-    def terms(chunk, x_start: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def over_chunks(each: Callable) -> list:
+        """[each(chunk) for each chunk]; when a stacked pass fails (a model that takes only the caller's
+        batch size, e.g. one holding a (B, T) attention mask), again with one point (B rows) per pass,
+        and that model is remembered (``_fixed_batch``)."""
+        try:
+            return [each(chunk) for chunk in chunks]
+        except Exception:
+            if per_pass == 1:
+                raise
+            with contextlib.suppress(TypeError):   # a model that cannot be weakly referenced
+                _FIXED_BATCH[p.model] = True
+        return [each([point]) for point in points]
+
+    def terms(chunk, x_start: torch.Tensor, shrink: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-sample Σ_points c · weights[j, b] ⟨R[j, b], u_b(x + sign·t·d[j])⟩ (B,) of one chunk of
-        points, its inputs in one batch; and that batch. Autocast is off here (and must stay off for a
-        backward of it: autograd.grad runs the backward ops in this thread)."""
-        z = torch.cat([x_start + sign * step * d[j] for _, j, sign in chunk]).to(zdtype)
+        points, its inputs in one batch; and that batch (the step t·shrink with ``shrink``: the step
+        check). Autocast is off here (and must stay off for a backward of it: autograd.grad runs the
+        backward ops in this thread)."""
+        z = torch.cat([x_start + sign * shrink * step * d[j] for _, j, sign in chunk]).to(zdtype)
         if p.attached and not z.requires_grad:   # from the detached x: a leaf whose gradient is x's
             z.requires_grad_()
         out = p.run_model(z)
+        if out.shape[0] != z.shape[0]:
+            raise ValueError(f"method='fd': the model returned {out.shape[0]} rows for an input of {z.shape[0]}: "
+                             "its forward must keep the batch (one output row per input row)")
         # the map to u per block of B rows: it may hold per-sample labels or projections
         us = [p.transform(out[k * batch:(k + 1) * batch]).to(work) for k in range(len(chunk))]
-        return sum(c * weights[j] * (us[k] * p.R[j].to(work)).sum(1) for k, (c, j, _) in enumerate(chunk)), z
+        return sum(c * (weights[j] / shrink) * (us[k] * p.R[j].to(work)).sum(1)
+                   for k, (c, j, _) in enumerate(chunk)), z
 
     def base_point() -> torch.Tensor:
         """Σ_j weights[j, b] ⟨R[j, b], u_b(x)⟩ (B,) on the caller's forward: the forward scheme's base point."""
@@ -553,21 +609,26 @@ def fd(p: Problem) -> torch.Tensor:
     if module:
         params = list(p.parameters().values())
 
-        def grads(w: torch.Tensor) -> list[torch.Tensor | None]:
+        def grads(w: torch.Tensor, shrink: float = 1.0) -> list[torch.Tensor | None]:
             """∇_{θ, x} Σ_b w_b terms_b, one forward and backward per chunk: each pass's graph is freed
             before the next."""
             total: list[torch.Tensor | None] = [None] * (len(params) + int(p.attached))
             wk = w.to(work).reshape(batch)
-            for chunk in chunks:
+
+            def each(chunk) -> list[torch.Tensor | None]:
                 with torch.autocast(p.x.device.type, enabled=False):
-                    t, z = terms(chunk, x0)
+                    t, z = terms(chunk, x0, shrink)
                     found = torch.autograd.grad((wk * t).sum(), params + ([z] if p.attached else []),
                                                 allow_unused=True)
                 if p.attached:   # z = x + constant: its gradient is x's, summed over the chunk's blocks
                     found = list(found[:-1]) + [found[-1].reshape((len(chunk),) + tuple(x0.shape)).sum(0)
                                                 .to(p.x.dtype)]
+                return list(found)
+            for found in over_chunks(each):
                 total = [a if b is None else (b if a is None else a + b) for a, b in zip(total, found, strict=True)]
             return total
+        if scheme == "central" or autocast_on:   # the forward scheme's base term is outside grads
+            _check_step(p, h, scheme, grads, torch.ones_like(value))
         # the forward scheme's base point is the caller's own forward: its term is on the clean graph
         out = _deferred(p, value, grads, clean=-base_point() if scheme == "forward" and not autocast_on else None)
     else:
@@ -575,12 +636,69 @@ def fd(p: Problem) -> torch.Tensor:
         # caller's backward differentiates them
         xs = p.x.to(work) if p.attached else x0
         with torch.autocast(p.x.device.type, enabled=False):
-            linear = sum(terms(chunk, xs)[0] for chunk in chunks)
+            linear = sum(over_chunks(lambda chunk: terms(chunk, xs)[0]))
         out = _surrogate(value, linear)
         if scheme == "forward" and not autocast_on:   # the base point's term rides the caller's backward
             base = base_point()
             out = out - (base - base.detach()).to(out.dtype)
     return reduce_samples(p, out)
+
+
+_FIXED_BATCH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # models fd runs one point per pass
+
+FD_STATED_RTOL = 3e-3   # the relative gradient error the README states for fd on smooth models
+
+
+class FDStepWarning(UserWarning):
+    """method='fd' on a smooth model whose curvature makes the default step too coarse: the step-halving
+    estimate of fd's relative gradient error exceeds ``FD_STATED_RTOL`` (see ``_check_step``)."""
+
+
+_STEP_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> penalty kinds checked
+
+
+def _check_step(p: Problem, h: float, scheme: str, grads: Callable, ones: torch.Tensor) -> None:
+    """Estimate fd's truncation error at step h by halving it (Richardson), once per (model, penalty
+    kind), and warn (``FDStepWarning``) when it exceeds FD_STATED_RTOL. Models with kinks are skipped
+    (FDKinkWarning says more there).
+
+    fd's parameter gradient g_t has error c·t^q + o(t^q) (q = 2 central, 1 forward), so
+    g_t − g_{t/2} = (1 − 2^-q)·c·t^q and the error at t is estimated as ‖g_t − g_{t/2}‖ / (1 − 2^-q),
+    relative to ‖g_{t/2}‖. Costs two more sets of fd passes on the first call."""
+    if not isinstance(p.model, torch.nn.Module):
+        return
+    try:
+        kinds = _STEP_CHECKED.setdefault(p.model, set())
+    except TypeError:
+        return   # not weakly referenceable: never checked (it would cost three fd evaluations per call)
+    if p.kind in kinds:
+        return
+    kinds.add(p.kind)
+    if _kink_in(p.u, p.model) is not None:
+        return
+    coarse, fine = grads(ones), grads(ones, 0.5)
+    pairs = [(a, b) for a, b in zip(coarse, fine, strict=True) if a is not None and b is not None]
+    ref = math.sqrt(sum(float(b.double().pow(2).sum()) for _, b in pairs))
+    if not pairs or ref == 0.0:
+        return
+    diff = math.sqrt(sum(float((a.double() - b.double()).pow(2).sum()) for a, b in pairs))
+    est = diff / ref / (1.0 - 2.0 ** -(2 if scheme == "central" else 1))
+    if est > FD_STATED_RTOL:
+        warnings.warn(
+            f"method='fd' at fd_h={h:g} ({scheme}): the step-halving estimate of the parameter gradient's "
+            f"relative error is {est:.1e}, above the {FD_STATED_RTOL:g} stated for smooth models (the model's "
+            "curvature makes the step coarse: the error falls as the step's square). Use method='exact' or "
+            f"method='hvp' for double backprop's gradient, or a smaller step (fd_h={h / 10:g}: about "
+            f"{est / (100 if scheme == 'central' else 10):.0e} expected, until fp32 rounding dominates). "
+            "Checked once per model and penalty kind", FDStepWarning, stacklevel=2)
+
+
+def _fixed_batch(model) -> bool:
+    """Whether fd has seen ``model`` fail on its stacked points (see fd's ``over_chunks``)."""
+    try:
+        return model in _FIXED_BATCH
+    except TypeError:   # a model that cannot be weakly referenced: tried stacked on every call
+        return False
 
 
 def input_tangent(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -12,6 +12,9 @@ A cell ends in one of:
     WRONG / BIASED / ERROR   a wrong value or gradient, a biased estimate, or a raw error: a defect
 
     python -m gradreg_fast.testing.conformance           # the whole matrix as a markdown table
+    python -m gradreg_fast.testing.conformance --models third_party --out docs/models.md
+                                # the third-party zoo (gradreg_fast.testing.third_party), into the page's
+                                # generated section (between GENERATED_BEGIN and GENERATED_END)
 """
 from __future__ import annotations
 
@@ -73,7 +76,7 @@ def _approx(model: str, err: float) -> str:
     model a realistic step crosses kinks, and fd then gives the gradient of a finite-difference penalty
     (benchmarks/fd_accuracy.py measures how far that is from double backprop's) and fd warns
     (FDKinkWarning)."""
-    if zoo.ZOO_SPECS[model]["smooth"]:
+    if zoo.spec_of(model)["smooth"]:
         return f"≈ {err:.0e}"
     return f"≈ {err:.0e} kink-free; warns: FD penalty past kinks"
 
@@ -102,7 +105,7 @@ class Matrix:
     def options(self, case, kind: str) -> dict:
         if kind == "spectreg":   # two per-sample projections, drawn here (independent of the library's RNG)
             g = torch.Generator().manual_seed(99)
-            return {"projection": torch.randn(2, zoo.BATCH, zoo.K, generator=g, dtype=self.dtype)}
+            return {"projection": torch.randn(2, case.y.shape[0], case.k, generator=g, dtype=self.dtype)}
         if kind == "wgan_gp":    # the generated batch; ε comes from the call's generator (GEN_SEED)
             return {"fake": case.notes["fake"]}
         return {}
@@ -115,7 +118,7 @@ class Matrix:
             opts = self.options(case, kind)
             classes = None
             if kind == "random_onehot":   # the library's draw: torch.randint from the caller's generator
-                classes = torch.randint(zoo.K, (zoo.BATCH,), generator=torch.Generator().manual_seed(GEN_SEED))
+                classes = torch.randint(case.k, (case.y.shape[0],), generator=torch.Generator().manual_seed(GEN_SEED))
             eps = None
             if kind == "wgan_gp":   # the library's draw: torch.rand(B) in x's dtype from the caller's generator
                 eps = torch.rand(zoo.BATCH, generator=torch.Generator().manual_seed(GEN_SEED), dtype=self.dtype)
@@ -131,6 +134,8 @@ class Matrix:
         torch.manual_seed(RNG_SEED)
         x = ground_truth.repeated_batch(case.input(), repeat)
         y = ground_truth.repeated_batch(case.y, repeat) if kind not in GAN_KINDS else None
+        if case.model_kwargs:
+            extra["model_kwargs"] = ground_truth.repeated_kwargs(case.model_kwargs, case.y.shape[0], repeat)
         value = gr.penalty(kind, case.model, x, y, method=method,
                            generator=torch.Generator().manual_seed(gen_seed), **self.options(case, kind), **extra)
         grads = torch.autograd.grad(value, case.params, allow_unused=True)
@@ -219,7 +224,7 @@ def table(cells: list[Cell]) -> str:
     for m in models:
         for k in kinds:
             row = [by[(m, k, meth)].symbol() if (m, k, meth) in by else "" for meth in methods]
-            lines.append(f"| {m} | {zoo.ZOO_SPECS[m]['layers']} | {k} | " + " | ".join(row) + " |")
+            lines.append(f"| {m} | {zoo.spec_of(m)['layers']} | {k} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -261,14 +266,34 @@ def summary(cells: list[Cell]) -> str:
                 row.append(_approx(m, max(c.grad_err for c in served)))
             else:
                 row.append("**" + ", ".join(sorted(statuses)) + "**")
-        lines.append(f"| {m} | {zoo.ZOO_SPECS[m]['layers']} | " + " | ".join(row) + " |")
+        lines.append(f"| {m} | {zoo.spec_of(m)['layers']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+GENERATED_BEGIN = "<!-- conformance table: generated, do not edit -->"
+GENERATED_END = "<!-- end of the generated conformance table -->"
+
+
+def write_generated(path: str, text: str) -> None:
+    """Write ``text`` to ``path``: between GENERATED_BEGIN and GENERATED_END when the file holds both (a
+    page with prose around its table, docs/models.md), else as the whole file."""
+    try:
+        with open(path) as f:
+            page = f.read()
+    except FileNotFoundError:
+        page = ""
+    if GENERATED_BEGIN in page and GENERATED_END in page:
+        head, rest = page.split(GENERATED_BEGIN, 1)
+        text = head + GENERATED_BEGIN + "\n" + text + "\n" + GENERATED_END + rest.split(GENERATED_END, 1)[1]
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default=",".join(zoo.ZOO + zoo.DISCRIMINATORS))
+    ap.add_argument("--models", default=",".join(zoo.ZOO + zoo.DISCRIMINATORS),
+                    help="comma-separated names, or 'third_party': the third-party zoo's models installed here")
     ap.add_argument("--kinds", default=",".join(KINDS + GAN_KINDS),
                     help="classifier kinds run on the classifiers, GAN kinds on the discriminators")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -277,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     mat = Matrix()
     cells = []
-    for m in a.models.split(","):
+    names = a.models.split(",")
+    if a.models == "third_party":
+        from gradreg_fast.testing import third_party
+        names = [n for n in third_party.NAMES if third_party.available(n)]
+    for m in names:
         served = GAN_KINDS if m in zoo.DISCRIMINATORS else KINDS
         for k in [k for k in a.kinds.split(",") if k in served]:
             for meth in a.methods.split(","):
@@ -287,9 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{c.seconds:6.2f}s {c.message[:150]}", flush=True)
     md = summary(cells) + "\n\n" + table(cells)
     if a.out:
-        with open(a.out, "w") as f:
-            f.write(f"<!-- generated by: python -m gradreg_fast.testing.conformance --out {a.out} -->\n"
-                    f"<!-- torch {torch.__version__}, fp64 -->\n\n" + md + "\n")
+        command = "python -m gradreg_fast.testing.conformance" + (
+            f" --models {a.models}" if a.models == "third_party" else "") + f" --out {a.out}"
+        write_generated(a.out, f"<!-- generated by: {command} -->\n<!-- torch {torch.__version__}, fp64 -->\n\n" + md)
     print(md)
     return 0 if all(c.ok for c in cells) else 1
 

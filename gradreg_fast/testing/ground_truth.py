@@ -38,6 +38,13 @@ def repeated_batch(t: torch.Tensor, repeat: int) -> torch.Tensor:
     return t if repeat == 1 else t.repeat((repeat,) + (1,) * (t.dim() - 1))
 
 
+def repeated_kwargs(kwargs: dict, batch: int, repeat: int) -> dict:
+    """Model keyword arguments for the batch repeated ``repeat`` times: per-sample tensors (first
+    dimension = ``batch``) repeated along dim 0, the rest as they are."""
+    return {k: repeated_batch(v, repeat) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch
+            else v for k, v in kwargs.items()}
+
+
 def targets(kind: str, out: torch.Tensor, y: torch.Tensor, projection: torch.Tensor | None = None,
             classes: torch.Tensor | None = None) -> tuple[list[torch.Tensor], float]:
     """The scalars Σ_b R[j, b] · u_b, one per j, and the scale."""
@@ -78,7 +85,8 @@ def penalty(case: Case, kind: str, *, projection: torch.Tensor | None = None,
             x = fake + eps.reshape((-1,) + (1,) * (x.dim() - 1)) * (x - fake)
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
-        out = model(x)
+        out = model(x, **repeated_kwargs(case.model_kwargs, case.y.shape[0], repeat)) if case.model_kwargs \
+            else model(x)
         scalars, scale = targets(kind, out, y, projection, classes)
         per_sample = torch.zeros(x.shape[0], dtype=out.dtype)
         for s in scalars:

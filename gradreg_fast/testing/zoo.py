@@ -20,6 +20,7 @@ the ground truth when the model itself has an op without a double backward.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class Case:
     twin: nn.Module | None = None
     layers: str = ""
     notes: dict = field(default_factory=dict)
+    k: int = K                      # classes
+    model_kwargs: dict = field(default_factory=dict)   # model(x, **model_kwargs) (an attention mask)
 
     def input(self) -> torch.Tensor:
         """A fresh x (for the embedding model, a fresh embedding lookup with its own graph)."""
@@ -259,6 +262,30 @@ class OnceDifferentiableMLP(nn.Module):
         return self.fc2(torch.tanh(h) if self.composite else _OnceTanh.apply(h))
 
 
+class HardSEBlock(nn.Module):
+    """A MobileNetV3 block: conv, BatchNorm, Hardswish, a squeeze-excite gate through nn.Hardsigmoid
+    (whose backward torch cannot differentiate again), pointwise conv, average pool, linear.
+    ``composite=True`` writes both activations in plain ops (the ground truth's twin)."""
+
+    def __init__(self, k: int = K, width: int = 6, composite: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.act = nn.Hardswish()
+        self.se1, self.se2 = nn.Conv2d(width, 4, 1), nn.Conv2d(4, width, 1)
+        self.gate = nn.Hardsigmoid()
+        self.pw = nn.Conv2d(width, width, 1)
+        self.head = nn.Linear(width, k)
+        self.composite = composite
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        h = h * F.relu6(h + 3) / 6 if self.composite else self.act(h)
+        s = self.se2(F.relu(self.se1(h.mean((2, 3), keepdim=True))))
+        h = h * (F.relu6(s + 3) / 6 if self.composite else self.gate(s))
+        return self.head(self.pw(h).mean((2, 3)))
+
+
 class DCGANDiscriminator(nn.Module):
     """A DCGAN-style discriminator: strided 4x4 convolutions with LeakyReLU(0.2), no normalization,
     a linear score head: output (B, 1)."""
@@ -366,6 +393,8 @@ ZOO_SPECS: dict[str, dict] = {
                         shape=(10,), smooth=True, layers="Linear, RMSNorm, GELU"),
     "once_differentiable": dict(build=OnceDifferentiableMLP, shape=(10,), smooth=True,
                                 layers="custom autograd.Function with a once_differentiable backward"),
+    "hard_se_block": dict(build=HardSEBlock, shape=(3, 6, 6), smooth=False, train=False,
+                          layers="conv, BatchNorm (eval), Hardswish, squeeze-excite gate (nn.Hardsigmoid)"),
     # discriminators (``discriminator=True``): one score per sample, for the GAN kinds (r1, wgan_gp) only
     "dcgan_d": dict(build=DCGANDiscriminator, shape=(3, 8, 8), smooth=False, discriminator=True,
                     layers="DCGAN discriminator: strided conv, LeakyReLU, no norm → (B, 1)"),
@@ -379,6 +408,9 @@ DISCRIMINATORS = tuple(k for k, v in ZOO_SPECS.items() if v.get("discriminator")
 
 def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> Case:
     """A fresh zoo case: random parameters (torch.manual_seed(seed)) and inputs from a seeded generator."""
+    from gradreg_fast.testing import third_party
+    if name in third_party.SPECS:
+        return third_party.make_case(name, dtype, seed)
     if name not in ZOO_SPECS:
         raise ValueError(f"unknown zoo model {name!r}; choose one of: {', '.join(ZOO + DISCRIMINATORS)}")
     spec = ZOO_SPECS[name]
@@ -409,8 +441,17 @@ def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> C
         twin = OnceDifferentiableMLP(composite=True).to(dtype)
         twin.load_state_dict(model.state_dict())
         twin.fc1, twin.fc2 = model.fc1, model.fc2       # shared parameters
+    if name == "hard_se_block":
+        twin = copy.copy(model)                         # shared submodules and parameters
+        twin.composite = True
     return Case(name=name, model=model, make_input=make_input, y=y, params=params, smooth=spec["smooth"],
                 coupled=spec.get("coupled", False), twin=twin, layers=spec["layers"], notes=notes)
+
+
+def spec_of(name: str) -> dict:
+    """The spec of a zoo model, the project's or the third-party zoo's (gradreg_fast.testing.third_party)."""
+    from gradreg_fast.testing import third_party
+    return ZOO_SPECS[name] if name in ZOO_SPECS else third_party.SPECS[name]
 
 
 def parameter_count(case: Case) -> int:

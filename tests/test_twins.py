@@ -1,0 +1,167 @@
+"""Activations whose backward torch cannot differentiate again (issue 23: nn.Hardsigmoid, the
+squeeze-excite gate of MobileNetV3, made exact refuse and hvp/jvp raise a raw NotImplementedError).
+The library runs the forwards it differentiates twice with twice-differentiable twins swapped in
+(gradreg_fast._twins); the zoo's hard_se_block runs the whole conformance matrix."""
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+import gradreg_fast as gr
+from gradreg_fast import _twins
+from gradreg_fast.penalties.core import second_order
+from gradreg_fast.testing import ground_truth, zoo
+
+# constructor arguments for the activation modules that need some
+_ARGS = {"Threshold": (0.1, 20.0), "Softmax": (), "Softmin": (), "LogSoftmax": (), "GLU": ()}
+_SKIP = {"MultiheadAttention", "Module", "Softmax2d"}   # not elementwise activations / need 3-D inputs
+
+
+def _activation_modules():
+    mod = nn.modules.activation
+    return sorted(n for n, c in vars(mod).items()
+                  if inspect.isclass(c) and issubclass(c, nn.Module) and c.__module__ == mod.__name__
+                  and n not in _SKIP)
+
+
+@pytest.mark.parametrize("name", _activation_modules())
+def test_every_torch_activation_is_twice_differentiable_in_second_order(name):
+    """Every activation module of torch.nn, under the context the library runs its second-order
+    forwards in: double backward and forward-over-reverse both exist and are right (gradgradcheck)."""
+    cls = getattr(nn, name)
+    m = cls(*_ARGS.get(name, ())).double()
+    if name in ("Softmax", "Softmin", "LogSoftmax", "GLU"):
+        m = cls(dim=-1)
+    m.eval()   # RReLU draws its slopes in training mode
+    g = torch.Generator().manual_seed(0)
+    # away from the kinks (|z| = 3, 0, thresholds) so that finite differences are meaningful
+    x = (torch.rand(4, 6, generator=g, dtype=torch.float64) * 7 - 3.5)
+    x = torch.where((x.abs() - 3).abs() < 0.05, x + 0.1, x)
+    x = torch.where(x.abs() < 0.05, x + 0.1, x).requires_grad_(True)
+    with second_order():
+        assert torch.autograd.gradgradcheck(m, (x,), check_fwd_over_rev=True)
+
+
+def test_hardsigmoid_twin_outputs_unchanged():
+    x = torch.randn(1000, dtype=torch.float32) * 4
+    with second_order():
+        y = nn.Hardsigmoid()(x)
+    torch.testing.assert_close(y, torch.nn.functional.hardsigmoid(x), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["exact", "hvp"])
+def test_hardsigmoid_model_exact_and_hvp(method):
+    """exact refused ('an op in the model has none'), hvp raised NotImplementedError (forward AD with
+    aten::hardsigmoid_backward): now both equal plain double backprop of the composite twin to 1e-6."""
+    case = zoo.make_case("hard_se_block")
+    for kind in ("doubleback", "frobreg"):
+        truth = ground_truth.penalty(case, kind)
+        value = gr.penalty(kind, case.model, case.input(), case.y, method=method)
+        grads = torch.autograd.grad(value, case.params, allow_unused=True, materialize_grads=True)
+        torch.testing.assert_close(value, truth.value, rtol=1e-6, atol=0)
+        for a, b in zip(grads, truth.grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+
+
+def test_hardsigmoid_jvp_runs():
+    case = zoo.make_case("hard_se_block")
+    value = gr.penalty("frobreg", case.model, case.input(), method="jvp", generator=torch.Generator().manual_seed(0))
+    grads = torch.autograd.grad(value, case.params, allow_unused=True, materialize_grads=True)
+    assert torch.isfinite(value) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_exact_logits_form_names_hardsigmoid():
+    """With precomputed logits the forward was the caller's: exact refuses naming the op and the fix."""
+    case = zoo.make_case("hard_se_block")
+    x = case.input().requires_grad_(True)
+    crit = gr.GradRegLoss("frobreg", lam=1.0)
+    with pytest.raises(ValueError, match="hardsigmoid.*crit\\(model, x, y\\).*method='fd'"):
+        crit(case.model(x), case.y, inputs=x)
+    crit(case.model, case.input(), case.y).backward()   # the model form swaps the twin in
+
+
+class _FunctionalGate(nn.Module):
+    """A user's squeeze-excite gate calling F.hardsigmoid (no nn.Hardsigmoid module to find), with
+    dropout and BatchNorm in training mode (the side effects a re-run must not double)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.drop = nn.Dropout(0.3)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.bn(self.lin(x))
+        return self.head(self.drop(h * torch.nn.functional.hardsigmoid(h)))
+
+
+class _ComposedGate(_FunctionalGate):
+    def forward(self, x):   # the same function in plain ops: the ground truth's twin
+        h = self.bn(self.lin(x))
+        return self.head(self.drop(h * (torch.nn.functional.relu6(h + 3) / 6)))
+
+
+def _counting_mode(monkeypatch):
+    entered = []
+    make = _twins.twice_differentiable
+
+    def counting():
+        entered.append(1)
+        return make()
+    monkeypatch.setattr(_twins, "twice_differentiable", counting)
+    return entered
+
+
+def test_twin_mode_entered_only_for_models_that_need_it(monkeypatch):
+    """The twins' mode adds Python work to every torch call of a forward, so exact runs a model without
+    hardsigmoid without it; a functional F.hardsigmoid is found in the forward's graph, that forward is
+    run again with the twins as the first ran (same dropout mask, BatchNorm statistics updated once), and
+    the model is remembered. Gradients equal plain double backprop of the composite twin (fp64)."""
+    entered = _counting_mode(monkeypatch)
+    plain = zoo.make_case("lenet")
+    gr.penalty("frobreg", plain.model, plain.input(), plain.y).backward()
+    assert not entered
+
+    torch.manual_seed(0)
+    model = _FunctionalGate().double().train()
+    truth_model = _ComposedGate().double().train()
+    truth_model.load_state_dict(model.state_dict())
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for call in range(2):
+        torch.manual_seed(10 + call)
+        value = gr.penalty("frobreg", model, x, method="exact")
+        grads = torch.autograd.grad(value, list(model.parameters()), allow_unused=True, materialize_grads=True)
+        torch.manual_seed(10 + call)
+        xt = x.clone().requires_grad_(True)
+        out = truth_model(xt)
+        g = torch.stack([torch.autograd.grad(out[:, k].sum(), xt, create_graph=True)[0] for k in range(3)])
+        truth = g.pow(2).sum((0, 2)).mean()
+        tgrads = torch.autograd.grad(truth, list(truth_model.parameters()), allow_unused=True,
+                                     materialize_grads=True)
+        torch.testing.assert_close(value, truth, rtol=1e-6, atol=0)
+        for a, b in zip(grads, tgrads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(model.bn.running_mean, truth_model.bn.running_mean, rtol=1e-12, atol=0)
+        assert model.bn.num_batches_tracked.item() == call + 1
+        assert _twins.needed(model)
+    assert len(entered) == 2   # the first call: found after its first forward; the second: directly
+
+
+def test_twin_mode_for_hvp_found_from_the_callers_graph(monkeypatch):
+    entered = _counting_mode(monkeypatch)
+    torch.manual_seed(0)
+    model = _FunctionalGate().double().eval()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    params = list(model.parameters())
+    exact = torch.autograd.grad(gr.penalty("frobreg", model, x), params, allow_unused=True, materialize_grads=True)
+    hvp = torch.autograd.grad(gr.penalty("frobreg", model, x, method="hvp"), params, allow_unused=True,
+                              materialize_grads=True)
+    for a, b in zip(hvp, exact, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
+    assert entered
+    entered.clear()
+    plain = zoo.make_case("smooth_mlp")
+    gr.penalty("frobreg", plain.model, plain.input(), plain.y, method="hvp").backward()
+    assert not entered
