@@ -26,7 +26,6 @@ import argparse
 import importlib
 import os
 import pkgutil
-import platform
 import sys
 import traceback
 
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 
 import op_cases  # noqa: E402
 from harness.memory import cuda_peak_bytes  # noqa: E402
-from harness.results import command_line, utc_now, write_csv, write_json  # noqa: E402
+from harness.results import command_line, cpu_name, utc_now, write_csv, write_json  # noqa: E402
 from harness.timing import probe, time_interleaved  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -67,16 +66,7 @@ def parse_args(argv=None):
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def copy_bandwidth(numel: int, dtype: torch.dtype, device: torch.device, reps: int) -> float:
