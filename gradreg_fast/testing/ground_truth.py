@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from gradreg_fast.penalties.core import math_attention  # torch's own kernel choice, no library op
-from gradreg_fast.testing.zoo import Case
+from gradreg_fast.testing.case import Case
 
 
 @dataclass

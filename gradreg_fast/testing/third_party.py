@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradreg_fast.testing.zoo import Case
+from gradreg_fast.testing.case import Case
 
 BATCH = 2
 K = 3

@@ -23,34 +23,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-K = 4          # classes of every zoo model
+from gradreg_fast.testing.case import Case, K  # noqa: F401  (Case: the type of every zoo entry)
+
 BATCH = 3
-
-
-@dataclass
-class Case:
-    name: str
-    model: nn.Module
-    make_input: Callable[[], torch.Tensor]
-    y: torch.Tensor | None          # None for the discriminators
-    params: list[torch.Tensor]
-    smooth: bool
-    coupled: bool = False
-    twin: nn.Module | None = None
-    layers: str = ""
-    notes: dict = field(default_factory=dict)
-    k: int = K                      # classes
-    model_kwargs: dict = field(default_factory=dict)   # model(x, **model_kwargs) (an attention mask)
-
-    def input(self) -> torch.Tensor:
-        """A fresh x (for the embedding model, a fresh embedding lookup with its own graph)."""
-        return self.make_input()
 
 
 # ----------------------------------------------------------------------------------------- models
