@@ -183,3 +183,22 @@ def test_fd_runs_at_the_callers_batch_size():
 def test_model_kwargs_checked():
     with pytest.raises(TypeError, match="model_kwargs must be a dict"):
         gr.penalty("frobreg", nn.Linear(3, 2).double(), torch.randn(2, 3, dtype=torch.float64), model_kwargs=[1])
+
+
+@pytest.mark.parametrize("model", third_party.NAMES)
+def test_third_party_cells_are_not_vacuous(model):
+    """Every cell above compares against a ground truth that is not zero: the logits depend on x and the
+    penalty's parameter gradient is nonzero (torchvision's ViT initializes its head to zeros, which made
+    every one of its cells right with a relative error of exactly 0 until make_case redrew it)."""
+    _need(model)
+    case = third_party.make_case(model)
+    x = case.input()
+    if not x.requires_grad:
+        x.requires_grad_(True)
+    net = case.twin if case.twin is not None else case.model   # the ground truth's composite twin
+    with math_attention():
+        out = net(x, **case.model_kwargs)
+        (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+        grads = torch.autograd.grad(g.pow(2).sum(), case.params, allow_unused=True)
+    assert g.abs().sum() > 0, f"{model}: the logits do not depend on x"
+    assert sum(float(t.abs().sum()) for t in grads if t is not None) > 0, f"{model}: the penalty's gradient is 0"

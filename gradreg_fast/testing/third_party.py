@@ -150,6 +150,16 @@ def available(name: str) -> bool:
     return True
 
 
+def _redraw_zero_parameters(model: nn.Module, gen: torch.Generator) -> None:
+    """Parameters a library initializes to all zeros (torchvision ViT's classification head) redrawn
+    N(0, 0.1²): with a zero head the logits do not depend on x, every penalty and its gradient are 0,
+    and a cell would be right vacuously. Biases may stay zero (the weight before them carries x)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
 def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> Case:
     """A fresh third-party case: random parameters (torch.manual_seed(seed)), fresh random inputs."""
     from gradreg_fast.nn import FromEmbeddings
@@ -157,6 +167,7 @@ def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> C
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(2000 + seed)
     model = spec["build"]().to(dtype)
+    _redraw_zero_parameters(model, gen)
     y = torch.randint(K, (BATCH,), generator=gen)
     kwargs = {}
     if spec["requires"] == "transformers":
