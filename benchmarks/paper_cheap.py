@@ -47,7 +47,7 @@ ITERS, WD_MODE = 3000, "isolated"
 # in the order they run within a seed: the cheapest recipes (the candidates for ≤ 1.3x a plain step)
 # first, so a partial sweep answers the main question at the most seeds
 SCHEDULES = ("every16", "every8", "every4", "sub0.25", "sub0.5", "every4-sub0.5", "every2",
-             "every8-c", "every4-c")
+             "every8-c", "every4-c", "every8-hold", "every4-hold")
 RECIPES = {"doubleback": SCHEDULES,
            "jacreg": ("jvp1-every16",) + SCHEDULES[:6] + ("jvp1", "jvp4") + SCHEDULES[6:]}
 LAM_SCALE = {"doubleback": 0.02, "jacreg": 1.0}   # DoubleBack at the paper's λ ÷ 50 (see paper_estimators)
@@ -56,13 +56,15 @@ GOAL_GAIN, GOAL_COST = 0.9, 1.3   # the goal: ≥ 90% of exact's gain at ≤ 1.3
 MIN_SEEDS = 5                     # seeds a recipe needs before "not significantly below exact" counts alone
 
 
-def planned(seeds) -> list[RunConfig]:
+def planned(seeds, only: tuple[str, ...] | None = None) -> list[RunConfig]:
     """Seed by seed, DoubleBack's recipes (cheap) before JacReg's, so a partial sweep has every recipe
-    at its first seeds."""
+    at its first seeds (``only``: these recipes alone)."""
     runs = []
     for s in seeds:
         for method, recipes in RECIPES.items():
             for est in recipes:
+                if only and est not in only:
+                    continue
                 runs.append(RunConfig(method, TABLE_N, s, ITERS, WD_MODE, lam_scale=LAM_SCALE[method],
                                       estimator=est))
     return runs
@@ -250,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="store_true", help="train the missing runs (resumable)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(range(10)))
+    p.add_argument("--recipes", nargs="+", help="--run: only these recipes (default: all)")
     p.add_argument("--results", default=RUNS)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-progress", action="store_true")
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.run:
-        run_sweep(planned(a.seeds), a.results, progress=not a.no_progress)
+        run_sweep(planned(a.seeds, tuple(a.recipes or ())), a.results, progress=not a.no_progress)
         return 0
     if a.steps:
         steps = measure_steps(a.reps)
