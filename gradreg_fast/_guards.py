@@ -24,7 +24,7 @@ import torch
 
 from gradreg_fast import _methods, distributed
 
-# Methods that train torch.compile'd models (the method table's trains_compiled; tests/test_compile.py
+# Methods that train torch.compile'd models (the method table's trains_compiled; tests/penalties/test_compile.py
 # checks each one): fd uses first-order reverse mode only; hvp and jvp differentiate a functional call of
 # the compiled module's original (the same function), so no compiled region meets their forward-mode passes.
 COMPILED_MODEL_METHODS = _methods.COMPILED_MODEL_METHODS

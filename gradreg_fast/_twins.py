@@ -3,7 +3,7 @@ again (no double backward, no forward-mode rule for their backward), swapped in 
 a forward it differentiates twice. A leaf module (it imports only torch).
 
 Found by sweeping every activation module of torch.nn through double backward and forward-over-reverse
-(tests/test_twins.py repeats the sweep, so a torch that drops another rule fails there):
+(tests/nn/test_twins.py repeats the sweep, so a torch that drops another rule fails there):
 
     F.hardsigmoid   hardsigmoid_backward has neither rule (torch 2.11-2.14): nn.Hardsigmoid, the
                     squeeze-excite gate of MobileNetV3 and EfficientNet-style blocks

@@ -1,7 +1,7 @@
 """Gradient penalties under torch.nn.parallel.DistributedDataParallel (DDP) and FSDP2
-(torch.distributed.fsdp.fully_shard; see FSDPDeferral below, tested in tests/test_fsdp.py).
+(torch.distributed.fsdp.fully_shard; see FSDPDeferral below, tested in tests/distributed/test_fsdp.py).
 
-What holds under DDP (tested in tests/test_ddp.py with torchrun, 2 gloo processes, fp64):
+What holds under DDP (tested in tests/distributed/test_ddp.py with torchrun, 2 gloo processes, fp64):
 
 - Every penalty and method works on a DDP-wrapped model with DDP's default settings and with
   ``find_unused_parameters=True``: double backward (``autograd.grad(create_graph=True)`` followed
@@ -421,7 +421,7 @@ def fsdp_estimator(estimator: Callable, model: Callable | None, out: torch.Tenso
     deferral. fd: unchanged (its passes are first-order, which FSDP's hooks serve as for any loss),
     but refused when the sharded model computes in bf16/fp16: its step (fd_h = 1e-3 of the input
     scale) is below 16-bit resolution, and the difference quotient is rounding noise (measured:
-    gradient off by 3-135% with MixedPrecisionPolicy(param_dtype=bfloat16), tests/test_fsdp.py).
+    gradient off by 3-135% with MixedPrecisionPolicy(param_dtype=bfloat16), tests/distributed/test_fsdp.py).
     """
     if method not in FSDP_DEFERRED_METHODS and method != "fd":
         return estimator

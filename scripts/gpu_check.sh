@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_check.sh            run it all
 #   scripts/gpu_check.sh --dry-run  print each command it would run ("+ cmd"), run none of them
-#                                   (tests/test_triton_aot.py checks them on a CPU-only machine)
+#                                   (tests/tooling/test_triton_aot.py checks them on a CPU-only machine)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0

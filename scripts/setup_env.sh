@@ -26,7 +26,7 @@ pip install -q "triton>=3.6,<3.10" numpy ninja pybind11 setuptools wheel \
 pip install -q "lightning>=2.1,<3" "$TORCH_SPEC"
 # the third-party zoo (the optional extra .[models]): transformers with any torch; torchvision and timm only
 # where the index has a torchvision for this torch (its wheels pair with the index's CUDA torch builds;
-# a CPU-only torch has none, and tests/test_third_party.py skips them there unless GRADREG_REQUIRE_MODELS=1)
+# a CPU-only torch has none, and tests/models/test_third_party.py skips them there unless GRADREG_REQUIRE_MODELS=1)
 pip install -q transformers "$TORCH_SPEC"
 if [ "${MODELS_VISION:-0}" = "1" ]; then
   pip install -q timm "torchvision${TORCHVISION_SPEC:-}" "$TORCH_SPEC"

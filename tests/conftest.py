@@ -14,7 +14,7 @@ import pytest
 
 import gradreg_fast
 
-# Every Triton launch is recorded (gradreg_fast/triton/_launch.py). tests/test_triton_aot.py compiles the
+# Every Triton launch is recorded (gradreg_fast/triton/_launch.py). tests/tooling/test_triton_aot.py compiles the
 # specializations of LAUNCH_TABLE for sm_80 and sm_90; at the end of an interpreted run, any launched
 # specialization that the table lacks is compiled for both here, and one that does not compile fails
 # the session. GRADREG_RECORD_LAUNCHES=tests/triton_launches.jsonl pytest ... adds them to the table.

@@ -4,7 +4,7 @@ A family (sq_norm, fd_direction, cross_entropy, projection, bias_act) is one ``d
 module gradreg_fast/ops/<family>.py, naming for each of its operators
 
     schema      the operator's schema, as csrc/gradreg.cpp defines it for the C++/CUDA kernels
-                (tests/test_registry.py checks that the two agree)
+                (tests/ops/test_registry.py checks that the two agree)
     fake        its fake (meta) kernel: output shapes and dtypes, for torch.compile
     triton      its Triton launcher, "module:function" (imported, and triton with it, when it runs)
     reference   its pure-PyTorch implementation (for the operators the public wrappers call)

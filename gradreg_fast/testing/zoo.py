@@ -428,6 +428,36 @@ def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> C
                 coupled=spec.get("coupled", False), twin=twin, layers=spec["layers"], notes=notes)
 
 
+# ------------------------------------------------------------------- small models of the unit tests
+def _small_cnn(k: int = K) -> nn.Sequential:
+    """conv → ReLU → max-pool → conv → tanh → linear, for 1×10×10 inputs."""
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 2), nn.Tanh(),
+                         nn.Flatten(), nn.Linear(4 * 3 * 3, k))
+
+
+# name: (builder of k outputs, input shape); the unit tests' models (the conformance matrix runs ZOO)
+SMALL: dict[str, tuple[Callable[[int], nn.Module], tuple[int, ...]]] = {
+    "mlp": (lambda k: _mlp(nn.ReLU, d_in=12, width=16, k=k), (12,)),
+    "cnn": (_small_cnn, (1, 10, 10)),
+    "tanh": (lambda k: _mlp(nn.Tanh, d_in=12, width=16, k=k), (12,)),
+}
+
+
+def make_small(name: str, batch: int = 6, k: int = 5, dtype: torch.dtype = torch.float64,
+               seed: int = 0) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(model, x, y) of a small unit-test model with fresh random parameters (torch.manual_seed(seed))
+    and inputs from a seeded generator (never zeros)."""
+    if name not in SMALL:
+        raise ValueError(f"unknown small model {name!r}; choose one of: {', '.join(SMALL)}")
+    g = torch.Generator().manual_seed(seed)
+    build, shape = SMALL[name]
+    torch.manual_seed(seed)
+    model = build(k).to(dtype)
+    x = torch.randn((batch,) + shape, generator=g, dtype=dtype)
+    y = torch.randint(k, (batch,), generator=g)
+    return model, x, y
+
+
 def spec_of(name: str) -> dict:
     """The spec of a zoo model, the project's or the third-party zoo's (gradreg_fast.testing.third_party)."""
     from gradreg_fast.testing import third_party

@@ -15,7 +15,7 @@ on, so ``gradreg_fast.triton.aot`` can rebuild the launch with the installed Tri
 compile it ahead of time for a GPU target without a GPU. A runtime float is recorded as 0.5 (Triton
 passes it as fp32 whatever its value). ``options`` holds launch options such as ``num_warps``.
 
-The test suite records every launch (tests/conftest.py); tests/test_triton_aot.py compiles the table
+The test suite records every launch (tests/conftest.py); tests/tooling/test_triton_aot.py compiles the table
 ``tests/triton_launches.jsonl`` for sm_80 and sm_90, and conftest compiles, at the end of the session,
 any launched specialization that the table lacks.
 """

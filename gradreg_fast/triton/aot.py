@@ -50,7 +50,7 @@ ARCHS = (80, 90)
 
 # Spills found and explained by reading the SASS (cuobjdump -sass) of every flagged specialization:
 # kernel -> (most spill bytes, stores + loads, seen in one specialization, allowed up to; why).
-# tests/test_triton_aot.py fails on any other spill.
+# tests/tooling/test_triton_aot.py fails on any other spill.
 EXPLAINED_SPILLS = {
     "_project_kernel": (64, "Values live across the calls to libdevice's out-of-line fp64 sin/cos argument "
                             "reduction (a subroutine with its own stack frame, for |θ| beyond the inline "

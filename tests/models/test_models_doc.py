@@ -3,7 +3,7 @@ from pathlib import Path
 
 from gradreg_fast.testing import conformance
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "models.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "models.md"
 
 
 def test_generated_section_replaced_and_prose_kept(tmp_path):

@@ -21,7 +21,7 @@ import gradreg_fast as gr
 from conftest import TOLERANCES, assert_close_to_reference, backend_params
 from gradreg_fast.ops import gaussian_like, project
 from gradreg_fast.reference import philox as P
-from models import make
+from gradreg_fast.testing.zoo import make_small as make
 
 FAST = [p for p in backend_params() if p.values[1] != "reference"]
 OPS_BACKENDS = [p for p in backend_params() if p.values[1] in ("cpp", "cuda", "triton")]

@@ -1,6 +1,6 @@
 """Penalties under DistributedDataParallel: torchrun with 2 gloo processes on the CPU (fp64).
 
-tests/ddp_worker.py runs every kind x method x call form x DDP configuration once (about 10 s);
+tests/distributed/ddp_worker.py runs every kind x method x call form x DDP configuration once (about 10 s);
 the tests below check its results case by case:
   - the two ranks end with identical gradients (DDP averaged them),
   - they equal one process on the concatenated batch (deterministic penalties), and always equal
@@ -49,9 +49,9 @@ def _torchrun(args, timeout=180):
 
 
 def worker_results(tmp_path_factory, worker: str) -> dict:
-    """Run tests/<worker>_worker.py under torchrun (2 ranks) and load the results it wrote."""
+    """Run tests/distributed/<worker>_worker.py under torchrun (2 ranks) and load the results it wrote."""
     out = tmp_path_factory.mktemp(worker) / "results.json"
-    _torchrun([os.path.join("tests", f"{worker}_worker.py"), str(out)])
+    _torchrun([os.path.join("tests", "distributed", f"{worker}_worker.py"), str(out)])
     with open(out) as f:
         data = json.load(f)
     assert data["methods"] == list(gr.METHODS) and data["kinds"] == list(gr.KINDS)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import gradreg_fast as gr
-import models
 from conftest import TOLERANCES, available_backends
 from gradreg_fast._guards import COMPILED_MODEL_METHODS
+from gradreg_fast.testing.zoo import make_small
 from method_matrix import served_pairs
 
 # Sample inputs per schema op (fp32 CPU). A new op without an entry fails test_all_ops_have_samples.
@@ -174,7 +174,7 @@ def test_method_on_aot_compiled_model(kind, method):
     if expect == "uses forward-mode AD" and _aot_supports_forward_ad():
         expect = "trains"
     torch._dynamo.reset()
-    model, x, y = models.make("tanh", batch=6, dtype=torch.float32)
+    model, x, y = make_small("tanh", batch=6, dtype=torch.float32)
     compiled = torch.compile(model, backend="aot_eager")
     if expect != "trains":
         with pytest.raises(ValueError) as info:
@@ -188,7 +188,7 @@ def test_method_on_aot_compiled_model(kind, method):
             gr.GradRegLoss(kind, lam=0.1, method=method)(compiled, x, y)
         return
     # trains: SGD steps on the compiled model equal those on an uncompiled copy
-    twin, _, _ = models.make("tanh", batch=6, dtype=torch.float32)
+    twin, _, _ = make_small("tanh", batch=6, dtype=torch.float32)
     twin.load_state_dict(model.state_dict())
     for _ in range(3):
         for m, fwd in ((model, compiled), (twin, twin)):
@@ -206,7 +206,7 @@ def test_exact_on_eager_backend_compiled_model():
     """backend='eager' (dynamo without aot_autograd) keeps double backward: exact works and
     equals the uncompiled model."""
     torch._dynamo.reset()
-    model, x, y = models.make("tanh", batch=6, dtype=torch.float64)
+    model, x, y = make_small("tanh", batch=6, dtype=torch.float64)
     compiled = torch.compile(model, backend="eager")
     p = gr.penalty("doubleback", compiled, x, y)
     ref = gr.penalty("doubleback", model, x, y)
@@ -217,7 +217,7 @@ def test_exact_on_eager_backend_compiled_model():
 def test_without_the_check_pytorch_fails_only_at_backward():
     """What the check prevents: PyTorch's own error comes at loss.backward(), not at the penalty."""
     torch._dynamo.reset()
-    model, x, y = models.make("tanh", batch=6, dtype=torch.float32)
+    model, x, y = make_small("tanh", batch=6, dtype=torch.float32)
     compiled = torch.compile(model, backend="aot_eager")
     xr = x.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(compiled(xr), y), xr, create_graph=True)
@@ -239,7 +239,7 @@ def test_inductor_compiled_model_trains_right_or_refuses(method, earlier_double_
     with its check switched off the gradients came out 0.1 off). The library either trains, with the
     uncompiled model's gradients, or refuses with a ValueError naming what works; never a raw error."""
     if earlier_double_backward:
-        other, x0, y0 = models.make("tanh", batch=6, dtype=torch.float64)
+        other, x0, y0 = make_small("tanh", batch=6, dtype=torch.float64)
         x0.requires_grad_(True)
         (g0,) = torch.autograd.grad(torch.nn.functional.cross_entropy(torch.compile(other, backend="eager")(x0), y0),
                                     x0, create_graph=True)

@@ -1,5 +1,5 @@
 """Issue 23: third-party models as users bring them (torchvision, timm, Hugging Face transformers),
-in the conformance matrix with the project zoo's rules (tests/test_conformance.py), and GradRegLoss
+in the conformance matrix with the project zoo's rules (tests/models/test_conformance.py), and GradRegLoss
 training them. The packages are optional (``pip install .[models]``): a model whose package is missing
 is skipped, unless GRADREG_REQUIRE_MODELS=1 (CI), where that is a failure."""
 import os
@@ -9,13 +9,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from test_conformance import _MATRIX, _check
 from torch import nn
 
 import gradreg_fast as gr
 from gradreg_fast.penalties import estimators
 from gradreg_fast.testing import third_party
 from gradreg_fast.testing.ground_truth import math_attention
-from test_conformance import _MATRIX, _check
 
 REQUIRE = os.environ.get("GRADREG_REQUIRE_MODELS") == "1"
 HF = [n for n in third_party.NAMES if n.startswith("hf_")]
@@ -27,7 +27,7 @@ CELLS = [(m, k, meth) for m in third_party.NAMES for k in (("doubleback", "frobr
          for meth in ("exact", "hvp", "fd")]
 EXPECTED_REFUSALS = {"tv_resnet18_train": {"jvp": "batch statistics"}}
 # jvp's unbiasedness cells run up to hundreds of calls each: two HF models here (the hardsigmoid twin under
-# jvp is covered by the zoo's hard_se_block in tests/test_conformance.py); tv_vit's jvp cell ran past
+# jvp is covered by the zoo's hard_se_block in tests/models/test_conformance.py); tv_vit's jvp cell ran past
 # 10 minutes on a loaded 2-core machine (issue 23: to investigate before adding it back)
 JVP_CELLS = ["hf_bert", "hf_distilbert"]
 

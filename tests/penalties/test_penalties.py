@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 
 import gradreg_fast as gr
-from models import MODELS, make
+from gradreg_fast.testing.zoo import SMALL as MODELS
+from gradreg_fast.testing.zoo import make_small as make
 
 TOL = dict(rtol=1e-9, atol=1e-9)
 K = 5

@@ -1,7 +1,7 @@
 """Penalties on models sharded with FSDP2 (torch.distributed.fsdp.fully_shard): torchrun with 2 gloo
 processes on the CPU.
 
-tests/fsdp_worker.py runs every kind x method x call form on a 3-Linear MLP with every Linear and the
+tests/distributed/fsdp_worker.py runs every kind x method x call form on a 3-Linear MLP with every Linear and the
 root wrapped in fully_shard (about 25 s); the tests below check its results case by case:
   - the two ranks end with identical gradients (FSDP reduce-scattered them),
   - they equal one process on the concatenated batch (fp64, deterministic penalties; fd within its
@@ -21,12 +21,12 @@ import types
 
 import pytest
 import torch
+from test_ddp import STOCHASTIC_KINDS, TOL, TOL_BY_METHOD, _torchrun, expected_error, worker_results
 
 import gradreg_fast as gr
 from conftest import ROOT, subprocess_env
 from gradreg_fast import distributed
 from method_matrix import STOCHASTIC_METHODS
-from test_ddp import STOCHASTIC_KINDS, TOL, TOL_BY_METHOD, _torchrun, expected_error, worker_results
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import gradreg_fast as gr
-from models import make
+from gradreg_fast.testing.zoo import make_small as make
 
 
 def test_value_is_base_plus_lambda_penalty():

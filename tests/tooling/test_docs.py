@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 PAGES = sorted(["README.md", "CONTRIBUTING.md", os.path.join("benchmarks", "README.md")]
                + [os.path.join("docs", f) for f in os.listdir(os.path.join(ROOT, "docs")) if f.endswith(".md")])
 NO_RUN = re.compile(r"<!--\s*no-run:\s*(.*?)\s*-->")

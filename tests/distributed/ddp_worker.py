@@ -1,5 +1,5 @@
-"""Worker for tests/test_ddp.py, run as
-``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/ddp_worker.py OUT.json``.
+"""Worker for tests/distributed/test_ddp.py, run as
+``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed/ddp_worker.py OUT.json``.
 
 Every penalty kind x method x call form x DDP configuration: two SGD steps of a small fp64 MLP
 wrapped in DistributedDataParallel (gloo, CPU), each rank on its half of the batch. Rank 0 also
@@ -23,7 +23,7 @@ from torch import nn
 try:
     import gradreg_fast as gr  # the installed package, with its built extension
 except ImportError:  # a source checkout with the extension built in place
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     import gradreg_fast as gr
 
 DTYPE = torch.float64
@@ -69,7 +69,7 @@ def sgd(model: nn.Module) -> None:
 
 
 def run_reference(form, kind, method, x, y, halves: bool, make=None):
-    model = (make or make_model)()   # make: another model (tests/fsdp_worker.py's BatchNorm case)
+    model = (make or make_model)()   # make: another model (tests/distributed/fsdp_worker.py's BatchNorm case)
     gen = torch.Generator()
     grads, values = [], []
     for step in range(STEPS):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import gradreg_fast as gr
 from gradreg_fast import reference
 from gradreg_fast.ops._registry import IMPLEMENTATIONS
-from models import make
+from gradreg_fast.testing.zoo import make_small as make
 
 K = 5
 

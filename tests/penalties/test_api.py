@@ -8,9 +8,9 @@ import torch
 
 import gradreg_fast as gr
 from conftest import subprocess_env
-from models import make
+from gradreg_fast.testing.zoo import make_small as make
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
 
 
 @pytest.mark.parametrize("kind", gr.KINDS)

@@ -288,7 +288,7 @@ def test_cpu_baseline_loops_match_reference(tmp_path):
 def test_cpp_activation_list_matches_the_table():
     """csrc/bias_act.h's GRADREG_ACTIVATIONS rows are the table's rows, in its order (the codes):
     enumerator, act' from the output, act'' != 0, takes an alpha."""
-    with open(os.path.join(os.path.dirname(__file__), "..", "csrc", "bias_act.h")) as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "bias_act.h")) as f:
         header = f.read()
     block = re.search(r"#define GRADREG_ACTIVATIONS\(X\)((?:.*\\\n)*.*\n)", header)
     assert block, "GRADREG_ACTIVATIONS not found in csrc/bias_act.h"

@@ -9,7 +9,7 @@ import torch
 
 from conftest import subprocess_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 
 
 def test_quick_run_writes_results(tmp_path):

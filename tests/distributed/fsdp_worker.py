@@ -1,7 +1,7 @@
-"""Worker for tests/test_fsdp.py, run as
-``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/fsdp_worker.py OUT.json``.
+"""Worker for tests/distributed/test_fsdp.py, run as
+``python -m torch.distributed.run --standalone --nproc_per_node=2 tests/distributed/fsdp_worker.py OUT.json``.
 
-The DDP worker's cases (tests/ddp_worker.py: the same fp64 MLP, data, call forms, two SGD steps and
+The DDP worker's cases (tests/distributed/ddp_worker.py: the same fp64 MLP, data, call forms, two SGD steps and
 the one-process references on the concatenated batch and on the halves, imported from there) with
 the model sharded by FSDP2 instead: every Linear and the root wrapped in ``fully_shard`` (gloo,
 CPU), each rank on its half of the batch. Configurations:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import gradreg_fast as gr
-import models
+from gradreg_fast.testing.zoo import make_small
 from method_matrix import served_pairs, serves
 
 
@@ -64,7 +64,7 @@ def test_every_method_has_a_tolerance():
 @pytest.mark.parametrize("name", MODELS)
 def test_bf16_autocast_close_to_fp32(name, kind, method):
     tol = AUTOCAST_TOL[method]
-    model, x, y = models.make(name, batch=8, dtype=torch.float32, seed=3)
+    model, x, y = make_small(name, batch=8, dtype=torch.float32, seed=3)
     ref = _penalty(kind, method, model, x, y, seed=5)
     ref_grad = _grads(ref, model)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -89,7 +89,7 @@ def test_bf16_autocast_close_to_fp32(name, kind, method):
 def test_autocast_actually_lowers_precision():
     """Guard against a vacuous comparison: under autocast the model really runs in bf16, so the
     penalty differs from fp32 (but stays within tolerance)."""
-    model, x, y = models.make("mlp", batch=8, dtype=torch.float32, seed=3)
+    model, x, y = make_small("mlp", batch=8, dtype=torch.float32, seed=3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x).dtype == torch.bfloat16
         low = gr.penalty("frobreg", model, x)
@@ -99,7 +99,7 @@ def test_autocast_actually_lowers_precision():
 @pytest.mark.parametrize("method", list(gr.METHODS))
 def test_gradregloss_trains_under_autocast(method):
     """A few optimizer steps under autocast: finite losses and gradients, the loss goes down."""
-    model, x, y = models.make("mlp", batch=16, dtype=torch.float32, seed=4)
+    model, x, y = make_small("mlp", batch=16, dtype=torch.float32, seed=4)
     kind = "doubleback" if serves("doubleback", method) else "frobreg"
     crit = gr.GradRegLoss(kind, lam=0.5, method=method)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

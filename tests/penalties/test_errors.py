@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import gradreg_fast as gr
-from models import make
+from gradreg_fast.testing.zoo import make_small as make
 
 
 @pytest.fixture

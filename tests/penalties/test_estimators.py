@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradreg_fast as gr
-from models import make
+from gradreg_fast.testing.zoo import make_small as make
 
 K = 5
 DETERMINISTIC = ["doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot"]
