@@ -65,15 +65,22 @@ def _aot_autograd_used() -> bool:
 
 def graph_nodes(t: torch.Tensor, stop=None) -> Iterator:
     """Every node of t's autograd graph, once each (depth first from t.grad_fn), not walking past the
-    node ``stop`` (excluded) when given."""
-    seen, stack = set(), [t.grad_fn]
+    node ``stop`` (excluded) when given.
+
+    A node is marked seen when first pushed, so each is pushed once (the walk runs on every penalty
+    call, over graphs of a few hundred nodes: half the time of marking on pop, which pushes a node
+    once per edge into it)."""
+    root = t.grad_fn
+    if root is None or root is stop:
+        return
+    seen, stack = {root, None, stop}, [root]
     while stack:
         node = stack.pop()
-        if node is None or node is stop or node in seen:
-            continue
-        seen.add(node)
         yield node
-        stack.extend(fn for fn, _ in node.next_functions)
+        for fn, _ in node.next_functions:
+            if fn not in seen:
+                seen.add(fn)
+                stack.append(fn)
 
 
 def _graph_holds(t: torch.Tensor, node_name: str) -> bool:
