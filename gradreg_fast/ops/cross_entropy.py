@@ -140,7 +140,8 @@ def check_cross_entropy_inputs(logits: torch.Tensor, y: torch.Tensor) -> None:
     if y.numel() == 0 or torch.compiler.is_compiling():
         return
     if y.device.type == "cpu":
-        lo, hi = int(y.min()), int(y.max())
+        lo, hi = torch.aminmax(y)
+        lo, hi = lo.item(), hi.item()
         if lo < 0 or hi >= K:
             raise ValueError(f"cross_entropy: y must hold class indices in [0, {K}), got values in [{lo}, {hi}]")
     else:  # no host synchronization: the assertion fires on the device
