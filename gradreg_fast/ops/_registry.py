@@ -115,7 +115,7 @@ def declare(family: str, ops: tuple[Op, ...], autograd: Callable[[dict], dict]) 
 # op -> the largest input (number of elements) on which backend "auto" runs the op's pure-PyTorch
 # reference on CPU tensors instead of the C++ kernel. The C++ op pays a fixed cost per call that the
 # composite does not (torch.library's Python autograd wrappers around its forward, backward and double
-# backward: ~90 us per op and training step), which outweighs the kernel's gain on small inputs:
+# backward: 40-90 us per op and training step), which outweighs the kernel's gain on small inputs:
 # forward + create_graph backward + double backward on one thread (docs/backends.md, "Which kernel
 # auto runs on the CPU"). A backend named by the caller (backend="cpp", GRADREG_BACKEND=cpp) always
 # runs its own kernel.
