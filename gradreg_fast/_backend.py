@@ -8,7 +8,9 @@ Backends:
 
 Choice: the ``backend=`` argument of an op, else the ``backend=`` of the enclosing gr.penalty /
 GradRegLoss call (``use_backend``), else the GRADREG_BACKEND environment variable, else
-"auto" (CUDA tensors: cuda, then triton, then reference; CPU tensors: cpp, then reference).
+"auto" (CUDA tensors: cuda, then triton, then reference; CPU tensors: cpp, then reference, except
+for the ops of ``gradreg_fast.ops._registry.AUTO_CPU_REFERENCE`` on inputs up to their size there,
+which run their reference: below it the kernel's fixed cost per call outweighs its gain).
 An explicitly requested backend that cannot run raises; it never falls back silently.
 """
 from __future__ import annotations
@@ -195,16 +197,23 @@ def clear_caches() -> None:
     interpreter_incompatibility.cache_clear()
 
 
+def requested_backend(backend: str | None) -> str:
+    """The backend a call asks for: its ``backend=``, else the scoped one (``use_backend``), else
+    GRADREG_BACKEND, else "auto" (not checked here: ``resolve_backend`` does)."""
+    if backend is not None:
+        return backend
+    scoped = _SCOPED_BACKEND.get()
+    return scoped if scoped is not None else os.environ.get("GRADREG_BACKEND", "auto")
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend a call on ``device`` uses; raises when an explicit choice cannot run there."""
-    scoped = _SCOPED_BACKEND.get() if backend is None else None
-    name = (backend if backend is not None else scoped if scoped is not None
-            else os.environ.get("GRADREG_BACKEND", "auto"))
+    name = requested_backend(backend)
     key = (name, device.type, triton_interpret())
     resolved = _RESOLVED.get(key)
     if resolved is None:
-        resolved = _RESOLVED[key] = _resolve(name, device, "backend=" if backend is not None or scoped is not None
-                                             else "GRADREG_BACKEND=")
+        explicit = backend is not None or _SCOPED_BACKEND.get() is not None
+        resolved = _RESOLVED[key] = _resolve(name, device, "backend=" if explicit else "GRADREG_BACKEND=")
     return resolved
 
 
@@ -236,3 +245,4 @@ def _resolve(name: str, device: torch.device, source: str) -> str:
 # does (torch 2.1-2.14); calling it here would import torch._dynamo (~1.5 s) at `import gradreg_fast`.
 # Consequence: a compiled function keeps the backend chosen when it was traced.
 resolve_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]
+requested_backend._dynamo_marked_constant = True  # type: ignore[attr-defined]

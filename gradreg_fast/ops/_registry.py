@@ -15,9 +15,10 @@ and setup_context of each operator. The registry then
 - defines the Triton operators ``gradreg_fast::<name>_triton`` from the same schemas;
 - registers the fake kernels and the autograd rule on the Triton operators, and on the extension's
   operators when gradreg_fast._C is loaded and has the whole family;
-- answers ``implementation(op, backend, device)``: the callable that runs ``op`` on the backend a
-  call chooses (``gradreg_fast._backend.resolve_backend``, which caches its answer per requested
-  backend and device type), or raises the one "no implementation" error.
+- answers ``implementation(op, backend, device, numel)``: the callable that runs ``op`` on the backend
+  a call chooses (``gradreg_fast._backend.resolve_backend``, which caches its answer per requested
+  backend and device type; "auto" on a small CPU input of an op in ``AUTO_CPU_REFERENCE``: the
+  reference), or raises the one "no implementation" error.
 
 Adding an op: one ``declare`` plus its kernels (csrc/cpu, csrc/cuda, gradreg_fast/triton) and its
 schema in csrc/gradreg.cpp.
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gradreg_fast._backend import BACKENDS, EXTENSION_LOADED, resolve_backend
+from gradreg_fast._backend import BACKENDS, EXTENSION_LOADED, requested_backend, resolve_backend
 
 NAMESPACE = "gradreg_fast"
 REBUILD = "rebuild it from these sources (pip install --no-build-isolation .)"
@@ -111,10 +112,24 @@ def declare(family: str, ops: tuple[Op, ...], autograd: Callable[[dict], dict]) 
         assert set(IMPLEMENTATIONS[op.name]) == set(BACKENDS)
 
 
-def implementation(op: str, backend: str | None, device: torch.device) -> Callable:
+# op -> the largest input (number of elements) on which backend "auto" runs the op's pure-PyTorch
+# reference on CPU tensors instead of the C++ kernel. The C++ op pays a fixed cost per call that the
+# composite does not (torch.library's Python autograd wrappers around its forward, backward and double
+# backward: 40-90 us per op and training step), which outweighs the kernel's gain on small inputs:
+# forward + create_graph backward + double backward on one thread (docs/backends.md, "Which kernel
+# auto runs on the CPU"). A backend named by the caller (backend="cpp", GRADREG_BACKEND=cpp) always
+# runs its own kernel.
+AUTO_CPU_REFERENCE: dict[str, int] = {"cross_entropy": 2 ** 18, "sq_norm": 2 ** 16}
+
+
+def implementation(op: str, backend: str | None, device: torch.device, numel: int | None = None) -> Callable:
     """The callable running ``op`` for a call on ``device`` with ``backend=`` (None: the scoped
-    backend, GRADREG_BACKEND, else auto); raises when that backend cannot run it."""
+    backend, GRADREG_BACKEND, else auto) on an input of ``numel`` elements (None: unknown); raises
+    when that backend cannot run it."""
     name = resolve_backend(backend, device)
+    if (name == "cpp" and numel is not None and numel <= AUTO_CPU_REFERENCE.get(op, -1)
+            and requested_backend(backend) == "auto"):
+        name = "reference"   # small input: the composite is faster on the CPU (AUTO_CPU_REFERENCE)
     impl = IMPLEMENTATIONS[op][name]
     if impl is None:
         raise no_implementation(op, name, device, _fix(op, name))

@@ -140,7 +140,8 @@ def check_cross_entropy_inputs(logits: torch.Tensor, y: torch.Tensor) -> None:
     if y.numel() == 0 or torch.compiler.is_compiling():
         return
     if y.device.type == "cpu":
-        lo, hi = int(y.min()), int(y.max())
+        lo, hi = torch.aminmax(y)
+        lo, hi = lo.item(), hi.item()
         if lo < 0 or hi >= K:
             raise ValueError(f"cross_entropy: y must hold class indices in [0, {K}), got values in [{lo}, {hi}]")
     else:  # no host synchronization: the assertion fires on the device
@@ -157,11 +158,12 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor, *, backend: str | None 
     Args:
         logits: (B, K) float16/bfloat16/float32/float64, any strides (math in fp32, fp64 for fp64).
         y: (B,) int64 class indices in [0, K).
-        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto).
+        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto;
+            auto runs the reference on small CPU inputs, see docs/backends.md).
 
     Returns:
         (B,) losses in float32 (float64 for float64 logits). Gradients w.r.t. logits have the
         logits' dtype.
     """
     check_cross_entropy_inputs(logits, y)
-    return implementation("cross_entropy", backend, logits.device)(logits, y)[0]
+    return implementation("cross_entropy", backend, logits.device, logits.numel())(logits, y)[0]

@@ -70,11 +70,12 @@ def sq_norm(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 
     Args:
         x: floating tensor of shape (B, ...), any strides (made contiguous by the kernels).
-        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto).
+        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto;
+            auto runs the reference on small CPU inputs, see docs/backends.md).
 
     Returns:
         Tensor of shape (B,), float32 for fp16/bf16/fp32 inputs (fp32 accumulation, no fp16
         overflow), float64 for fp64 inputs. Differentiable twice.
     """
     check_floating_batched(x, "sq_norm")
-    return implementation("sq_norm", backend, x.device)(x)
+    return implementation("sq_norm", backend, x.device, x.numel())(x)

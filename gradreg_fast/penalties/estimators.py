@@ -108,10 +108,16 @@ def _prefers_loop(model) -> bool:
 
 
 def _sq_norms(p: Problem, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample s_b = scale · Σ_j ‖G[j, b]‖² (B,) from G (n, B, ...), through the fused sq_norm op."""
+    """Per-sample s_b = scale · Σ_j ‖G[j, b]‖² (B,) from G (n, B, ...), through the fused sq_norm op.
+    The sum over j is skipped for one cotangent (n = 1), the product for scale 1 (every kind but
+    SpectReg with n_proj > 1 and subsample's rescaling): the same numbers, up to two ops fewer in the
+    forward and in each backward."""
     n, batch = g.shape[0], g.shape[1]
-    norms = sq_norm(g.reshape((n * batch,) + tuple(g.shape[2:]))).reshape(n, batch)
-    return p.scale * norms.sum(0)
+    if n == 1:
+        s = sq_norm(g[0])
+    else:
+        s = sq_norm(g.reshape((n * batch,) + tuple(g.shape[2:]))).reshape(n, batch).sum(0)
+    return s if p.scale == 1 else p.scale * s
 
 
 def _penalty_value(p: Problem, g: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,36 @@ def test_missing_implementation_error_names_op_backend_device_and_fix(monkeypatc
             call()
 
 
+def _runs_kernel(t: torch.Tensor) -> bool:
+    """Whether t came out of one of the library's custom ops (its autograd node), not a composite."""
+    return "gradreg_fast" in t.grad_fn.name()
+
+
+@pytest.mark.parametrize("op", sorted(_registry.AUTO_CPU_REFERENCE))
+def test_auto_runs_the_reference_on_small_cpu_inputs_and_a_named_backend_its_kernel(op, monkeypatch):
+    """backend="auto" on the CPU: the op's reference up to AUTO_CPU_REFERENCE[op] elements, the C++
+    kernel above; backend="cpp" (argument or GRADREG_BACKEND) runs the kernel at every size."""
+    if not gr.backends()["cpp"].available:
+        pytest.skip("the extension is not built")
+    monkeypatch.delenv("GRADREG_BACKEND", raising=False)
+    limit = _registry.AUTO_CPU_REFERENCE[op]
+
+    def call(numel, backend=None):
+        z = torch.randn(1, numel, requires_grad=True)
+        if op == "sq_norm":
+            return gr.ops.sq_norm(z, backend=backend)
+        return gr.ops.cross_entropy(z, torch.zeros(1, dtype=torch.long), backend=backend)
+
+    small, large = call(limit), call(limit + 1)
+    assert not _runs_kernel(small) and _runs_kernel(large)
+    assert not _runs_kernel(call(limit, "auto"))
+    assert _runs_kernel(call(limit, "cpp")) and _runs_kernel(call(3, "cpp"))
+    monkeypatch.setenv("GRADREG_BACKEND", "cpp")
+    assert _runs_kernel(call(3))
+    with _backend.use_backend("auto"):
+        assert not _runs_kernel(call(3))
+
+
 def test_resolution_is_cached_per_backend_and_device_type(monkeypatch):
     calls = []
     real = _backend.backends

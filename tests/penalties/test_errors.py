@@ -42,6 +42,22 @@ def test_y_not_integer_or_out_of_range(setup):
         gr.penalty("onehot", model, x, y + 10)
 
 
+def test_base_loss_labels_allow_ignore_index_only(setup):
+    """GradRegLoss's default base loss takes F.cross_entropy's ignore_index -100 among the labels; any
+    other label outside [0, K) raises, named, also next to -100 (the range check's slow path)."""
+    model, x, y = setup
+    k = model(x).shape[1]
+    crit = gr.GradRegLoss("frobreg", 0.1)
+    ignored = y.clone()
+    ignored[0] = -100
+    assert torch.isfinite(crit(model, x, ignored))
+    for bad in (k, -1):
+        labels = ignored.clone()
+        labels[1] = bad
+        with pytest.raises(ValueError, match=f"class index {bad} outside \\[0, {k}\\)"):
+            crit(model, x, labels)
+
+
 @pytest.mark.parametrize("lam", [-1.0, float("nan"), float("inf")])
 def test_bad_lambda(lam):
     with pytest.raises(ValueError, match="lam must be finite and >= 0"):

@@ -109,3 +109,20 @@ def test_zero_input_gradient_gives_zero_and_no_nan(kind, method):
     for g in gs:
         assert torch.isfinite(g).all()
         assert g.abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_factor_flags_only_nonfinite_inputs_near_the_float_range(dtype):
+    """The guard's factor is exactly 1 for finite x at the ends of its dtype's range (no overflow in
+    the check itself) and NaN as soon as x holds a NaN or ±Inf, or u a NaN (not for ±Inf in u)."""
+    from gradreg_fast._guards import nonfinite_factor
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[big, -big, 1.0], [0.5, -big, big]], dtype=dtype)
+    u = torch.tensor([[1.0], [float("-inf")]], dtype=torch.float32)
+    like = torch.zeros((), dtype=torch.float32)
+    assert nonfinite_factor(x, u, like).item() == 1.0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        xb = x.clone()
+        xb[1, 0] = bad
+        assert torch.isnan(nonfinite_factor(xb, u, like))
+    assert torch.isnan(nonfinite_factor(x, torch.tensor([[float("nan")], [0.0]]), like))
