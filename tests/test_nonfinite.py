@@ -1,6 +1,6 @@
 """NaN/Inf inputs and parameters, and zero input gradients, for every (kind, method) served.
 
-Policy (docs/scaling.md, gradreg_fast/_guards.py): documented propagation, never a silently finite
+Policy (docs/scaling.md, gradreg_fast/penalties/guards.py): documented propagation, never a silently finite
 wrong answer. A NaN or ±Inf in x, or a NaN in the model output (a NaN parameter gives one),
 makes the penalty NaN and sends NaN into the parameter gradients. Zero input gradients (a dead
 ReLU layer) give exactly 0 and no NaN.

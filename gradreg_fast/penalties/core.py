@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from gradreg_fast import _twins
-from gradreg_fast._guards import graph_nodes
 from gradreg_fast.penalties import _checks, kinds
+from gradreg_fast.penalties.guards import graph_nodes
 
 
 def math_attention():

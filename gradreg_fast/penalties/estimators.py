@@ -41,10 +41,10 @@ import torch
 
 from gradreg_fast import _methods
 from gradreg_fast._bias_act_spec import ACTIVATIONS, KINKED
-from gradreg_fast._guards import compiled_region_in, graph_nodes
 from gradreg_fast._twins import NO_DOUBLE_BACKWARD
 from gradreg_fast.ops import draw_seed, gaussian_like, sq_norm
 from gradreg_fast.penalties.core import Problem, serialized
+from gradreg_fast.penalties.guards import compiled_region_in, graph_nodes
 
 FD_SCHEMES = ("central", "forward")
 DEFAULT_FD_H = 1e-3
