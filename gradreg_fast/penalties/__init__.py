@@ -100,7 +100,7 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
                  as torch.rand(B) from ``generator`` (Gulrajani et al. 2017: c = 1, times λ = 10);
                  ``one_sided=True``: mean_i max(0, ‖∇ₓD(x̂_i)‖ − c)². x is the real batch.
                  With φ(s) = (√s − c)², ∇_θ P_i = φ′(‖g_i‖²) ∇_θ‖g_i‖²: "exact" differentiates
-                 through φ, "hvp" and "fd" weight their per-sample terms by φ′ (see estimators.py).
+                 through φ, "hvp" and "fd" weight their per-sample terms by φ′ (see the estimators package).
     Lazy regularization as in StyleGAN2 (R1 every 16 steps): every=16, step=t gives 16·P on active
     steps and 0 otherwise. method="jvp" does not serve these kinds.
 

@@ -11,7 +11,7 @@ The GAN kinds take a discriminator D with one score per sample. R1 is the plain 
 same called on generated data). WGAN-GP evaluates D at interpolates x̂ = x_fake + ε (x_real − x_fake),
 ε ~ U(0, 1) per sample, and applies a per-sample *outer function* φ to s_b = scale · Σ_j ‖G[j, b]‖²:
 P_b = φ(s_b) (``Problem.outer``, with its derivative ``Problem.outer_grad``), so that
-∇_θ P_b = φ′(s_b) · ∇_θ s_b, which every estimator gets from its own ∇_θ s_b (see estimators.py).
+∇_θ P_b = φ′(s_b) · ∇_θ s_b, which every estimator gets from its own ∇_θ s_b (see the estimators package).
 
 (the per-sample reading assumes samples do not interact inside the model: with BatchNorm in
 training mode the "per-sample" gradient is that of the batch statistic). An estimator (``method``)
