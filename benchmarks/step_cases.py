@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradreg_fast as gr
-from gradreg_fast._methods import JVP_KINDS
+from gradreg_fast import _methods
 from gradreg_fast.penalties.core import math_attention
 from harness.models import DISCRIMINATORS, MODELS, load_model
 
@@ -52,7 +52,7 @@ def method_applies(kind: str, label: str) -> bool:
     if kind in gr.GAN_KINDS:
         return label in ("exact", "hvp", "fd", "fd-forward", "exact/every16") or (
             label == "exact/shared" and kind == "r1")
-    return label not in ("exact/every16", "exact/shared") and (label != "jvp" or kind in JVP_KINDS)
+    return label not in ("exact/every16", "exact/shared") and _methods.serves(kind, METHODS[label]["method"])
 
 
 @dataclasses.dataclass(frozen=True)

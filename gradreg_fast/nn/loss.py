@@ -11,29 +11,20 @@ from torch import nn
 from gradreg_fast._backend import check_backend, use_backend
 from gradreg_fast.penalties import (
     ESTIMATOR_OPTIONS,
-    PROBLEM_OPTIONS,
-    check_method,
-    grad_enabled_copy,
-    grad_mode_off,
-    penalty_from_output,
-    schedules,
-)
-from gradreg_fast.penalties._checks import (
     GAN_KINDS,
+    PROBLEM_OPTIONS,
     check_base_labels,
     check_input,
     check_kind,
     check_lam,
+    check_method,
+    check_model_kwargs,
     check_penalty_options,
     check_reduction,
-)
-from gradreg_fast.penalties.core import (
-    Fold,
-    Replay,
-    check_model_kwargs,
-    differentiable_input,
-    forked_rng,
-    run_forward,
+    grad_enabled_copy,
+    grad_mode_off,
+    run_penalty,
+    schedules,
     serialized,
 )
 
@@ -261,42 +252,33 @@ class GradRegLoss(nn.Module):
     def _train_call(self, model_or_logits, x_or_y, y, inputs, model_kwargs: dict) -> torch.Tensor:
         model, x, y = self._split_call(model_or_logits, x_or_y, y, inputs)
         active = self.lam > 0 and schedules.is_active(self.calls, self.every)
-        if model is not None:
-            # on a call the schedule skips (and with subsample, whose penalty re-runs the model on
-            # the sub-batch) this forward's x need not require grad: the backward then skips the
-            # first layer's input gradient, as in a plain training step
-            plain_forward = not active or self.subsample is not None
-            x_in = x if plain_forward else differentiable_input(x)
-            # subsample re-runs the model on the sub-batch (every method): as this forward, without side effects
-            replay = (Replay(model, x_in.device) if self.method != "exact" or (active and self.subsample is not None)
-                      else None)
-            out = run_forward(model, x_in, self.method if active and self.subsample is None else None,
-                              model_kwargs)
-            if replay is not None:
-                _ = replay.needed   # settled on this forward's draws, before the base loss runs
-        else:
-            out, x_in, replay = model_or_logits, x, None
-            check_input(x_in)
+        out = None
+        if model is None:
+            out = model_or_logits
+            check_input(x)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f"GradRegLoss: logits must be a tensor, got {type(out).__name__}")
-            if not x_in.requires_grad or not out.requires_grad:
+            if not x.requires_grad or not out.requires_grad:
                 raise ValueError("GradRegLoss: with inputs=x the logits must be computed from x after "
                                  "x.requires_grad_(): x.requires_grad_(); logits = model(x); "
                                  "crit(logits, y, inputs=x)")
-        self._check_labels(y, x_in)
-        base = self._base_loss(out, y)
-        loss = base
+
+        def base_loss(out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+            self._check_labels(y, x_in)
+            return self._base_loss(out, y)
+
         self.calls += 1
-        if active:
+        if not active:
+            # on a call the schedule skips, the forward is a plain one: x need not require grad, and the
+            # backward then skips the first layer's input gradient, as in a plain training step
+            loss = base = base_loss(out if model is None else model(x, **model_kwargs), x)
+        else:
             # the estimators that take the penalty's gradients at the call take the base loss's there
             # too, on the clean graph, which is then freed before their own passes (core.Fold)
-            fold = (Fold(base, 1.0 / (self.lam * self.every))
-                    if model is not None and self.subsample is None and self.method != "exact" else None)
-            pen = penalty_from_output(self.kind, out, x_in, y, method=self.method, model=model, replay=replay,
-                                      subsample=self.subsample, reduction=self.reduction, fold=fold,
-                                      model_kwargs=model_kwargs, **self._options(x_in.device))
-            if fold is not None and fold.taken:
-                base = base.detach()   # its gradient rides the penalty's
+            pen, base = run_penalty(self.kind, x, y, self._options(x.device), model=model, out=out,
+                                    forward=model is not None, method=self.method, subsample=self.subsample,
+                                    reduction=self.reduction, model_kwargs=model_kwargs, base_loss=base_loss,
+                                    fold_weight=1.0 / (self.lam * self.every))
             loss = base + self.lam * (pen * self.every if self.every > 1 else pen)
             self.last_penalty = pen.detach()
         self.last_base = base.detach()
@@ -329,17 +311,14 @@ class GradRegLoss(nn.Module):
                 xc, yc = grad_enabled_copy(x), grad_enabled_copy(y)
                 options = {k: grad_enabled_copy(v) for k, v in options.items()}
                 model_kwargs = {k: grad_enabled_copy(v) for k, v in model_kwargs.items()}
-                x_in = differentiable_input(xc)
-                replay = Replay(model, x_in.device) if self.method != "exact" else None
-                out = run_forward(model, x_in, self.method, model_kwargs)   # the call's one plain forward
-                if replay is not None:
-                    _ = replay.needed   # settled on this forward's draws
-                self._check_labels(yc, x_in)
-                base = self._base_loss(out, yc)
-                with forked_rng(x_in.device):   # the penalty's own draws leave torch's RNG as the forward did
-                    pen = penalty_from_output(self.kind, out, x_in, yc, method=self.method, model=model,
-                                              replay=replay, reduction=self.reduction, model_kwargs=model_kwargs,
-                                              **options)
+
+                def base_loss(out: torch.Tensor, x_in: torch.Tensor) -> torch.Tensor:
+                    self._check_labels(yc, x_in)
+                    return self._base_loss(out, yc)
+                # the penalty's own draws leave torch's RNG as the forward did (restore_rng)
+                pen, base = run_penalty(self.kind, xc, yc, options, model=model, forward=True, method=self.method,
+                                        reduction=self.reduction, model_kwargs=model_kwargs, base_loss=base_loss,
+                                        restore_rng=True)
                 self.last_eval_base, self.last_eval_penalty = base.detach(), pen.detach()
                 return (base + self.lam * pen).detach()
         finally:

@@ -7,62 +7,39 @@ from collections.abc import Callable
 import torch
 
 from gradreg_fast._backend import check_backend, use_backend
-from gradreg_fast._guards import run_estimator
-from gradreg_fast.penalties import schedules
-from gradreg_fast.penalties._checks import (
-    GAN_KINDS,
-    KINDS,
+from gradreg_fast.penalties import kinds, schedules
+
+# also the names gradreg_fast.nn (GradRegLoss) uses from this layer: the checks of its arguments and the
+# call path (run_penalty); noqa: F401 marks those this module does not use itself
+from gradreg_fast.penalties._checks import (  # noqa: F401
     REDUCTIONS,
+    check_base_labels,
     check_gan_options,
     check_input,
     check_kind,
+    check_lam,
     check_penalty_options,
     check_reduction,
 )
 from gradreg_fast.penalties.baselines import confidence_penalty, weight_decay
+from gradreg_fast.penalties.call import (  # noqa: F401
+    PROBLEM_OPTIONS,
+    check_method,
+    grad_enabled_copy,
+    grad_mode_off,
+    run_penalty,
+)
 from gradreg_fast.penalties.core import (
     Fold,
-    Problem,
     Replay,
-    build_problem,
     check_model_kwargs,
-    differentiable_input,
     forked_rng,
     interpolates,
-    run_forward,
-    select_kwargs,
     serialized,
     serialized_call,
 )
-from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS
-
-PROBLEM_OPTIONS = ("projection", "n_proj", "per_sample", "generator", "loss_fn", "target_norm", "one_sided")
-
-
-def check_method(method: str) -> Callable[[Problem], torch.Tensor]:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    return METHODS[method]
-
-
-def _split_options(options: dict) -> tuple[dict, dict]:
-    unknown = set(options) - set(PROBLEM_OPTIONS) - set(ESTIMATOR_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown penalty options {sorted(unknown)}; allowed: "
-                        f"{sorted(PROBLEM_OPTIONS + ESTIMATOR_OPTIONS)}")
-    problem = {k: v for k, v in options.items() if k in PROBLEM_OPTIONS}
-    estimator = {k: v for k, v in options.items() if k in ESTIMATOR_OPTIONS and v is not None}
-    return problem, estimator
-
-
-def _subset_projection(projection, idx: torch.Tensor, batch: int):
-    if projection is None or not isinstance(projection, torch.Tensor) or projection.dim() == 1:
-        return projection
-    if projection.dim() == 2 and projection.shape[0] == batch:
-        return projection[idx.to(projection.device)]
-    if projection.dim() == 3 and projection.shape[1] == batch:
-        return projection[:, idx.to(projection.device)]
-    return projection  # malformed: build_problem reports it
+from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS  # noqa: F401
+from gradreg_fast.penalties.kinds import GAN_KINDS, KINDS
 
 
 @contextlib.contextmanager
@@ -73,17 +50,6 @@ def _restored(generator: torch.Generator | None, state: torch.Tensor | None):
     finally:
         if generator is not None:
             generator.set_state(state)
-
-
-def grad_mode_off() -> bool:
-    """True under torch.no_grad() or torch.inference_mode(), where a penalty cannot be built in place."""
-    return not torch.is_grad_enabled() or torch.is_inference_mode_enabled()
-
-
-def grad_enabled_copy(t):
-    """A tensor usable under enable_grad (call inside ``with torch.inference_mode(False)``): a clone
-    of an inference tensor, anything else as it is (never the caller's tensor modified)."""
-    return t.clone() if isinstance(t, torch.Tensor) and t.is_inference() else t
 
 
 @serialized_call   # one call at a time per process: docs/threads.md
@@ -101,57 +67,8 @@ def penalty_from_output(kind: str, out: torch.Tensor | None, x: torch.Tensor, y:
     loss, which an estimator may differentiate at the call (``core.Fold``; not with subsample).
     ``model_kwargs``: keyword arguments of every call of ``model`` (see ``penalty``).
     """
-    estimator = check_method(method)
-    check_reduction(reduction)
-    problem_opts, estimator_opts = _split_options(options)
-    estimator_opts["reduction"] = reduction
-    model_kwargs = check_model_kwargs(model_kwargs)
-    if out is not None and isinstance(out, torch.Tensor) and not out.requires_grad and grad_mode_off():
-        raise ValueError("the model output was computed with gradients off (torch.no_grad() or "
-                         "torch.inference_mode()), so it has no graph to x and no input gradient exists: "
-                         "compute it with grad mode on, or pass the model (crit(model, x, y) or "
-                         "gr.penalty(kind, model, x, y)), which re-enables gradients itself")
-    fraction = schedules.check_subsample(subsample)
-    if fraction is not None:
-        if reduction == "none":
-            raise ValueError("reduction='none' gives one penalty per sample of the batch; with subsample "
-                             "only a random sub-batch has one: use subsample=None or reduction='mean'/'sum'")
-        batch = x.shape[0]
-        idx = schedules.subset(batch, fraction, problem_opts.get("generator"), x.device)
-        problem_opts["projection"] = _subset_projection(problem_opts.get("projection"), idx, batch)
-        if model is not None:
-            x = differentiable_input(x[idx])
-            y = y[idx.to(y.device)] if isinstance(y, torch.Tensor) and y.dim() >= 1 else y
-            model_kwargs = select_kwargs(model_kwargs, batch, idx)
-            if out is None:
-                # no forward yet (gr.penalty): the sub-batch's forward is the call's one plain forward
-                replay = Replay(model, x.device) if method != "exact" else None
-                out = run_forward(model, x, method, model_kwargs)
-            else:
-                # the caller's forward ran on the whole batch: the sub-batch's is a re-run of it (from
-                # the RNG state and buffers before it, no side effects), and the estimator's re-runs
-                # replay that sub-batch forward
-                out, replay = (replay or Replay(model, x.device)).original(
-                    lambda: run_forward(model, x, method, model_kwargs))
-            if reduction == "sum":   # the sub-batch sum times B/m: unbiased for the batch sum
-                p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts,
-                                  model_kwargs=model_kwargs, **problem_opts)
-                value = run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
-                return value * (batch / idx.numel())
-        else:
-            if out is None:
-                raise ValueError("penalty_from_output needs out (or model with subsample)")
-            # no model: keep the full graph, zero the other samples' cotangents, rescale by B/m
-            p = build_problem(kind, out, x, y, model=None, options=estimator_opts, **problem_opts)
-            mask = torch.zeros(batch, device=p.R.device, dtype=p.R.dtype)
-            mask[idx.to(p.R.device)] = 1
-            p.R = p.R * mask.reshape(1, batch, 1)
-            p.scale = p.scale * batch / idx.numel()
-            return run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
-    p = build_problem(kind, out, x, y, model=model, replay=replay, options=estimator_opts,
-                      model_kwargs=model_kwargs, **problem_opts)
-    p.fold = fold
-    return run_estimator(estimator, p, method=method, methods=METHODS, model=model, out=out)
+    return run_penalty(kind, x, y, options, model=model, out=out, method=method, replay=replay,
+                       subsample=subsample, reduction=reduction, fold=fold, model_kwargs=model_kwargs).penalty
 
 
 def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
@@ -183,7 +100,7 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
                  as torch.rand(B) from ``generator`` (Gulrajani et al. 2017: c = 1, times λ = 10);
                  ``one_sided=True``: mean_i max(0, ‖∇ₓD(x̂_i)‖ − c)². x is the real batch.
                  With φ(s) = (√s − c)², ∇_θ P_i = φ′(‖g_i‖²) ∇_θ‖g_i‖²: "exact" differentiates
-                 through φ, "hvp" and "fd" weight their per-sample terms by φ′ (see estimators.py).
+                 through φ, "hvp" and "fd" weight their per-sample terms by φ′ (see the estimators package).
     Lazy regularization as in StyleGAN2 (R1 every 16 steps): every=16, step=t gives 16·P on active
     steps and 0 otherwise. method="jvp" does not serve these kinds.
 
@@ -262,26 +179,15 @@ def penalty(kind: str, model: Callable[[torch.Tensor], torch.Tensor], x: torch.T
                             fake=grad_enabled_copy(fake), target_norm=target_norm, one_sided=one_sided,
                             model_kwargs={k: grad_enabled_copy(v) for k, v in check_model_kwargs(model_kwargs).items()})
         return value.detach()
-    gan = {} if kind != "wgan_gp" else {"target_norm": target_norm, "one_sided": one_sided}
+    spec = kinds.lookup(kind)
+    gan = {k: v for k, v in (("target_norm", target_norm), ("one_sided", one_sided)) if k in spec.options}
     with serialized(), use_backend(backend):   # one call at a time per process: docs/threads.md
-        if kind == "wgan_gp":   # the penalty is taken at x̂ = fake + ε (x − fake), ε from the generator
+        if "fake" in spec.options:   # the penalty is taken at x̂ = fake + ε (x − fake), ε from the generator
             x = interpolates(x, fake, generator)
-        return _penalty(kind, model, x, y, method=method, projection=projection, n_proj=n_proj,
-                        per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,
-                        fd_scheme=fd_scheme, every=every, subsample=subsample, reduction=reduction,
-                        model_kwargs=check_model_kwargs(model_kwargs), **gan)
-
-
-def _penalty(kind, model, x, y, *, method, projection, n_proj, per_sample, generator, loss_fn, fd_h, fd_scheme,
-             every, subsample, reduction, model_kwargs, **gan) -> torch.Tensor:
-    x_in = differentiable_input(x)
-    replay = Replay(model, x.device) if method != "exact" else None
-    # with subsample the model runs on the sub-batch only (inside penalty_from_output)
-    out = run_forward(model, x_in, method, model_kwargs) if subsample is None else None
-    value = penalty_from_output(kind, out, x_in, y, method=method, model=model, replay=replay,
-                                subsample=subsample, projection=projection, n_proj=n_proj,
-                                per_sample=per_sample, generator=generator, loss_fn=loss_fn, fd_h=fd_h,
-                                fd_scheme=fd_scheme, reduction=reduction, model_kwargs=model_kwargs, **gan)
+        options = dict(projection=projection, n_proj=n_proj, per_sample=per_sample, generator=generator,
+                       loss_fn=loss_fn, fd_h=fd_h, fd_scheme=fd_scheme, **gan)
+        value = run_penalty(kind, x, y, options, model=model, forward=True, method=method, subsample=subsample,
+                            reduction=reduction, model_kwargs=check_model_kwargs(model_kwargs)).penalty
     return value * every if every > 1 else value
 
 

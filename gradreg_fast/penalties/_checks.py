@@ -7,20 +7,12 @@ import numbers
 import torch
 
 from gradreg_fast import _methods
-
-KINDS = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot")
-# Penalties defined on class scores: the output must be (B, K).
-CLASSIFIER_KINDS = ("doubleback", "jacreg", "onehot", "random_onehot")
-# GAN discriminator penalties (R1/R2, WGAN-GP): the output must be one score per sample, (B,) or (B, 1).
-# Kept apart from KINDS, which lists the classifier penalties GradRegLoss and the examples iterate over.
-GAN_KINDS = ("r1", "wgan_gp")
-ALL_KINDS = KINDS + GAN_KINDS
+from gradreg_fast.penalties import kinds
+from gradreg_fast.penalties.kinds import ALL_KINDS, CLASSIFIER_KINDS, GAN_KINDS, KINDS  # noqa: F401 (the table's lists)
 
 
 def check_kind(kind: str) -> str:
-    if not isinstance(kind, str) or kind.lower() not in ALL_KINDS:
-        raise ValueError(f"unknown penalty kind {kind!r}; choose one of: {', '.join(ALL_KINDS)}")
-    return kind.lower()
+    return kinds.lookup(kind).name
 
 
 def check_input(x) -> None:
@@ -111,10 +103,11 @@ def check_output(out: torch.Tensor, batch: int, kind: str) -> torch.Tensor:
         raise TypeError(f"the model must return a tensor, got {type(out).__name__}")
     if out.dim() == 0 or out.shape[0] != batch:
         raise ValueError(f"the model output must have the batch size {batch} first, got shape {tuple(out.shape)}")
-    if kind in CLASSIFIER_KINDS and out.dim() != 2:
+    spec = kinds.lookup(kind)
+    if spec.class_scores and out.dim() != 2:
         raise ValueError(f"penalty {kind!r} is defined on class scores: the model output (logits) must be "
                          f"(B, K), got shape {tuple(out.shape)}")
-    if kind in GAN_KINDS and tuple(out.shape) not in ((batch,), (batch, 1)):
+    if spec.gan and tuple(out.shape) not in ((batch,), (batch, 1)):
         raise ValueError(f"penalty {kind!r} is defined on a discriminator's (critic's) score: the model output "
                          f"must be one score per sample, shape ({batch},) or ({batch}, 1), got shape "
                          f"{tuple(out.shape)}; reduce a patch discriminator's map to one score per sample first")
@@ -157,17 +150,18 @@ def check_reduction(reduction) -> str:
 def check_gan_options(kind: str, x: torch.Tensor, y=None, fake=None) -> None:
     """The GAN arguments of gr.penalty: ``fake`` (WGAN-GP's generated batch, shaped like x) applies to
     kind='wgan_gp' only and is required there; y does not apply to the GAN kinds."""
-    if kind in GAN_KINDS and y is not None:
+    spec = kinds.lookup(kind)
+    if spec.gan and y is not None:
         raise ValueError(f"y does not apply to kind={kind!r} (the penalty is on the discriminator's input "
                          "gradient, no labels); for a conditional discriminator pass "
                          "model=lambda x: D(x, labels)")
-    if kind != "wgan_gp":
+    if "fake" not in spec.options:
         if fake is not None:
-            raise ValueError(f"fake= applies to kind='wgan_gp' only, not {kind!r} (R2 is kind='r1' called on "
-                             "the generated batch: gr.penalty('r1', D, x_fake.detach()))")
+            raise ValueError(f"fake= applies to kind={kinds.owners('fake')} only, not {kind!r} (R2 is "
+                             "kind='r1' called on the generated batch: gr.penalty('r1', D, x_fake.detach()))")
         return
     if fake is None:
-        raise ValueError("kind='wgan_gp' needs the generated batch: gr.penalty('wgan_gp', D, x_real, "
+        raise ValueError(f"kind={kind!r} needs the generated batch: gr.penalty({kind!r}, D, x_real, "
                          "fake=x_fake.detach()); the penalty is taken at random interpolates of the two")
     if not isinstance(fake, torch.Tensor):
         raise TypeError(f"fake must be a torch.Tensor shaped like x, got {type(fake).__name__}")
@@ -187,8 +181,9 @@ def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, 
                           one_sided=None) -> None:
     """Every option of gr.penalty / GradRegLoss checked before any work: type, range, and whether it
     applies to this kind and method (an option that would be ignored raises instead)."""
-    if (target_norm is not None or one_sided is not None) and kind != "wgan_gp":
-        raise ValueError(f"target_norm and one_sided apply to kind='wgan_gp' only, not {kind!r}")
+    spec = kinds.lookup(kind)
+    if (target_norm is not None or one_sided is not None) and "target_norm" not in spec.options:
+        raise ValueError(f"target_norm and one_sided apply to kind={kinds.owners('target_norm')} only, not {kind!r}")
     if target_norm is not None and not _positive_finite(target_norm):
         raise ValueError(f"target_norm must be a finite number > 0 (the gradient norm the critic is pulled "
                          f"to, default 1), got {target_norm!r}")
@@ -196,16 +191,16 @@ def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, 
         raise TypeError(f"one_sided must be True or False, got {one_sided!r}")
     if isinstance(n_proj, bool) or not isinstance(n_proj, int) or n_proj < 1:
         raise ValueError(f"n_proj must be a positive integer (the number of random projections), got {n_proj!r}")
-    if n_proj != 1 and kind != "spectreg" and method != "jvp":
-        raise ValueError(f"n_proj={n_proj} applies to kind='spectreg' and method='jvp' only, not "
+    if n_proj != 1 and "n_proj" not in spec.options and method != "jvp":
+        raise ValueError(f"n_proj={n_proj} applies to kind={kinds.owners('n_proj')} and method='jvp' only, not "
                          f"kind={kind!r} with method={method!r}")
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample must be True or False, got {per_sample!r}")
-    if per_sample and kind != "spectreg":
-        raise ValueError(f"per_sample=True applies to kind='spectreg' only, not {kind!r}")
+    if per_sample and "per_sample" not in spec.options:
+        raise ValueError(f"per_sample=True applies to kind={kinds.owners('per_sample')} only, not {kind!r}")
     if projection is not None:
-        if kind != "spectreg":
-            raise ValueError(f"projection applies to 'spectreg' only, not {kind!r}")
+        if "projection" not in spec.options:
+            raise ValueError(f"projection applies to {kinds.owners('projection')} only, not {kind!r}")
         if not isinstance(projection, torch.Tensor) or not projection.is_floating_point():
             got = projection.dtype if isinstance(projection, torch.Tensor) else type(projection).__name__
             raise TypeError(f"projection must be a floating tensor of shape (K,), (B, K) or (n, B, K), got {got}")
@@ -215,8 +210,8 @@ def check_penalty_options(kind: str, method: str, *, projection=None, n_proj=1, 
     if loss_fn is not None:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (logits, y) -> per-sample losses, got {type(loss_fn).__name__}")
-        if kind != "doubleback":
-            raise ValueError(f"loss_fn applies to kind='doubleback' only, not {kind!r}")
+        if "loss_fn" not in spec.options:
+            raise ValueError(f"loss_fn applies to kind={kinds.owners('loss_fn')} only, not {kind!r}")
     if (fd_h is not None or fd_scheme is not None) and method != "fd":
         raise ValueError(f"fd_h and fd_scheme apply to method='fd' only, not method={method!r}")
     if fd_h is not None and not (_positive_finite(fd_h) and FD_H_RANGE[0] <= fd_h <= FD_H_RANGE[1]):

@@ -4,22 +4,14 @@ Every penalty kind reduces to
 
     P = scale · mean_i Σ_j ‖ ∂( Σ_b R[j, b] · u(x_b) ) / ∂x_i ‖²
 
-with a per-sample target u (B, K') and cotangents R (n, B, K'):
-
-    doubleback     u = ℓ(f(x), y) (B, 1)   R = 1                  scale 1
-    spectreg       u = f(x)       (B, K)   R = r (n draws)        scale 1/n
-    frobreg        u = f(x)       (B, K)   R = e_1 … e_K          scale 1
-    jacreg         u = softmax(f) (B, K)   R = e_1 … e_K          scale 1
-    onehot         u = f(x)       (B, K)   R = e_{y_i}            scale 1
-    random_onehot  u = f(x)       (B, K)   R = e_{c_i}, c_i ~ U   scale 1
-    r1             u = D(x)       (B, 1)   R = 1                  scale 1
-    wgan_gp        u = D(x̂)       (B, 1)   R = 1                  scale 1, then φ(s) = (√s − c)²
+with a per-sample target u (B, K') and cotangents R (n, B, K'), each kind's given by its row of
+the table in kinds.py (``build_problem`` reads it).
 
 The GAN kinds take a discriminator D with one score per sample. R1 is the plain ‖∇ₓD(x)‖² (R2: the
 same called on generated data). WGAN-GP evaluates D at interpolates x̂ = x_fake + ε (x_real − x_fake),
 ε ~ U(0, 1) per sample, and applies a per-sample *outer function* φ to s_b = scale · Σ_j ‖G[j, b]‖²:
 P_b = φ(s_b) (``Problem.outer``, with its derivative ``Problem.outer_grad``), so that
-∇_θ P_b = φ′(s_b) · ∇_θ s_b, which every estimator gets from its own ∇_θ s_b (see estimators.py).
+∇_θ P_b = φ′(s_b) · ∇_θ s_b, which every estimator gets from its own ∇_θ s_b (see the estimators package).
 
 (the per-sample reading assumes samples do not interact inside the model: with BatchNorm in
 training mode the "per-sample" gradient is that of the batch statistic). An estimator (``method``)
@@ -35,14 +27,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gradreg_fast import _twins
-from gradreg_fast._guards import graph_nodes
-from gradreg_fast.ops import cross_entropy, draw_seed, project
-from gradreg_fast.penalties import _checks
-from gradreg_fast.reference import philox
+from gradreg_fast.penalties import _checks, kinds
+from gradreg_fast.penalties.guards import graph_nodes
 
 
 def math_attention():
@@ -414,68 +403,6 @@ def differentiable_input(x: torch.Tensor) -> torch.Tensor:
     return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
 
 
-def default_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy through the fused op (gradreg_fast.ops.cross_entropy): DoubleBack's
-    double backward then runs the fused Hessian-vector product instead of autograd's composite."""
-    return cross_entropy(out, y if y.dtype == torch.long else y.long())
-
-
-def _one_hot(classes: torch.Tensor, num: int, like: torch.Tensor) -> torch.Tensor:
-    return F.one_hot(classes, num).to(like.dtype).unsqueeze(0)
-
-
-def projected_outputs(seed: int, n_proj: int, per_sample: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """o -> S (B, n) with S[b, j] = Σ_k r_j[b, k] · o[b, k], r_j ~ N(0, I_K) regenerated from
-    (seed, offset j) inside the fused projection op (gradreg_fast.ops.project): no random tensor
-    is stored, and the backward regenerates r_j."""
-    def transform(o: torch.Tensor) -> torch.Tensor:
-        flat = o.reshape(o.shape[0], -1)
-        return torch.stack([project(flat, seed, j, per_sample=per_sample) for j in range(n_proj)], dim=1)
-    return transform
-
-
-def projected_outputs_composite(seed: int, n_proj: int, per_sample: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The same map as ``projected_outputs`` (the same r_j, from the pure-PyTorch Philox reference)
-    in composite torch ops, for torch.func transforms."""
-    def transform(o: torch.Tensor) -> torch.Tensor:
-        flat = o.reshape(o.shape[0], -1)
-        return torch.stack([philox.project(flat, seed & ((1 << 64) - 1), j, per_sample=per_sample)
-                            for j in range(n_proj)], dim=1)
-    return transform
-
-
-def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
-    """√s with derivative 0 (not inf) at s = 0, so that 0 · ∞ never makes a NaN gradient."""
-    pos = s > 0
-    return torch.where(pos, torch.where(pos, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
-
-
-def gradient_norm_outer(target_norm: float = 1.0, one_sided: bool = False
-                        ) -> tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
-    """WGAN-GP's per-sample outer function of the squared gradient norm s = ‖g‖² and its derivative:
-
-        φ(s) = (√s − c)²                  φ′(s) = (√s − c)/√s = 1 − c/√s
-        one-sided: φ(s) = max(0, √s − c)²  φ′(s) = max(0, √s − c)/√s
-
-    with c = ``target_norm``. At s = 0 (a zero gradient, where the direction is undefined) φ′ is
-    taken as 0, as torch's norm takes the subgradient 0 there."""
-    c = float(target_norm)
-
-    def outer(s: torch.Tensor) -> torch.Tensor:
-        d = _safe_sqrt(s) - c
-        if one_sided:
-            d = d.clamp_min(0)
-        return d * d
-
-    def outer_grad(s: torch.Tensor) -> torch.Tensor:
-        norm = _safe_sqrt(s)
-        d = norm - c
-        if one_sided:
-            d = d.clamp_min(0)
-        return torch.where(s > 0, d / torch.where(s > 0, norm, torch.ones_like(norm)), torch.zeros_like(s))
-    return outer, outer_grad
-
-
 def interpolates(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """WGAN-GP's x̂ = fake + ε (real − fake), ε ~ U(0, 1) per sample: ε = torch.rand(B) from ``generator``
     on x's device, in x's dtype (float32 for 16-bit x, then cast). Differentiable in real and fake."""
@@ -491,73 +418,31 @@ def build_problem(kind: str, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor
                   loss_fn: Callable | None = None, replay: Replay | None = None,
                   options: dict | None = None, target_norm: float | None = None,
                   one_sided: bool | None = None, model_kwargs: dict | None = None) -> Problem:
-    kind = _checks.check_kind(kind)
+    """The Problem of ``kind`` (its row of kinds.TABLE) for the model output ``out`` computed from x."""
+    spec = kinds.lookup(kind)
+    kind = spec.name
     if replay is not None:
         _ = replay.needed   # decided now, before this call draws from the RNG (projections, random classes)
     batch = x.shape[0]
-    transform_func = None   # composite twin of ``transform`` where that uses a fused op
     flat = _checks.check_output(out, batch, kind)
     num = flat.shape[1]
     if not isinstance(n_proj, int) or n_proj < 1:
         raise ValueError(f"n_proj must be a positive integer, got {n_proj!r}")
-    if projection is not None and kind != "spectreg":
-        raise ValueError(f"projection applies to 'spectreg' only, not {kind!r}")
-    if (target_norm is not None or one_sided is not None) and kind != "wgan_gp":
-        raise ValueError(f"target_norm and one_sided apply to kind='wgan_gp' only, not {kind!r}")
-    outer = outer_grad = None
-
-    if kind in _checks.GAN_KINDS:
-        # u = D's score (B, 1), R = 1: G = ∇ₓ Σ_b D(x_b), whose row b is ∇ₓD(x_b)
-        transform = lambda o: o.reshape(batch, 1)  # noqa: E731
-        R = torch.ones(1, batch, 1, device=x.device, dtype=flat.dtype)
-        scale = 1.0
-        if kind == "wgan_gp":
-            outer, outer_grad = gradient_norm_outer(1.0 if target_norm is None else target_norm,
-                                                    bool(one_sided))
-    elif kind == "doubleback":
-        fn = loss_fn if loss_fn is not None else default_loss
-        y = _checks.check_labels(y, batch, kind, num_classes=num, indices=loss_fn is None)
-
-        def transform(o):
-            losses = fn(o, y)
-            if losses.shape not in ((batch,), (batch, 1)):
-                raise ValueError(f"loss_fn must return per-sample losses of shape ({batch},) "
-                                 f"(e.g. reduction='none'), got shape {tuple(losses.shape)}")
-            return losses.reshape(batch, 1)
-        R = torch.ones(1, batch, 1, device=x.device, dtype=flat.dtype)
-        scale = 1.0
-        if loss_fn is None:
-            transform_func = lambda o: F.cross_entropy(o, y.long(), reduction="none").reshape(batch, 1)  # noqa: E731
-    elif kind == "spectreg":
-        if projection is not None:
-            transform = lambda o: o.reshape(batch, -1)  # noqa: E731
-            R = _checks.check_projection(projection, batch, num).to(device=flat.device, dtype=flat.dtype)
-        else:
-            # u = the n projections themselves, R = e_j: the VJP of u[:, j] is J_iᵀ r_j
-            seed = draw_seed(generator)
-            transform = projected_outputs(seed, n_proj, bool(per_sample))
-            transform_func = projected_outputs_composite(seed, n_proj, bool(per_sample))
-            R = None   # e_1 … e_n in u's dtype, below
-        scale = 1.0 / (R.shape[0] if R is not None else n_proj)
-    elif kind in ("frobreg", "jacreg"):
-        if kind == "jacreg":
-            transform = lambda o: torch.softmax(o, dim=1)  # noqa: E731
-        else:
-            transform = lambda o: o.reshape(batch, -1)  # noqa: E731
-        R = torch.eye(num, device=x.device, dtype=flat.dtype).unsqueeze(1).expand(num, batch, num)
-        scale = 1.0
-    else:  # onehot, random_onehot
-        transform = lambda o: o  # noqa: E731
-        if kind == "onehot":
-            classes = _checks.check_labels(y, batch, kind, num_classes=num)
-        else:
-            classes = torch.randint(num, (batch,), generator=generator, device=x.device)
-        R = _one_hot(classes, num, flat)
-        scale = 1.0
+    if projection is not None and "projection" not in spec.options:
+        raise ValueError(f"projection applies to {kinds.owners('projection')} only, not {kind!r}")
+    if (target_norm is not None or one_sided is not None) and "target_norm" not in spec.options:
+        raise ValueError(f"target_norm and one_sided apply to kind={kinds.owners('target_norm')} only, not {kind!r}")
+    if spec.labels is not None:
+        y = _checks.check_labels(y, batch, kind, num_classes=num, indices=spec.label_indices(loss_fn))
+    if projection is not None:
+        projection = _checks.check_projection(projection, batch, num).to(device=flat.device, dtype=flat.dtype)
+    args = kinds.KindArgs(batch=batch, device=x.device, y=y, loss_fn=loss_fn, projection=projection,
+                          n_proj=n_proj, per_sample=per_sample, generator=generator)
+    transform, transform_func = spec.target(args)   # transform_func: composite twin where transform uses a fused op
+    R, scale = spec.cotangents(args, flat)
+    outer, outer_grad = spec.outer(target_norm, one_sided) if spec.outer is not None else (None, None)
     u = transform(out)
-    if R is None:
-        R = torch.eye(n_proj, device=u.device, dtype=u.dtype).unsqueeze(1).expand(n_proj, batch, n_proj)
-    elif R.dtype != u.dtype:
+    if R.dtype != u.dtype:
         R = R.to(u.dtype)   # the fused cross-entropy returns float32 losses for fp16/bf16 logits
     return Problem(kind=kind, x=x, u=u, R=R, scale=scale, model=model, transform=transform,
                    transform_func=transform_func, replay=replay,

@@ -14,35 +14,20 @@ through torch.func). For the kernels and the cheaper estimators use gr.penalty /
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from gradreg_fast.penalties import kinds
 from gradreg_fast.penalties._checks import (
-    GAN_KINDS,
-    KINDS,
     check_input,
-    check_kind,
     check_labels,
     check_output,
     check_projection,
     check_reduction,
 )
-
-
-def _cotangents(kind: str, flat: torch.Tensor, y, projection) -> tuple[torch.Tensor, float]:
-    """R (n, B, K') and the scale of gradreg_fast.penalties.core's table, for u of shape (B, K')."""
-    batch, num = flat.shape
-    if kind == "doubleback":
-        return flat.new_ones(1, batch, 1), 1.0
-    if kind == "spectreg":
-        r = check_projection(projection, batch, num).to(flat.dtype)
-        return r, 1.0 / r.shape[0]
-    if kind in ("frobreg", "jacreg"):
-        return torch.eye(num, dtype=flat.dtype, device=flat.device).unsqueeze(1).expand(num, batch, num), 1.0
-    return F.one_hot(y, num).to(flat.dtype).unsqueeze(0), 1.0    # onehot: e_{y_i}
 
 
 def functional_penalty(kind: str, model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor,
@@ -72,13 +57,10 @@ def functional_penalty(kind: str, model: nn.Module, params: Mapping[str, torch.T
         A scalar (or (B,)) tensor, differentiable with respect to ``params`` by torch.func.grad
         (and by torch.autograd when ``params`` require grad).
     """
-    kind = check_kind(kind)
-    if kind in GAN_KINDS:
-        raise ValueError(f"functional_penalty serves the classifier kinds ({', '.join(KINDS)}), not the GAN "
-                         f"kind {kind!r}: use gr.penalty({kind!r}, D, x, ...)")
-    if kind == "random_onehot":
-        raise ValueError("functional_penalty has no random draws: for 'random_onehot' pass kind='onehot' "
-                         "with y = your random classes (e.g. torch.randint(K, (B,), generator=g))")
+    spec = kinds.lookup(kind)
+    kind = spec.name
+    if spec.functional_refusal is not None:
+        raise ValueError(spec.functional_refusal.format(kind=kind, kinds=", ".join(kinds.KINDS)))
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module (its parameters are replaced by params), got "
                         f"{type(model).__name__}")
@@ -87,35 +69,33 @@ def functional_penalty(kind: str, model: nn.Module, params: Mapping[str, torch.T
                         f"{type(params).__name__}")
     check_input(x)
     check_reduction(reduction)
-    if projection is not None and kind != "spectreg":
-        raise ValueError(f"projection applies to 'spectreg' only, not {kind!r}")
-    if kind == "spectreg" and projection is None:
-        raise ValueError("functional_penalty('spectreg', ...) needs projection= (shape (K,), (B, K) or "
+    if projection is not None and "projection" not in spec.options:
+        raise ValueError(f"projection applies to {kinds.owners('projection')} only, not {kind!r}")
+    if "projection" in spec.options and projection is None:   # no random draws here: the caller's projection
+        raise ValueError(f"functional_penalty({kind!r}, ...) needs projection= (shape (K,), (B, K) or "
                          "(n, B, K)), e.g. torch.randn(K, generator=g)")
-    if loss_fn is not None and kind != "doubleback":
-        raise ValueError(f"loss_fn applies to 'doubleback' only, not {kind!r}")
+    if loss_fn is not None and "loss_fn" not in spec.options:
+        raise ValueError(f"loss_fn applies to {kinds.owners('loss_fn')} only, not {kind!r}")
     batch = x.shape[0]
+    # labels under the rule of every entry point (_checks.check_labels): class indices for onehot and the
+    # default cross-entropy, checked here (dtype, shape) and in target (range)
+    indices = spec.label_indices(loss_fn)
+    if spec.labels is not None:
+        y = check_labels(y, batch, kind, indices=indices)
+    args = kinds.KindArgs(batch=batch, device=x.device, y=y, loss_fn=loss_fn, projection=projection)
 
     def target(z: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(model, params, (z,))
         flat = check_output(out, batch, kind)
         if indices:   # the class range, now that K is known
             check_labels(y, batch, kind, num_classes=flat.shape[1])
-        if kind == "doubleback":
-            losses = loss_fn(out, y) if loss_fn is not None else F.cross_entropy(out, y, reduction="none")
-            if losses.shape not in ((batch,), (batch, 1)):
-                raise ValueError(f"loss_fn must return per-sample losses of shape ({batch},) "
-                                 f"(e.g. reduction='none'), got shape {tuple(losses.shape)}")
-            return losses.reshape(batch, 1)
-        return torch.softmax(flat, dim=1) if kind == "jacreg" else flat
+        transform, composite = spec.target(args)   # PyTorch's own ops: the composite twin where there is one
+        return (composite or transform)(out)
 
-    # labels under the rule of every entry point (_checks.check_labels): class indices for onehot and the
-    # default cross-entropy, checked here (dtype, shape) and in target (range)
-    indices = kind == "onehot" or (kind == "doubleback" and loss_fn is None)
-    if kind in ("doubleback", "onehot"):
-        y = check_labels(y, batch, kind, indices=indices)
     u, pullback = torch.func.vjp(target, x.detach())
-    R, scale = _cotangents(kind, u, y, projection)
+    if projection is not None:
+        args = dataclasses.replace(args, projection=check_projection(projection, batch, u.shape[1]))
+    R, scale = spec.cotangents(args, u)
     per_sample = 0
     for j in range(R.shape[0]):
         (g,) = pullback(R[j])

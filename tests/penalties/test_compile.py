@@ -14,7 +14,7 @@ import torch
 
 import gradreg_fast as gr
 from conftest import TOLERANCES, available_backends
-from gradreg_fast._guards import COMPILED_MODEL_METHODS
+from gradreg_fast.penalties.guards import COMPILED_MODEL_METHODS
 from gradreg_fast.testing.zoo import make_small
 from method_matrix import served_pairs
 
@@ -140,7 +140,7 @@ def test_compile_expectations_are_declared_and_consistent():
     assert not missing, f"declare in COMPILE_EXPECT what methods {missing} do on a compiled model"
     trains = {m for m, e in COMPILE_EXPECT.items() if e == "trains"}
     assert trains == set(COMPILED_MODEL_METHODS), (
-        "gradreg_fast._guards.COMPILED_MODEL_METHODS (named in the errors) must be the methods that train "
+        "gradreg_fast.penalties.guards.COMPILED_MODEL_METHODS (named in the errors) must be the methods that train "
         "compiled models")
 
 

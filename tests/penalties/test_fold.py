@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gradreg_fast as gr
-import gradreg_fast.nn.loss as loss_module
+import gradreg_fast.penalties.call as call_module  # the one call path builds the Fold
 from gradreg_fast.testing.zoo import make_case
 
 CASES = [
@@ -27,7 +27,7 @@ CASES = [
 
 def _gradients(case, kind, method, options, reduction, every, fold_on, monkeypatch):
     if not fold_on:
-        monkeypatch.setattr(loss_module, "Fold", lambda *args, **kwargs: None)
+        monkeypatch.setattr(call_module, "Fold", lambda *args, **kwargs: None)
     crit = gr.GradRegLoss(kind, 0.3, method=method, reduction=reduction, every=every, seed=7, **options)
     for prm in case.params:
         prm.grad = None
@@ -62,12 +62,12 @@ def test_fold_keeps_the_gradients(name, kind, method, options, reduction, every,
 def test_fold_is_taken_where_it_applies(monkeypatch):
     """The fold is not a no-op: with mean reduction the base loss leaves the caller's graph."""
     seen = []
-    original = loss_module.Fold
+    original = call_module.Fold
 
     def spy(*args, **kwargs):
         seen.append(original(*args, **kwargs))
         return seen[-1]
-    monkeypatch.setattr(loss_module, "Fold", spy)
+    monkeypatch.setattr(call_module, "Fold", spy)
     case = make_case("smooth_mlp")
     for method, taken in [("hvp", True), ("fd", True), ("jvp", True), ("exact", None)]:
         seen.clear()

@@ -1,6 +1,6 @@
 """NaN/Inf inputs and parameters, and zero input gradients, for every (kind, method) served.
 
-Policy (docs/scaling.md, gradreg_fast/_guards.py): documented propagation, never a silently finite
+Policy (docs/scaling.md, gradreg_fast/penalties/guards.py): documented propagation, never a silently finite
 wrong answer. A NaN or ±Inf in x, or a NaN in the model output (a NaN parameter gives one),
 makes the penalty NaN and sends NaN into the parameter gradients. Zero input gradients (a dead
 ReLU layer) give exactly 0 and no NaN.
@@ -115,7 +115,7 @@ def test_zero_input_gradient_gives_zero_and_no_nan(kind, method):
 def test_factor_flags_only_nonfinite_inputs_near_the_float_range(dtype):
     """The guard's factor is exactly 1 for finite x at the ends of its dtype's range (no overflow in
     the check itself) and NaN as soon as x holds a NaN or ±Inf, or u a NaN (not for ±Inf in u)."""
-    from gradreg_fast._guards import nonfinite_factor
+    from gradreg_fast.penalties.guards import nonfinite_factor
     big = torch.finfo(dtype).max
     x = torch.tensor([[big, -big, 1.0], [0.5, -big, big]], dtype=dtype)
     u = torch.tensor([[1.0], [float("-inf")]], dtype=torch.float32)

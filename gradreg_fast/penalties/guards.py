@@ -96,14 +96,14 @@ def compiled_region_in(t: torch.Tensor) -> bool:
     return _graph_holds(t, _COMPILED_FORWARD)
 
 
-def _working_methods(methods) -> str:
-    working = [m for m in COMPILED_MODEL_METHODS if m in methods]
-    return " or ".join(f"method={m!r}" for m in working)
+def _working_methods() -> str:
+    """The methods that train compiled models, as the messages name them (from the method table)."""
+    return " or ".join(f"method={m!r}" for m in COMPILED_MODEL_METHODS)
 
 
-def check_compiled(p: torch.Tensor, method: str, methods) -> None:
+def check_compiled(p: torch.Tensor, method: str) -> None:
     if _graph_holds(p, _COMPILED_DOUBLE_BACKWARD):
-        working = _working_methods(methods)
+        working = _working_methods()
         alternatives = f"use {working} (no double backward), " if working else ""
         raise ValueError(
             f"gradreg_fast: method={method!r} needs double backward through the model, and the model "
@@ -113,9 +113,10 @@ def check_compiled(p: torch.Tensor, method: str, methods) -> None:
             "compute the penalty on the uncompiled module (compiled._orig_mod)")
 
 
-def run_estimator(estimator: Callable, problem, *, method: str, methods, model: Callable | None,
+def run_estimator(estimator: Callable, problem, *, method: str, model: Callable | None,
                   out: torch.Tensor) -> torch.Tensor:
-    """estimator(problem), with the DDP, torch.compile and NaN/Inf guards of this module."""
+    """estimator(problem), with the DDP, torch.compile and NaN/Inf guards of this module (the methods
+    its messages name come from the method table, gradreg_fast/_methods.py)."""
     ddp = distributed.find_ddp(model, out)
     distributed.check_ddp(ddp)
     if ddp is not None and getattr(problem, "model", None) is ddp:
@@ -154,7 +155,7 @@ def run_estimator(estimator: Callable, problem, *, method: str, methods, model: 
     except NotImplementedError as exc:
         # forward-mode AD (method "jvp") through a compiled region: aot_autograd has no jvp rule
         if "forward mode AD" in str(exc) and compiled_region_in(problem.u):
-            working = _working_methods(methods)
+            working = _working_methods()
             raise ValueError(
                 f"gradreg_fast: method={method!r} uses forward-mode AD, which torch.compile'd "
                 f"(aot_autograd) regions of the model do not implement. Use {working or 'another method'} "
@@ -167,7 +168,7 @@ def run_estimator(estimator: Callable, problem, *, method: str, methods, model: 
                 "method='fd' (first derivatives only), or method='exact' if the model is twice "
                 "differentiable") from exc
         raise
-    check_compiled(p, method, methods)
+    check_compiled(p, method)
     p = p * nonfinite_factor(problem.x, problem.u, p)
     if ddp is not None:
         p = distributed.reach_outputs(p, out)

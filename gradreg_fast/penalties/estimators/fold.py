@@ -1,0 +1,103 @@
+"""Gradients taken at the call (hvp, fd, jvp): ``_deferred`` returns the penalty's value with a backward
+that applies gradients computed at the penalty call, and folds the caller's base loss into them
+(``core.Fold``) so that the clean forward's graph is freed before the estimator's own passes."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from gradreg_fast.penalties.core import Problem, serialized
+from gradreg_fast.penalties.estimators._shared import _differentiated, _reduction
+from gradreg_fast.penalties.guards import graph_nodes
+
+
+class _Deferred(torch.autograd.Function):
+    """value (B,) whose backward, given the caller's per-sample weights w (B,), returns the gradients
+    of Σ_b w_b P_b with respect to ``inputs`` (the parameters, and x when it requires grad).
+
+    ``pre`` holds those gradients for w = 1 (computed at the penalty call, so that a model the method
+    cannot serve is refused there, not in the caller's backward; with a folded base loss, ``pre``
+    holds its gradients too, see ``_fold``). When the penalty is reduced (mean
+    or sum) the caller's weights are equal across the batch and the backward scales ``pre``;
+    with reduction="none" it calls ``grads_fn(w)`` for the weights the caller applied.
+    """
+
+    @staticmethod
+    def forward(ctx, value, grads_fn, pre, uniform, *inputs):
+        ctx.grads_fn, ctx.pre, ctx.uniform = grads_fn, pre, uniform
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, w):
+        if ctx.uniform:
+            c = w.reshape(-1)[0]
+            grads = [None if g is None else c.to(g.dtype) * g for g in ctx.pre]
+        else:
+            with torch.enable_grad(), serialized():   # re-runs and forward-mode AD: docs/threads.md
+                grads = ctx.grads_fn(w.detach())
+        return (None, None, None, None, *grads)
+
+
+def _fold(p: Problem, inputs: list[torch.Tensor], clean: torch.Tensor | None) -> list[torch.Tensor | None] | None:
+    """The gradients, on the clean forward's graph, of the caller's base loss (``p.fold``) and of
+    ``clean`` (a scalar on that graph that belongs to the penalty), scaled to the penalty's
+    convention (gradients of Σ_b P_b): one backward that frees the clean graph. None when there is
+    nothing to fold: no base loss offered, per-sample penalties (the caller's weights are known only
+    in its backward), or a sharded model (FSDP reduces gradients in its own backward hooks)."""
+    fold = p.fold
+    if fold is None or _reduction(p) == "none" or p.sharded or not fold.loss.requires_grad:
+        return None
+    per_sample = p.x.shape[0] if _reduction(p) == "mean" else 1   # pen = Σ_b P_b / per_sample
+    scalar = fold.loss * (fold.weight * per_sample)
+    if clean is not None:
+        scalar = scalar + clean.to(scalar.dtype)
+    keep = _fold_inputs(p, scalar, inputs)
+    if keep is None:
+        return None
+    found = iter(torch.autograd.grad(scalar, [t for t, k in zip(inputs, keep, strict=True) if k], allow_unused=True))
+    fold.taken = True
+    return [next(found) if k else None for k in keep]
+
+
+def _fold_inputs(p: Problem, scalar: torch.Tensor, inputs: list[torch.Tensor]) -> list[bool] | None:
+    """Which ``inputs`` the fold differentiates (all of them, unless x is attached to parameters of the
+    model, e.g. x = the model's own embedding lookup), or None: no fold.
+
+    The fold's gradient for x reaches the layers upstream of x through the caller's backward (the
+    penalty's x gradient rides there too), so the fold must not also differentiate the parameters
+    upstream of x through x: that would count their base-loss gradient twice and free the graph the
+    caller's backward still needs. Those parameters are left out of the fold (autograd then stops at
+    x); a parameter used both upstream of x and past it (tied weights) would lose its direct term,
+    so then the base loss is not folded at all (it stays on the caller's graph)."""
+    if not p.attached:
+        return [True] * len(inputs)
+    upstream = _leaves(p.x)
+    if not upstream:
+        return [True] * len(inputs)
+    if upstream & _leaves(scalar, stop=p.x.grad_fn):
+        return None
+    return [t is p.x or id(t) not in upstream for t in inputs]
+
+
+def _leaves(t: torch.Tensor, stop=None) -> set[int]:
+    """ids of the leaf tensors (AccumulateGrad nodes) in t's graph, not walking past ``stop``."""
+    return {id(node.variable) for node in graph_nodes(t, stop) if hasattr(node, "variable")}
+
+
+def _deferred(p: Problem, value: torch.Tensor, grads_fn: Callable, clean: torch.Tensor | None = None) -> torch.Tensor:
+    """``value`` (B,) with the gradients ``grads_fn`` gives, taken at the call (see _Deferred).
+    ``clean`` (B,): per-sample terms on the clean forward's graph whose gradients belong to P_b too (their
+    values do not); folded with the caller's base loss (``_fold``) when there is one, else left in the
+    caller's graph."""
+    _, inputs = _differentiated(p)
+    with torch.enable_grad():
+        # first: the clean graph is freed before grads_fn's passes build theirs
+        folded = _fold(p, inputs, None if clean is None else clean.sum())
+        pre = grads_fn(torch.ones_like(value))
+    if folded is not None:
+        pre = [a if b is None else (b if a is None else a + b) for a, b in zip(pre, folded, strict=True)]
+    out = _Deferred.apply(value, grads_fn, pre, _reduction(p) != "none", *inputs)
+    if clean is not None and folded is None:
+        out = out + (clean - clean.detach()).to(out.dtype)
+    return out
