@@ -70,6 +70,10 @@ def _tv(name: str):
     if name == "vit":
         return tvm.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8,
                                      mlp_dim=16, num_classes=K)
+    if name == "regnet":         # regnet_y_400mf's design (grouped convs, group width 8, SE 0.25) at widths 8-32
+        from torchvision.models import regnet
+        params = regnet.BlockParams.from_init_params(depth=3, w_0=8, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25)
+        return regnet.RegNet(params, num_classes=K, stem_width=8)
     if name == "swin":
         return tvm.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
                                    window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=K)
@@ -129,6 +133,8 @@ SPECS: dict[str, dict] = {
     "tv_vit": _spec("torchvision", "vit", "torchvision VisionTransformer: patch conv, nn.MultiheadAttention, GELU"),
     "tv_swin": _spec("torchvision", "swin",
                      "torchvision SwinTransformer: shifted windows, relative position bias, GELU"),
+    "tv_regnet": _spec("torchvision", "regnet", "torchvision RegNet (regnet_y_400mf's design, 3 stages): grouped "
+                       "conv, SE (sigmoid), BN (eval), ReLU", smooth=False),
     "timm_resnet": _spec("timm", "test_resnet", "timm test_resnet: deep stem, BN (eval), ReLU, max-pool", smooth=False),
     "timm_vit_tiny": _spec("timm", "vit_tiny", "timm vit_tiny (depth 1, 32 px): attention, GELU"),
     "timm_efficientnet": _spec("timm", "test_efficientnet", "timm test_efficientnet: SiLU, SE, BN (eval)"),
