@@ -4,7 +4,8 @@ Nothing here calls gradreg_fast's estimators, ops or kernels: cross-entropy is F
 are ``pow(2).sum``, and every input gradient is one ``torch.autograd.grad(..., create_graph=True)``
 per output in a Python loop (no batching, no fused ops). Attention runs on the math kernel of
 ``torch.nn.attention.sdpa_kernel`` (twice differentiable) and a model with a once-differentiable op
-is replaced by its twice-differentiable twin (same parameters and outputs).
+is replaced by its twice-differentiable twin (same parameters and outputs). jvp's random tangents are
+reproduced from the pure-torch definition of the library's random stream (gradreg_fast.reference.philox).
 
 With f = model, u the per-sample target of the kind and R the cotangents (see gradreg_fast.penalty):
 
