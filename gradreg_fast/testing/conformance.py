@@ -163,7 +163,7 @@ class Matrix:
                 cell = self._run_jvp_fixed(name, kind)
             elif method == "jvp":
                 self.call(name, kind, "jvp")     # a refusal surfaces here, before any ground truth
-                cell = self._run_jvp(name, kind, self.truth(name, kind, JVP_REPEAT))
+                cell = self._run_jvp_ztest(name, kind, self.truth(name, kind, JVP_REPEAT))
             else:
                 truth = self.truth(name, kind)
                 value, grads = self.call(name, kind, method)
@@ -215,7 +215,7 @@ class Matrix:
         ok = value_err <= EXACT_RTOL and grad_err <= EXACT_RTOL
         return Cell(name, kind, method, "exact" if ok else "WRONG", value_err, grad_err)
 
-    def _run_jvp(self, name, kind, truth) -> Cell:
+    def _run_jvp_ztest(self, name, kind, truth) -> Cell:
         """z-tests of the mean over independent calls (each the mean of JVP_N_PROJ draws)."""
         vacuous = _vacuous(name, kind, truth)
         if vacuous is not None:   # the test would never be powered: it ran all JVP_MAX_CALLS calls
