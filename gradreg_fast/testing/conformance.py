@@ -4,14 +4,23 @@ public API (``gradreg_fast.penalty``) and checked against ``ground_truth`` (fp64
 A cell ends in one of:
 
     exact     value and every parameter gradient within ``EXACT_RTOL`` of the ground truth
-    unbiased  a random estimator whose mean over many draws passes z-tests on the value and on the
-              gradient (along the true gradient and along a random direction), with draws enough that
-              a 10% bias would fail
+    unbiased  jvp (Hutchinson, random tangents v ~ N(0, I)), by one of two checks (``JVP_CHECKS``):
+              "fixed" (the default): at the tangents the call drew, reproduced from the same generator
+              as the estimator's documented contract says (``ground_truth.jvp_tangents``), value and
+              every parameter gradient within ``EXACT_RTOL`` of plain double backprop's
+              (1/n) Σ_j ‖J v_j‖² and its gradient. With E[v vᵀ] = I, E_v ‖J v‖² = tr(J E[v vᵀ] Jᵀ)
+              = ‖J‖_F², and the gradient is linear in that expectation, so exactness at every draw
+              means the value and gradient are unbiased. Seconds per cell.
+              "ztest": the mean over many calls passes z-tests on the value and on the gradient
+              (along the true gradient and along a random direction), with draws enough that a 10%
+              bias would fail: the end-to-end check of the sampling itself, minutes per cell
     approx    finite differences: the value is exact, the gradient within the measured error reported
     refuses   a ValueError/NotImplementedError at the call that names a method that works
     WRONG / BIASED / ERROR   a wrong value or gradient, a biased estimate, or a raw error: a defect
+    VACUOUS   jvp on a case whose true gradient is 0 (the case, not the estimator, needs fixing)
 
     python -m gradreg_fast.testing.conformance           # the whole matrix as a markdown table
+    python -m gradreg_fast.testing.conformance --jvp-check ztest   # jvp cells by z-tests instead
     python -m gradreg_fast.testing.conformance --models third_party --out docs/models.md
                                 # the third-party zoo (gradreg_fast.testing.third_party), into the page's
                                 # generated section (between GENERATED_BEGIN and GENERATED_END)
@@ -35,7 +44,8 @@ JVP_Z = 3.5               # |z| above this fails
 JVP_POWER = 0.025         # standard error at most 2.5% of the truth: a 10% bias gives z >= 4
 JVP_MAX_CALLS = 400
 JVP_N_PROJ = 2
-JVP_REPEAT = 48           # jvp cells run on the zoo batch repeated 48 times: 48x the independent draws per call
+JVP_REPEAT = 48           # jvp z-tests run on the zoo batch repeated 48 times: 48x the independent draws per call
+JVP_CHECKS = ("fixed", "ztest")
 KINDS = gr.KINDS                # the classifier kinds
 GAN_KINDS = gr.GAN_KINDS       # on zoo.DISCRIMINATORS only (and the classifier KINDS on zoo.ZOO only)
 METHODS = tuple(gr.METHODS)
@@ -90,8 +100,11 @@ def _restore(model: torch.nn.Module, saved: dict) -> None:
 class Matrix:
     """Runs cells, caching the zoo cases and their ground truths."""
 
-    def __init__(self, dtype: torch.dtype = torch.float64):
+    def __init__(self, dtype: torch.dtype = torch.float64, jvp_check: str = "fixed"):
+        if jvp_check not in JVP_CHECKS:
+            raise ValueError(f"jvp_check must be one of {JVP_CHECKS}, got {jvp_check!r}")
         self.dtype = dtype
+        self.jvp_check = jvp_check
         self._cases: dict[str, tuple] = {}
         self._truth: dict[tuple, ground_truth.Truth] = {}
 
@@ -146,9 +159,11 @@ class Matrix:
     def run(self, name: str, kind: str, method: str) -> Cell:
         t0 = time.perf_counter()
         try:
-            if method == "jvp":
+            if method == "jvp" and self.jvp_check == "fixed":
+                cell = self._run_jvp_fixed(name, kind)
+            elif method == "jvp":
                 self.call(name, kind, "jvp")     # a refusal surfaces here, before any ground truth
-                cell = self._run_jvp(name, kind, self.truth(name, kind, JVP_REPEAT))
+                cell = self._run_jvp_ztest(name, kind, self.truth(name, kind, JVP_REPEAT))
             else:
                 truth = self.truth(name, kind)
                 value, grads = self.call(name, kind, method)
@@ -160,6 +175,30 @@ class Matrix:
         except Exception as exc:  # a raw torch error: a defect
             cell = Cell(name, kind, method, "ERROR", message=f"{type(exc).__name__}: {exc}")
         cell.seconds = time.perf_counter() - t0
+        return cell
+
+    def jvp_truth(self, name: str, kind: str, gen_seed: int = GEN_SEED, n_proj: int = JVP_N_PROJ) -> ground_truth.Truth:
+        """Plain double backprop's (1/n) Σ_j ‖J v_j‖² and its gradient at the tangents a jvp call with
+        generator seed ``gen_seed`` draws (``ground_truth.jvp_tangents``)."""
+        case, saved = self.case(name)
+        _restore(case.model, saved)
+        tangents = ground_truth.jvp_tangents(case.input(), torch.Generator().manual_seed(gen_seed), n_proj)
+        truth = ground_truth.penalty(case, kind, rng_seed=RNG_SEED, tangents=tangents)
+        _restore(case.model, saved)
+        return truth
+
+    def _run_jvp_fixed(self, name: str, kind: str) -> Cell:
+        """jvp at fixed draws: the call's value and gradients against ``jvp_truth`` at the same draws."""
+        value, grads = self.call(name, kind, "jvp", n_proj=JVP_N_PROJ)   # a refusal surfaces here
+        truth = self.jvp_truth(name, kind)
+        vacuous = _vacuous(name, kind, truth)
+        if vacuous is not None:
+            return vacuous
+        cell = self._compare(name, kind, "jvp", truth, value, grads)
+        if cell.status == "exact":
+            cell.status = "unbiased"
+            cell.message = (f"fixed draws ({JVP_N_PROJ} tangents): value and every parameter gradient equal "
+                            f"double backprop's at the same tangents within {EXACT_RTOL:g}")
         return cell
 
     def _compare(self, name, kind, method, truth, value, grads) -> Cell:
@@ -176,8 +215,11 @@ class Matrix:
         ok = value_err <= EXACT_RTOL and grad_err <= EXACT_RTOL
         return Cell(name, kind, method, "exact" if ok else "WRONG", value_err, grad_err)
 
-    def _run_jvp(self, name, kind, truth) -> Cell:
+    def _run_jvp_ztest(self, name, kind, truth) -> Cell:
         """z-tests of the mean over independent calls (each the mean of JVP_N_PROJ draws)."""
+        vacuous = _vacuous(name, kind, truth)
+        if vacuous is not None:   # the test would never be powered: it ran all JVP_MAX_CALLS calls
+            return vacuous
         g_true = torch.cat([g.flatten() for g in truth.grads])
         unit = g_true / g_true.norm()
         rand = torch.randn(g_true.numel(), generator=torch.Generator().manual_seed(5), dtype=g_true.dtype)
@@ -206,6 +248,15 @@ class Matrix:
         return Cell(name, kind, "jvp", status, abs(stats[0][0] - truths[0]) / abs(truths[0]), rel,
                     message=f"{calls} calls × {JVP_N_PROJ} draws × {JVP_REPEAT} copies; z value {zs[0]:+.2f}, "
                             f"along ∇ {zs[1]:+.2f}, random direction {zs[2]:+.2f}")
+
+
+def _vacuous(name: str, kind: str, truth: ground_truth.Truth) -> Cell | None:
+    """A VACUOUS cell when the ground truth's parameter gradient is all zeros (a layer initialized to zeros
+    cuts x from the logits, torchvision ViT's head): any estimator returning zeros would match it."""
+    if any(bool(g.any()) for g in truth.grads):
+        return None
+    return Cell(name, kind, "jvp", "VACUOUS", message="the ground truth's parameter gradient is 0: the case does "
+                "not test the estimator (do the logits depend on x? a layer initialized to zeros?)")
 
 
 def _mean_se(xs: list[float]) -> tuple[float, float]:
@@ -297,10 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", default=",".join(KINDS + GAN_KINDS),
                     help="classifier kinds run on the classifiers, GAN kinds on the discriminators")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--jvp-check", default="fixed", choices=JVP_CHECKS,
+                    help="jvp cells: at fixed draws against double backprop (default, seconds) or by z-tests "
+                         "over many calls (minutes per cell)")
     ap.add_argument("--out", default=None, help="write the markdown table here")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    mat = Matrix()
+    mat = Matrix(jvp_check=a.jvp_check)
     cells = []
     names = a.models.split(",")
     if a.models == "third_party":
@@ -317,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     md = summary(cells) + "\n\n" + table(cells)
     if a.out:
         command = "python -m gradreg_fast.testing.conformance" + (
-            f" --models {a.models}" if a.models == "third_party" else "") + f" --out {a.out}"
+            f" --models {a.models}" if a.models == "third_party" else "") + (
+            f" --jvp-check {a.jvp_check}" if a.jvp_check != "fixed" else "") + f" --out {a.out}"
         write_generated(a.out, f"<!-- generated by: {command} -->\n<!-- torch {torch.__version__}, fp64 -->\n\n" + md)
     print(md)
     return 0 if all(c.ok for c in cells) else 1

@@ -4,7 +4,8 @@ Nothing here calls gradreg_fast's estimators, ops or kernels: cross-entropy is F
 are ``pow(2).sum``, and every input gradient is one ``torch.autograd.grad(..., create_graph=True)``
 per output in a Python loop (no batching, no fused ops). Attention runs on the math kernel of
 ``torch.nn.attention.sdpa_kernel`` (twice differentiable) and a model with a once-differentiable op
-is replaced by its twice-differentiable twin (same parameters and outputs).
+is replaced by its twice-differentiable twin (same parameters and outputs). jvp's random tangents are
+reproduced from the pure-torch definition of the library's random stream (gradreg_fast.reference.philox).
 
 With f = model, u the per-sample target of the kind and R the cotangents (see gradreg_fast.penalty):
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gradreg_fast.penalties.core import math_attention  # torch's own kernel choice, no library op
+from gradreg_fast.reference import philox  # the random stream's pure-torch definition
 from gradreg_fast.testing.case import Case
 
 
@@ -67,14 +69,30 @@ def targets(kind: str, out: torch.Tensor, y: torch.Tensor, projection: torch.Ten
     raise ValueError(f"no ground truth for kind {kind!r}")
 
 
+def jvp_tangents(x: torch.Tensor, generator: torch.Generator, n_proj: int) -> list[torch.Tensor]:
+    """The n_proj tangents v_j that method='jvp' draws from ``generator`` for input x, reproduced as its
+    documented contract says (gradreg_fast.penalties.estimators.jvp): draw j takes the seed
+    s_j = torch.randint(0, 2^63 - 1, (1,), generator=generator) and v_j is the x-shaped stretch
+    z[0 : x.numel()] of the counter-based Gaussian stream (s_j, offset 0), here from the pure-torch
+    reference of that stream (gradreg_fast.reference.philox), in x's dtype."""
+    seeds = [int(torch.randint(0, 2 ** 63 - 1, (1,), generator=generator).item()) for _ in range(n_proj)]
+    return [philox.gaussian_like(x.detach(), s, 0, per_sample=True) for s in seeds]
+
+
 def penalty(case: Case, kind: str, *, projection: torch.Tensor | None = None,
             classes: torch.Tensor | None = None, rng_seed: int = 0, repeat: int = 1,
-            eps: torch.Tensor | None = None, target_norm: float = 1.0, one_sided: bool = False) -> Truth:
+            eps: torch.Tensor | None = None, target_norm: float = 1.0, one_sided: bool = False,
+            tangents: list[torch.Tensor] | None = None) -> Truth:
     """The penalty of ``kind`` on the zoo case and its gradient w.r.t. ``case.params``, in the dtype of
     the case. ``rng_seed`` seeds the global RNG right before the forward (dropout masks): seed the
     library's call the same way to compare. ``repeat`` > 1 evaluates the batch repeated that many times
     (``repeated_batch``). "wgan_gp" takes the interpolation weights ``eps`` (B,) and uses
-    ``case.notes["fake"]``; ``target_norm`` and ``one_sided`` as gr.penalty's."""
+    ``case.notes["fake"]``; ``target_norm`` and ``one_sided`` as gr.penalty's.
+
+    ``tangents`` (frobreg, jacreg: n x-shaped v_j) gives instead the Hutchinson estimate at those
+    draws, penalty_b = (1/n) Σ_j ‖J_b v_j[b]‖² with (J_b v)_k = ⟨G_k[b], v[b]⟩ from the same loop of
+    double-backprop input gradients G_k (one per output k), and its exact parameter gradient: the
+    deterministic function of the draws that method='jvp' computes (``jvp_tangents``)."""
     model = case.twin if case.twin is not None else case.model
     with math_attention():
         torch.manual_seed(rng_seed)
@@ -91,7 +109,11 @@ def penalty(case: Case, kind: str, *, projection: torch.Tensor | None = None,
         per_sample = torch.zeros(x.shape[0], dtype=out.dtype)
         for s in scalars:
             (g,) = torch.autograd.grad(s, x, create_graph=True)
-            per_sample = per_sample + g.reshape(g.shape[0], -1).pow(2).sum(1)
+            if tangents is None:
+                per_sample = per_sample + g.reshape(g.shape[0], -1).pow(2).sum(1)
+            else:   # (J_b v_j)_k = ⟨G_k[b], v_j[b]⟩, squared and averaged over the draws
+                for v in tangents:
+                    per_sample = per_sample + (g * v).reshape(g.shape[0], -1).sum(1).pow(2) / len(tangents)
         per_sample = scale * per_sample
         if kind == "wgan_gp":
             d = per_sample.sqrt() - target_norm

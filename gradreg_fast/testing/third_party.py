@@ -10,6 +10,7 @@ in ``model_kwargs``, and the embedding table is among the parameters whose gradi
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 
 import torch
@@ -69,15 +70,21 @@ def _tv(name: str):
     if name == "vit":
         return tvm.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8,
                                      mlp_dim=16, num_classes=K)
+    if name == "regnet":         # regnet_y_400mf's design (grouped convs, group width 8, SE 0.25) at widths 8-32
+        from torchvision.models import regnet
+        params = regnet.BlockParams.from_init_params(depth=3, w_0=8, w_a=8.0, w_m=2.0, group_width=8, se_ratio=0.25)
+        return regnet.RegNet(params, num_classes=K, stem_width=8)
     if name == "swin":
         return tvm.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
                                    window_size=[4, 4], stochastic_depth_prob=0.0, num_classes=K)
     raise ValueError(name)
 
 
-def _timm(name: str, **kwargs):
+def _timm(name: str):
     import timm
-    return timm.create_model(name, pretrained=False, num_classes=K, **kwargs)
+    if name == "vit_tiny":   # vit_tiny_patch16_224 at depth 1 and 32 px
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=K, img_size=32, depth=1)
+    return timm.create_model(name, pretrained=False, num_classes=K)
 
 
 def _hf(name: str):
@@ -101,39 +108,43 @@ def _hf(name: str):
     raise ValueError(name)
 
 
-# name -> spec: requires (the package), build, smooth, coupled, train, layers
+_BUILDERS = {"torchvision": _tv, "timm": _timm, "transformers": _hf}
+
+
+def _spec(requires: str, what: str, layers: str, *, smooth: bool = True, train: bool = False,
+          coupled: bool = False) -> dict:
+    """A third-party model's spec (the zoo's keys): requires (the package), build (its builder for ``what``),
+    smooth, train (the mode), coupled (batch statistics), layers."""
+    return dict(requires=requires, build=functools.partial(_BUILDERS[requires], what), smooth=smooth, train=train,
+                coupled=coupled, layers=layers)
+
+
+_TV_RESNET = "torchvision resnet18: conv, BatchNorm ({} statistics), ReLU, max-pool"
 SPECS: dict[str, dict] = {
-    "tv_resnet18_train": dict(requires="torchvision", build=lambda: _tv("resnet18"), smooth=False, coupled=True,
-                              train=True,
-                              layers="torchvision resnet18: conv, BatchNorm (batch statistics), ReLU, max-pool"),
-    "tv_resnet18_eval": dict(requires="torchvision", build=lambda: _tv("resnet18"), smooth=False, train=False,
-                             layers="torchvision resnet18: conv, BatchNorm (running statistics), ReLU, max-pool"),
-    "tv_mobilenet_v3": dict(requires="torchvision", build=lambda: _tv("mobilenet_v3"), smooth=False, train=False,
-                            layers="torchvision MobileNetV3 (3 blocks): Hardswish, SE with Hardsigmoid, BN (eval)"),
-    "tv_efficientnet": dict(requires="torchvision", build=lambda: _tv("efficientnet"), smooth=True, train=False,
-                            layers="torchvision EfficientNet (b0's first 3 stages): SiLU, SE (sigmoid), BN (eval)"),
-    "tv_convnext": dict(requires="torchvision", build=lambda: _tv("convnext"), smooth=True, train=True,
-                        layers="torchvision ConvNeXt: depthwise conv, LayerNorm2d, GELU, layer scale"),
-    "tv_vit": dict(requires="torchvision", build=lambda: _tv("vit"), smooth=True, train=False,
-                   layers="torchvision VisionTransformer: patch conv, nn.MultiheadAttention, GELU"),
-    "tv_swin": dict(requires="torchvision", build=lambda: _tv("swin"), smooth=True, train=False,
-                    layers="torchvision SwinTransformer: shifted windows, relative position bias, GELU"),
-    "timm_resnet": dict(requires="timm", build=lambda: _timm("test_resnet"), smooth=False, train=False,
-                        layers="timm test_resnet: deep stem, BN (eval), ReLU, max-pool"),
-    "timm_vit_tiny": dict(requires="timm", build=lambda: _timm("vit_tiny_patch16_224", img_size=32, depth=1),
-                          smooth=True, train=False, layers="timm vit_tiny (depth 1, 32 px): attention, GELU"),
-    "timm_efficientnet": dict(requires="timm", build=lambda: _timm("test_efficientnet"), smooth=True, train=False,
-                              layers="timm test_efficientnet: SiLU, SE, BN (eval)"),
-    "timm_convnext": dict(requires="timm", build=lambda: _timm("test_convnext"), smooth=True, train=False,
-                          layers="timm test_convnext: depthwise conv, LayerNorm, GELU"),
-    "hf_bert": dict(requires="transformers", build=lambda: _hf("bert"), smooth=True, train=True,
-                    layers="transformers BERT (train: dropout), attention mask, w.r.t. embeddings"),
-    "hf_roberta": dict(requires="transformers", build=lambda: _hf("roberta"), smooth=True, train=False,
-                       layers="transformers RoBERTa, attention mask, w.r.t. embeddings"),
-    "hf_distilbert": dict(requires="transformers", build=lambda: _hf("distilbert"), smooth=True, train=False,
-                          layers="transformers DistilBERT, attention mask, w.r.t. embeddings"),
-    "hf_gpt2": dict(requires="transformers", build=lambda: _hf("gpt2"), smooth=True, train=False,
-                    layers="transformers GPT-2 (causal, last token), attention mask, w.r.t. embeddings"),
+    "tv_resnet18_train": _spec("torchvision", "resnet18", _TV_RESNET.format("batch"), smooth=False, train=True,
+                               coupled=True),
+    "tv_resnet18_eval": _spec("torchvision", "resnet18", _TV_RESNET.format("running"), smooth=False),
+    "tv_mobilenet_v3": _spec("torchvision", "mobilenet_v3", "torchvision MobileNetV3 (3 blocks): Hardswish, SE with "
+                             "Hardsigmoid, BN (eval)", smooth=False),
+    "tv_efficientnet": _spec("torchvision", "efficientnet",
+                             "torchvision EfficientNet (b0's first 3 stages): SiLU, SE (sigmoid), BN (eval)"),
+    "tv_convnext": _spec("torchvision", "convnext", "torchvision ConvNeXt: depthwise conv, LayerNorm2d, GELU, "
+                         "layer scale", train=True),
+    "tv_vit": _spec("torchvision", "vit", "torchvision VisionTransformer: patch conv, nn.MultiheadAttention, GELU"),
+    "tv_swin": _spec("torchvision", "swin",
+                     "torchvision SwinTransformer: shifted windows, relative position bias, GELU"),
+    "tv_regnet": _spec("torchvision", "regnet", "torchvision RegNet (regnet_y_400mf's design, 3 stages): grouped "
+                       "conv, SE (sigmoid), BN (eval), ReLU", smooth=False),
+    "timm_resnet": _spec("timm", "test_resnet", "timm test_resnet: deep stem, BN (eval), ReLU, max-pool", smooth=False),
+    "timm_vit_tiny": _spec("timm", "vit_tiny", "timm vit_tiny (depth 1, 32 px): attention, GELU"),
+    "timm_efficientnet": _spec("timm", "test_efficientnet", "timm test_efficientnet: SiLU, SE, BN (eval)"),
+    "timm_convnext": _spec("timm", "test_convnext", "timm test_convnext: depthwise conv, LayerNorm, GELU"),
+    "hf_bert": _spec("transformers", "bert", "transformers BERT (train: dropout), attention mask, w.r.t. embeddings",
+                     train=True),
+    "hf_roberta": _spec("transformers", "roberta", "transformers RoBERTa, attention mask, w.r.t. embeddings"),
+    "hf_distilbert": _spec("transformers", "distilbert", "transformers DistilBERT, attention mask, w.r.t. embeddings"),
+    "hf_gpt2": _spec("transformers", "gpt2",
+                     "transformers GPT-2 (causal, last token), attention mask, w.r.t. embeddings"),
 }
 NAMES = tuple(SPECS)
 
@@ -182,5 +193,5 @@ def make_case(name: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> C
         make_input = lambda: x.clone()  # noqa: E731
     model.train(spec["train"])
     return Case(name=name, model=model, make_input=make_input, y=y, params=list(model.parameters()),
-                smooth=spec["smooth"], coupled=spec.get("coupled", False), twin=composite_twin(model),
+                smooth=spec["smooth"], coupled=spec["coupled"], twin=composite_twin(model),
                 layers=spec["layers"], k=K, model_kwargs=kwargs)

@@ -28,8 +28,19 @@ JVP_KINDS = _methods.JVP_KINDS
 def jvp(p: Problem) -> torch.Tensor:
     """Forward-mode Hutchinson estimate of ‖J‖_F² (FrobReg, JacReg): P_b = (1/n) Σ_j ‖J_b v_jb‖².
 
-    v_j ~ N(0, I_D) per sample (n = n_proj draws from ``generator``); E_v ‖J v‖² = ‖J‖_F², so value
-    and parameter gradient are unbiased. J v is one forward-mode pass (torch.func.jvp) per draw; the
+    v_j ~ N(0, I_D) per sample (n = n_proj draws from ``generator``). Unbiased: the entries of v are
+    independent standard normals, E[v vᵀ] = I, so E_v ‖J v‖² = tr(J E[v vᵀ] Jᵀ) = ‖J‖_F²; and
+    ∇_θ ‖J v‖² = ∇_θ tr(Jᵀ J v vᵀ) is linear in v vᵀ (θ enters through J only), so its expectation is
+    ∇_θ ‖J‖_F². Given the draws, value and gradient are a deterministic function of them.
+
+    The draws (a contract, so that they can be reproduced from the same generator: the conformance
+    matrix checks the estimate at them against plain double backprop): for j = 0, …, n−1 in turn,
+    seed_j = ``draw_seed(generator)`` (one ``torch.randint(0, 2**63 - 1, (1,), generator=generator)``)
+    and v_j = ``gaussian_like(x, seed_j, 0, per_sample=True)``, the x-shaped first x.numel() numbers
+    of the counter-based Gaussian stream (seed_j, offset 0) (gradreg_fast.reference.philox defines it)
+    in x's dtype. FrobReg and JacReg draw nothing else from ``generator``.
+
+    J v is one forward-mode pass (torch.func.jvp) per draw; the
     parameter gradient, ∇_θ ‖J v‖² = 2 (∂(J v)/∂θ)ᵀ (J v) = 2 d/dε ∇_θ ⟨J v, u(x + ε v)⟩, is a
     forward-over-reverse product computed inside the caller's backward (``directional_grads``), so
     it is right on LayerNorm, softmax and attention too. No create_graph, no K reverse passes.
