@@ -23,6 +23,10 @@ Projected SpectReg (docs/method.md) without materializing r:
     (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)      # g_i = J_iᵀ r
     penalty = sq_norm(g).mean()
 
+On small CPU inputs backend "auto" runs project as composite ops instead (the registry's
+AUTO_CPU_REFERENCE, ``_composite_project``): the same r, drawn once by the gaussian_like kernel and
+kept for the backward (at most 2^16 numbers), where the op's Python autograd wrappers would cost more.
+
 Use a fresh (seed, offset) for each draw: e.g. seed = draw_seed(generator) once per step, or one
 seed per run and offset = step number (different offsets are independent streams).
 """
