@@ -7,8 +7,11 @@ interleaved): its forward, a create_graph backward and the double backward,
 
     s = op(z); (g,) = autograd.grad(s.sum(), z, create_graph=True); (g * v).sum().backward()
 
-with backend="cpp" and backend="reference". The C++ op pays a fixed cost per call that the composite
-does not (torch.library's Python autograd wrappers), so the reference wins on small inputs; the
+(project: of tanh(z), since project is linear) with backend="cpp" and with what auto runs on small
+inputs ("ref": the reference; for project the op's small_cpu composite, out · r with r drawn by the
+gaussian_like kernel, since its reference generates r in Python-level Philox). The C++ op pays a
+fixed cost per call that the composite does not (torch.library's Python autograd wrappers), so the
+composite wins on small inputs; the
 table shows where, and AUTO_CPU_REFERENCE holds the sizes auto uses (docs/backends.md).
 
     python benchmarks/auto_cpu_crossover.py            (writes results/auto_cpu_crossover.txt)
@@ -16,6 +19,7 @@ table shows where, and AUTO_CPU_REFERENCE holds the sizes auto uses (docs/backen
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -36,18 +40,43 @@ from harness.timing import CPU_CLOCK, time_interleaved  # noqa: E402
 # 50x784 or 50x3x32x32) and up
 SHAPES = {"cross_entropy": [(50, 10), (256, 10), (50, 100), (256, 100), (50, 1000), (256, 1000), (1024, 1000),
                             (64, 32000)],
-          "sq_norm": [(50, 784), (50, 1568), (256, 784), (50, 3072), (256, 3072), (1024, 3072)]}
+          "sq_norm": [(50, 784), (50, 1568), (256, 784), (50, 3072), (256, 3072), (1024, 3072)],
+          # SpectReg's projection of the logits (50x10), per-sample and shared r
+          "project": [(50, 10), (256, 100), (50, 1000), (256, 1000), (1024, 1000)]}
+
+
+@contextlib.contextmanager
+def small_input_path(op: str):
+    """backend="auto" runs what it runs on small CPU inputs (the reference, or the op's small_cpu
+    composite) at every size inside."""
+    limit = AUTO_CPU_REFERENCE[op]
+    AUTO_CPU_REFERENCE[op] = 1 << 62
+    try:
+        yield
+    finally:
+        AUTO_CPU_REFERENCE[op] = limit
 
 
 def step(op: str, rows: int, cols: int, backend: str):
+    """One call of ``op`` on a (rows, cols) input: backend "cpp", or "reference": auto's small-input path."""
     g = torch.Generator().manual_seed(0)
     z0 = torch.randn(rows, cols, generator=g)
     v = torch.randn(rows, cols, generator=g)
     y = torch.randint(cols, (rows,), generator=g)
 
     def run():
+        with small_input_path(op) if backend == "reference" else contextlib.nullcontext():
+            once()
+
+    def once():
         z = z0.clone().requires_grad_(True)
-        s = gr.ops.sq_norm(z, backend=backend) if op == "sq_norm" else gr.ops.cross_entropy(z, y, backend=backend)
+        backend_arg = "cpp" if backend == "cpp" else "auto"
+        if op == "sq_norm":
+            s = gr.ops.sq_norm(z, backend=backend_arg)
+        elif op == "project":
+            s = gr.ops.project(z.tanh(), 1, 0, backend=backend_arg)
+        else:
+            s = gr.ops.cross_entropy(z, y, backend=backend_arg)
         (grad,) = torch.autograd.grad(s.sum(), z, create_graph=True)
         (grad * v).sum().backward()
     return run

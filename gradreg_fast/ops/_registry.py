@@ -18,7 +18,7 @@ and setup_context of each operator. The registry then
 - answers ``implementation(op, backend, device, numel)``: the callable that runs ``op`` on the backend
   a call chooses (``gradreg_fast._backend.resolve_backend``, which caches its answer per requested
   backend and device type; "auto" on a small CPU input of an op in ``AUTO_CPU_REFERENCE``: the
-  reference), or raises the one "no implementation" error.
+  reference, or the op's ``small_cpu`` composite), or raises the one "no implementation" error.
 
 Adding an op: one ``declare`` plus its kernels (csrc/cpu, csrc/cuda, gradreg_fast/triton) and its
 schema in csrc/gradreg.cpp.
@@ -43,6 +43,9 @@ class Op:
     fake: Callable
     triton: str
     reference: Callable | None = None
+    # what backend "auto" runs on small CPU inputs (AUTO_CPU_REFERENCE) in place of the C++ kernel, when
+    # that is not the reference: composite torch ops around another of the family's kernels (None: the reference)
+    small_cpu: Callable | None = None
 
     @property
     def name(self) -> str:
@@ -51,6 +54,9 @@ class Op:
 
 # op name -> backend -> the callable running it there (None: not available in this installation)
 IMPLEMENTATIONS: dict[str, dict[str, Callable | None]] = {}
+# op name -> what backend "auto" runs on its small CPU inputs (AUTO_CPU_REFERENCE): its Op's small_cpu, else
+# its reference
+SMALL_CPU: dict[str, Callable | None] = {}
 # family name -> its operators
 FAMILIES: dict[str, tuple[Op, ...]] = {}
 
@@ -110,6 +116,7 @@ def declare(family: str, ops: tuple[Op, ...], autograd: Callable[[dict], dict]) 
         ext = extension[op.name] if extension is not None else None
         IMPLEMENTATIONS[op.name] = {"reference": op.reference, "cpp": ext, "cuda": ext, "triton": triton_ops[op.name]}
         assert set(IMPLEMENTATIONS[op.name]) == set(BACKENDS)
+        SMALL_CPU[op.name] = op.small_cpu or op.reference
 
 
 # op -> the largest input (number of elements) on which backend "auto" runs the op's pure-PyTorch
@@ -119,7 +126,7 @@ def declare(family: str, ops: tuple[Op, ...], autograd: Callable[[dict], dict]) 
 # forward + create_graph backward + double backward on one thread (docs/backends.md, "Which kernel
 # auto runs on the CPU"). A backend named by the caller (backend="cpp", GRADREG_BACKEND=cpp) always
 # runs its own kernel.
-AUTO_CPU_REFERENCE: dict[str, int] = {"cross_entropy": 2 ** 18, "sq_norm": 2 ** 16}
+AUTO_CPU_REFERENCE: dict[str, int] = {"cross_entropy": 2 ** 18, "sq_norm": 2 ** 16, "project": 2 ** 16}
 
 
 def implementation(op: str, backend: str | None, device: torch.device, numel: int | None = None) -> Callable:
@@ -129,7 +136,7 @@ def implementation(op: str, backend: str | None, device: torch.device, numel: in
     name = resolve_backend(backend, device)
     if (name == "cpp" and numel is not None and numel <= AUTO_CPU_REFERENCE.get(op, -1)
             and requested_backend(backend) == "auto"):
-        name = "reference"   # small input: the composite is faster on the CPU (AUTO_CPU_REFERENCE)
+        return SMALL_CPU[op]   # small input: the composite is faster on the CPU (AUTO_CPU_REFERENCE)
     impl = IMPLEMENTATIONS[op][name]
     if impl is None:
         raise no_implementation(op, name, device, _fix(op, name))

@@ -23,6 +23,10 @@ Projected SpectReg (docs/method.md) without materializing r:
     (g,) = torch.autograd.grad(s.sum(), x, create_graph=True)      # g_i = J_iᵀ r
     penalty = sq_norm(g).mean()
 
+On small CPU inputs backend "auto" runs project as composite ops instead (the registry's
+AUTO_CPU_REFERENCE, ``_composite_project``): the same r, drawn once by the gaussian_like kernel and
+kept for the backward (at most 2^16 numbers), where the op's Python autograd wrappers would cost more.
+
 Use a fresh (seed, offset) for each draw: e.g. seed = draw_seed(generator) once per step, or one
 seed per run and offset = step number (different offsets are independent streams).
 """
@@ -82,10 +86,23 @@ def _reference_gaussian_like(x, seed, offset, per_sample):
     return ref.gaussian_like(x, seed & ((1 << 64) - 1), offset, per_sample=per_sample)
 
 
+def _composite_project(out, seed, offset, per_sample):
+    """``project`` in composite torch ops, what backend="auto" runs on small CPU inputs (the registry's
+    AUTO_CPU_REFERENCE): r drawn once by the C++ gaussian_like kernel (the op's own float32 r, to the bit:
+    z[k] shared, or z[i·K + k] per sample), then s = Σ_k out_ik · r_ik in the accumulation dtype, as the
+    reference. Autograd differentiates it with no Python wrappers around the op's forward and backward
+    (which cost more than the kernel saves on such inputs); it saves r (K or B·K numbers) for the backward."""
+    acc = acc_dtype(out.dtype)
+    template = torch.empty(tuple(out.shape) if per_sample else (out.shape[1],), dtype=torch.float32,
+                           device=out.device)
+    r = torch.ops.gradreg_fast.gaussian_like(template, seed, offset, True).to(acc)
+    return (out.to(acc) * r).sum(dim=1)
+
+
 _TRITON = "gradreg_fast.triton.philox:"
 declare("projection", (
     Op("project(Tensor out, int seed, int offset, bool per_sample) -> Tensor", _fake_project,
-       _TRITON + "project", _reference_project),
+       _TRITON + "project", _reference_project, small_cpu=_composite_project),
     Op("project_backward(Tensor grad, int seed, int offset, bool per_sample, int num_outputs, ScalarType dtype) "
        "-> Tensor", _fake_project_backward, _TRITON + "project_backward"),
     Op("gaussian_like(Tensor x, int seed, int offset, bool per_sample) -> Tensor", _fake_gaussian_like,
@@ -111,7 +128,9 @@ def project(out: torch.Tensor, seed: int, offset: int, *, per_sample: bool = Fal
         seed: integer in [0, 2^64) (e.g. ``draw_seed()``); offset: integer in [0, 2^63).
         per_sample: False (default) shares one r by the whole batch, r_ik = z[k] (the paper's
             SpectReg); True draws one r per sample, r_ik = z[i·K + k].
-        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto).
+        backend: "reference", "cpp", "cuda", "triton" or "auto" (default: GRADREG_BACKEND or auto;
+            auto on a small CPU input runs out · r as composite ops, r from the gaussian_like kernel,
+            see docs/backends.md).
 
     Returns:
         (B,) tensor: float32 for fp16/bf16/fp32 ``out`` (float32 math), float64 for fp64.
@@ -126,7 +145,8 @@ def project(out: torch.Tensor, seed: int, offset: int, *, per_sample: bool = Fal
                          "per-sample outputs with out.reshape(out.shape[0], -1)")
     ref.check_seed_offset(seed, offset, "project")
     _check_per_sample(per_sample, "project")
-    return implementation("project", backend, out.device)(out, ref.seed_to_int64(seed), offset, per_sample)
+    return implementation("project", backend, out.device, out.numel())(out, ref.seed_to_int64(seed), offset,
+                                                                      per_sample)
 
 
 def gaussian_like(x: torch.Tensor, seed: int, offset: int, *, per_sample: bool = True,

@@ -66,9 +66,13 @@ def default_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def projected_outputs(seed: int, n_proj: int, per_sample: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """o -> S (B, n) with S[b, j] = Σ_k r_j[b, k] · o[b, k], r_j ~ N(0, I_K) regenerated from
     (seed, offset j) inside the fused projection op (gradreg_fast.ops.project): no random tensor
-    is stored, and the backward regenerates r_j."""
+    is stored, and the backward regenerates r_j (backend "auto" on small CPU inputs: r_j drawn once
+    by the gaussian_like kernel and kept for the backward, see ops.project). One draw (n = 1, the
+    default) is a view of the projection, not a stack of one."""
     def transform(o: torch.Tensor) -> torch.Tensor:
         flat = o.reshape(o.shape[0], -1)
+        if n_proj == 1:
+            return project(flat, seed, 0, per_sample=per_sample).unsqueeze(1)
         return torch.stack([project(flat, seed, j, per_sample=per_sample) for j in range(n_proj)], dim=1)
     return transform
 

@@ -304,6 +304,32 @@ def test_project_low_precision(device, backend, dtype, per_sample):
     assert torch.equal(d_out, (g[:, None] * r32.expand(6, 300)).to(dtype))  # fp32 product, one rounding
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_auto_on_small_cpu_inputs_is_the_kernels_projection(dtype, per_sample, monkeypatch):
+    """backend="auto" on a small CPU input runs project as composite ops (out · r, r drawn by the
+    gaussian_like kernel, no custom op in the graph): its gradient Σ_i g_i r_ik equals the C++ op's to
+    the bit (the same r, the same one product in the accumulation dtype), its value the op's up to the
+    rounding of the sum, and it is differentiable twice as the op is (fp64 gradgradcheck)."""
+    if not gr.backends()["cpp"].available:
+        pytest.skip("the extension is not built")
+    monkeypatch.delenv("GRADREG_BACKEND", raising=False)
+    seed, offset = fresh_seed(), fresh_offset()
+    out = (torch.randn(6, 30) * 3).to(dtype).requires_grad_(True)
+    g = torch.randn(6)
+    s_auto = project(out, seed, offset, per_sample=per_sample)
+    s_cpp = project(out, seed, offset, per_sample=per_sample, backend="cpp")
+    assert "gradreg_fast" not in s_auto.grad_fn.name() and "gradreg_fast" in s_cpp.grad_fn.name()
+    assert s_auto.dtype == s_cpp.dtype
+    torch.testing.assert_close(s_auto, s_cpp, rtol=1e-5 if dtype != torch.float64 else 1e-12, atol=1e-5)
+    (d_auto,) = torch.autograd.grad(s_auto, out, g)
+    (d_cpp,) = torch.autograd.grad(s_cpp, out, g)
+    assert torch.equal(d_auto, d_cpp)
+    if dtype == torch.float64:
+        torch.autograd.gradgradcheck(lambda o: torch.tanh(project(torch.tanh(o), seed, offset, per_sample=per_sample)),
+                                     (out.detach()[:3, :4].clone().requires_grad_(True),))
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 def test_non_contiguous_input(device, backend):
     seed, offset = fresh_seed(), fresh_offset()

@@ -73,6 +73,8 @@ def test_auto_runs_the_reference_on_small_cpu_inputs_and_a_named_backend_its_ker
         z = torch.randn(1, numel, requires_grad=True)
         if op == "sq_norm":
             return gr.ops.sq_norm(z, backend=backend)
+        if op == "project":
+            return gr.ops.project(z, 1, 0, backend=backend)
         return gr.ops.cross_entropy(z, torch.zeros(1, dtype=torch.long), backend=backend)
 
     small, large = call(limit), call(limit + 1)
