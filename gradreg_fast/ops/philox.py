@@ -1,4 +1,6 @@
-"""Random projections and Gaussian tangents from a counter-based generator, no stored random tensors.
+"""The philox op family: random projections and Gaussian tangents from a counter-based generator
+(Philox 4x32-10), no stored random tensors. Its kernels: csrc/cpu/philox.cpp, csrc/cuda/philox.cu,
+gradreg_fast/triton/philox.py; its reference: gradreg_fast/reference/philox.py.
 
 r ~ N(0, I) is regenerated wherever it is needed from (seed, offset) by Philox 4x32-10 +
 Box–Muller — the stream defined in gradreg_fast/reference/philox.py, identical on every backend
@@ -83,7 +85,7 @@ def _reference_gaussian_like(x, seed, offset, per_sample):
 
 
 _TRITON = "gradreg_fast.triton.philox:"
-declare("projection", (
+declare("philox", (
     Op("project(Tensor out, int seed, int offset, bool per_sample) -> Tensor", _fake_project,
        _TRITON + "project", _reference_project),
     Op("project_backward(Tensor grad, int seed, int offset, bool per_sample, int num_outputs, ScalarType dtype) "
