@@ -269,6 +269,18 @@ def unexplained_spills(rows: list[dict]) -> list[dict]:
             > EXPLAINED_SPILLS.get(r["kernel"], (0, ""))[0]]
 
 
+def _arch_cells(kernel_rows: list[dict], archs: list, occupancy) -> list[str]:
+    """A kernel's per-arch cells of a report's "Per kernel" table: its most registers, and its lowest
+    ``occupancy(row)`` with that row's limiting resource."""
+    cells = []
+    for a in archs:
+        ka = [r for r in kernel_rows if r["arch"] == a]
+        worst = min(ka, key=occupancy) if ka else None
+        cells += [str(max(r["regs"] for r in ka)) if ka else "-",
+                  f"{occupancy(worst):.0%} ({worst['limiter']})" if worst else "-"]
+    return cells
+
+
 def triton_report(rows: list[dict], table_path: str, command: str) -> str:
     """The resource report (markdown): a per-kernel summary and one line per specialization."""
     import triton
@@ -301,12 +313,7 @@ def triton_report(rows: list[dict], table_path: str, command: str) -> str:
     ]
     for k in kernels:
         kr = [r for r in ok if r["kernel"] == k]
-        cells = []
-        for a in archs:
-            ka = [r for r in kr if r["arch"] == a]
-            worst = min(ka, key=lambda r: r["occupancy"]) if ka else None
-            cells += [str(max(r["regs"] for r in ka)) if ka else "-",
-                      f"{worst['occupancy']:.0%} ({worst['limiter']})" if worst else "-"]
+        cells = _arch_cells(kr, archs, lambda r: r["occupancy"])
         n_spill = sum(r["spill"] for r in kr)
         n_spec = len({r["spec"] for r in kr})
         out.append(f"| {k} | {n_spec} | " + " | ".join(cells) + f" | {n_spill or 'none'} |")
@@ -425,12 +432,7 @@ def cuda_report(rows: list[dict], threads: int, generated_by: str) -> str:
            "|---|---|" + "---|---|" * len(archs) + "---|---|"]
     for k in sorted({r["kernel"] for r in rows}):
         kr = [r for r in rows if r["kernel"] == k]
-        cells = []
-        for a in archs:
-            ka = [r for r in kr if r["arch"] == a]
-            worst = min(ka, key=lambda r: r["blocks"]) if ka else None
-            cells += [str(max(r["regs"] for r in ka)) if ka else "-",
-                      f"{worst['blocks'] * warps / SM_WARPS:.0%} ({worst['limiter']})" if worst else "-"]
+        cells = _arch_cells(kr, archs, lambda r: r["blocks"] * warps / SM_WARPS)
         n_spill = sum(bool(r["spill_stores"] or r["spill_loads"]) for r in kr)
         out.append(f"| {k} | {len({r['demangled'] for r in kr})} | " + " | ".join(cells)
                    + f" | {max(r['stack'] for r in kr)} | {n_spill or 'none'} |")
