@@ -38,6 +38,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 import gradreg_fast as gr  # noqa: E402
+from gradreg_fast.testing.torchrun import exit_worker  # noqa: E402
 from harness.results import write_text  # noqa: E402
 
 METHODS = ("none", "exact", "hvp", "fd", "jvp")
@@ -139,14 +140,7 @@ def worker(args) -> None:
         print(text, flush=True)
         if args.out:
             write_text(args.out, text + "\n")
-    dist.barrier()
-    dist.destroy_process_group()
-    # the results are written: leave without the interpreter's teardown, where torch 2.14.1's gloo
-    # threads abort about one run in eight ("terminate called without an active exception", SIGABRT
-    # after the table was printed; measured on this CPU VM, not seen on 2.13)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_worker()   # the results are written (gloo's teardown on torch 2.14.1: see exit_worker)
 
 
 def main() -> None:

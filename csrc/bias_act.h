@@ -74,20 +74,23 @@ constexpr bool from_output(int64_t act, double alpha) {
 // with |r| <= ln2/2 (Cody-Waite), e^r - 1 from its Taylor polynomial to r^8/8! (relative error
 // below 1e-9), 2^n from the exponent bits. CUDA and double use the library functions.
 
+// Σ_i c[i] x^i by Horner's rule, c lowest degree first (a loop of constant length: unrolled).
+template <typename T, int N>
+C10_HOST_DEVICE inline T horner(const T (&c)[N], T x) {
+  T p = c[N - 1];
+  for (int i = N - 2; i >= 0; --i) p = p * x + c[i];
+  return p;
+}
+
 // exp(x) = s (1 + q): s = 2^n, q = e^r - 1.
 inline void exp_parts(float x, float& s, float& q) {  // host only
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float n = (x * 1.44269504088896341f + magic) - magic;
   const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
-  float p = 1.0f / 40320.0f;
-  p = p * r + 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  q = r + r * r * p;
+  constexpr float kInvFactorials[7] = {0.5f, 1.0f / 6.0f, 1.0f / 24.0f, 1.0f / 120.0f, 1.0f / 720.0f,
+                                       1.0f / 5040.0f, 1.0f / 40320.0f};  // 1 / (i + 2)!
+  q = r + r * r * horner(kInvFactorials, r);
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   std::memcpy(&s, &bits, sizeof(float));
 }
@@ -174,11 +177,8 @@ C10_HOST_DEVICE inline T erf_(T z) {
     float a = z < 0.0f ? -z : z;
     a = a > 6.0f ? 6.0f : a;
     const float u = a * a;
-    float p = P[10];
-    for (int i = 9; i >= 0; --i) p = p * u + P[i];
-    const float t = 1.0f / (1.0f + 0.5f * a);
-    float q = Q[14];
-    for (int i = 13; i >= 0; --i) q = q * t + Q[i];
+    const float p = horner(P, u);
+    const float q = horner(Q, 1.0f / (1.0f + 0.5f * a));
     const float r = a < 1.0f ? a * p : 1.0f - exp_(-u) * q;
     return z != z ? z : (z < 0.0f ? -r : r);
   }
@@ -192,16 +192,10 @@ template <typename T>
 C10_HOST_DEVICE inline T log1p_(T t) {
 #ifndef __CUDA_ARCH__
   if constexpr (std::is_same_v<T, float>) {
-    const float s = t / (2.0f + t), s2 = s * s;
-    float p = 1.0f / 15.0f;
-    p = p * s2 + 1.0f / 13.0f;
-    p = p * s2 + 1.0f / 11.0f;
-    p = p * s2 + 1.0f / 9.0f;
-    p = p * s2 + 1.0f / 7.0f;
-    p = p * s2 + 1.0f / 5.0f;
-    p = p * s2 + 1.0f / 3.0f;
-    p = p * s2 + 1.0f;
-    return 2.0f * s * p;
+    constexpr float kInvOdd[8] = {1.0f, 1.0f / 3.0f, 1.0f / 5.0f, 1.0f / 7.0f, 1.0f / 9.0f, 1.0f / 11.0f,
+                                  1.0f / 13.0f, 1.0f / 15.0f};  // 1 / (2i + 1)
+    const float s = t / (2.0f + t);
+    return 2.0f * s * horner(kInvOdd, s * s);
   }
 #endif
   return std::log1p(t);
@@ -272,6 +266,15 @@ C10_HOST_DEVICE inline T second(T r, T alpha) {
     const T s = sigmoid(r);
     return s * (T(1) - s) * (T(2) + r * (T(1) - T(2) * s));
   } else return r > T(0) ? T(0) : alpha * exp_(r);  // kElu
+}
+
+// Element i of each op, at r = ref[i] + bias: MODE 0 (bias_act) act(r); MODE 1 (bias_act_grad)
+// a[i] · act'(r); MODE 2 (bias_act_grad2) a[i] · g[i] · act''(r). The CPU and CUDA kernels' formula.
+template <int MODE, int64_t A, typename scalar_t, typename acc_t>
+C10_HOST_DEVICE inline scalar_t element(acc_t r, const scalar_t* a, const scalar_t* g, int64_t i, acc_t alpha) {
+  if constexpr (MODE == 0) return static_cast<scalar_t>(forward<A>(r, alpha));
+  else if constexpr (MODE == 1) return static_cast<scalar_t>(static_cast<acc_t>(a[i]) * first<A>(r, alpha));
+  else return static_cast<scalar_t>(static_cast<acc_t>(a[i]) * static_cast<acc_t>(g[i]) * second<A>(r, alpha));
 }
 
 // Calls f(std::integral_constant<int64_t, A>{}) for the runtime activation code.
@@ -389,6 +392,65 @@ inline Reference reference_value(const c10::optional<at::Tensor>& x, const c10::
   r.dim = check_bias(b, like, dim, op);
   if (b.has_value() && b->defined()) r.bias = b->contiguous();
   return r;
+}
+
+// One op's operands, checked and laid out for the kernels of both devices: the reference value and
+// bias (r), `a` (bias_act_grad's grad, bias_act_grad2's gg) and `g` (bias_act_grad2's grad) in the
+// layout of the op's main input, the output in that layout and the walk over it (geo). geo.numel is 0
+// when there is nothing to compute (an empty tensor, or bias_act_grad2 of an activation without a
+// second derivative: out is then zeros).
+struct Operands {
+  Reference r;
+  at::Tensor a, g, out;
+  Geometry geo;
+};
+
+inline Operands forward_operands(const at::Tensor& x, const c10::optional<at::Tensor>& b, int64_t act, int64_t dim,
+                                 double alpha) {
+  check_main(x, "bias_act", "x");
+  check_act(act, alpha, "bias_act");
+  Operands o;
+  o.r.dim = check_bias(b, x, dim, "bias_act");
+  const auto fmt = layout_of(x);
+  o.r.ref = x.contiguous(fmt);
+  if (b.has_value() && b->defined()) o.r.bias = b->contiguous();
+  o.out = at::empty_like(o.r.ref, o.r.ref.options().memory_format(fmt));
+  o.geo = geometry(o.r.ref, o.r.dim, fmt, o.r.bias.defined());
+  return o;
+}
+
+inline Operands grad_operands(const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                              const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& y, int64_t act,
+                              int64_t dim, double alpha) {
+  check_main(grad, "bias_act_grad", "grad");
+  check_act(act, alpha, "bias_act_grad");
+  Operands o;
+  const auto fmt = layout_of(grad);
+  o.a = grad.contiguous(fmt);
+  o.r = reference_value(x, b, y, o.a, act, dim, alpha, fmt, "bias_act_grad");
+  o.out = at::empty_like(o.a, o.a.options().memory_format(fmt));
+  o.geo = geometry(o.a, o.r.dim, fmt, o.r.bias.defined());
+  return o;
+}
+
+inline Operands grad2_operands(const at::Tensor& gg, const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                               const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& y, int64_t act,
+                               int64_t dim, double alpha) {
+  check_main(gg, "bias_act_grad2", "gg");
+  check_act(act, alpha, "bias_act_grad2");
+  check_like(grad, gg, "bias_act_grad2", "grad");
+  Operands o;
+  const auto fmt = layout_of(gg);
+  o.a = gg.contiguous(fmt);
+  if (!has_second_derivative(act)) {
+    o.out = at::zeros_like(o.a, o.a.options().memory_format(fmt));
+    return o;
+  }
+  o.g = grad.contiguous(fmt);
+  o.r = reference_value(x, b, y, o.a, act, dim, alpha, fmt, "bias_act_grad2");
+  o.out = at::empty_like(o.a, o.a.options().memory_format(fmt));
+  o.geo = geometry(o.a, o.r.dim, fmt, o.r.bias.defined());
+  return o;
 }
 
 }  // namespace bias_act

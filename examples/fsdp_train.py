@@ -16,35 +16,19 @@ What matters for the penalty under FSDP2:
     below bf16 resolution; exact and hvp are fine;
   - draws (SpectReg's r) use a generator seeded identically on every rank.
 --check compares the first step's gradients with one process on the global batch.
+The data, the common options, the process group and the training loop: examples/_distributed.py.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import gc
-import os
 import sys
 
 import torch
 import torch.distributed as dist
+from _distributed import gr, init, parser, run, train_loop
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
-
-try:
-    import gradreg_fast as gr  # the installed package, with its built extension
-except ImportError:  # a source checkout with the extension built in place
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import gradreg_fast as gr
-
-
-def synthetic_data(n: int, d: int, k: int, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(k, d, generator=g) * 2
-    y = torch.randint(k, (n,), generator=g)
-    x = centers[y] + torch.randn(n, d, generator=g)
-    return TensorDataset(x, y)
 
 
 def full_grads(model: nn.Module) -> torch.Tensor:
@@ -79,14 +63,7 @@ def check_first_step(reference: nn.Module, model: nn.Module, crit_args: dict, x,
 
 
 def train() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--penalty", default="spectreg", choices=gr.KINDS)
-    ap.add_argument("--lam", type=float, default=0.03)
-    ap.add_argument("--method", default="exact", choices=list(gr.METHODS))
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=50, help="per-rank batch size")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap = parser(__doc__)
     ap.add_argument("--bf16", action="store_true",
                     help="MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)")
     ap.add_argument("--check", action="store_true",
@@ -95,17 +72,7 @@ def train() -> None:
     if args.check and (args.penalty == "random_onehot" or args.method == "jvp"):
         ap.error("--check compares with one process on the global batch, which draws other random numbers "
                  "for random_onehot and method='jvp': pick a deterministic penalty and method")
-
-    use_cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    rank = dist.get_rank()
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        torch.set_num_threads(1)
-        device = torch.device("cpu")
+    device = init()
 
     torch.manual_seed(args.seed)  # same initial weights everywhere (fully_shard keeps each rank's shard)
     model = nn.Sequential(nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)).to(device)
@@ -122,42 +89,17 @@ def train() -> None:
     crit = gr.GradRegLoss(**crit_args, generator=generator)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    data = synthetic_data(4000, 20, 10, seed=args.seed)
-    sampler = DistributedSampler(data, shuffle=True, seed=args.seed, drop_last=True)
-    loader = DataLoader(data, batch_size=args.batch, sampler=sampler, drop_last=True)
+    def step_loss(step: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        generator.manual_seed(args.seed + 1 + step)  # identical on every rank
+        loss = crit(model, x, y)
+        loss.backward()
+        if reference is not None and step == 0:
+            crit_args["generator"] = torch.Generator(device=device).manual_seed(args.seed + 1)
+            check_first_step(reference, model, crit_args, x, y, device, tol=3e-2 if args.bf16 else 1e-4)
+        return loss
 
-    step, epoch = 0, 0
-    while step < args.steps:
-        sampler.set_epoch(epoch)
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad(set_to_none=True)
-            generator.manual_seed(args.seed + 1 + step)  # identical on every rank
-            loss = crit(model, x, y)
-            loss.backward()
-            if reference is not None and step == 0:
-                crit_args["generator"] = torch.Generator(device=device).manual_seed(args.seed + 1)
-                check_first_step(reference, model, crit_args, x, y, device, tol=3e-2 if args.bf16 else 1e-4)
-            opt.step()
-            step += 1
-            if rank == 0 and (step % 50 == 0 or step == args.steps):
-                print(f"step {step:5d}  loss {loss.item():.4f}  base {crit.last_base.item():.4f}  "
-                      f"penalty {crit.last_penalty.item():.4g}", flush=True)
-            if step >= args.steps:
-                break
-        epoch += 1
-
-
-def main() -> None:
-    train()
-    # The model, optimizer and last batch died with train()'s frame; collect them, then end the
-    # process group. Left to the interpreter's exit, a gloo thread finishing its last collective can
-    # need the GIL during finalization and abort the process ("terminate called without an active
-    # exception") after the work is done.
-    gc.collect()
-    dist.barrier()
-    dist.destroy_process_group()
+    train_loop(step_loss, opt, crit, args, device)
 
 
 if __name__ == "__main__":
-    main()
+    run(train)

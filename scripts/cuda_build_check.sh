@@ -35,7 +35,7 @@ REPORT=${CUDA_RESOURCE_REPORT:+$(realpath -m "$CUDA_RESOURCE_REPORT")}
 made="TORCH_CUDA_ARCH_LIST=\"$TORCH_CUDA_ARCH_LIST\" scripts/cuda_build_check.sh (torch $(python -c 'import torch; print(torch.__version__)'), $("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'))"
 cd /tmp
 # ptxas -v of every kernel (registers, spills, shared memory): a summary here, the table on request
-python -m gradreg_fast.triton.aot cuda "$LOG" --threads 256 --generated-by "$made" ${REPORT:+--report "$REPORT"}
+python "$ROOT/scripts/triton_aot.py" cuda "$LOG" --threads 256 --generated-by "$made" ${REPORT:+--report "$REPORT"}
 python - <<'PY'
 import torch
 import gradreg_fast

@@ -39,7 +39,7 @@ quiet=1 run "$OUT/build.log" env GRADREG_CUDA=1 GRADREG_PTXAS_VERBOSE=1 pip inst
   --no-deps -e . || { tail -50 "$OUT/build.log"; exit 1; }
 [ "$DRY" = 1 ] || echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/device.txt"
 # registers / spills / shared memory of the CUDA kernels as built for this GPU
-run "$OUT/gpu_resources_cuda.txt" python -m gradreg_fast.triton.aot cuda "$OUT/build.log" \
+run "$OUT/gpu_resources_cuda.txt" python scripts/triton_aot.py cuda "$OUT/build.log" \
   --report "$OUT/gpu_resources_cuda.md"
 run "$OUT/tests.txt" python -m pytest tests -q -ra -x -p no:cacheprovider
 # op table (fp32 and bf16; bandwidth against the card's measured copy bandwidth)

@@ -36,23 +36,22 @@ def pytest_sessionfinish(session, exitstatus):
     import subprocess
     import sys
 
-    from gradreg_fast.triton.aot import unlisted
-    missing = unlisted(_CHECK_LAUNCHES, LAUNCH_TABLE)
+    from scripts import load_script
+    missing = load_script("scripts/triton_aot.py", "triton_aot").unlisted(_CHECK_LAUNCHES, LAUNCH_TABLE)
     if not missing:
         os.unlink(_CHECK_LAUNCHES)
         return
     with open(_CHECK_LAUNCHES, "w") as f:
         f.write("\n".join(missing) + "\n")
     env = {k: v for k, v in subprocess_env().items() if k not in ("TRITON_INTERPRET", _RECORD)}
-    # cwd outside the checkout: `python -m` puts it first on sys.path (the source tree has no extension)
-    run = subprocess.run([sys.executable, "-m", "gradreg_fast.triton.aot", "triton", _CHECK_LAUNCHES],
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "triton_aot.py"), "triton", _CHECK_LAUNCHES],
                          env=env, capture_output=True, text=True, cwd=os.path.dirname(_CHECK_LAUNCHES))
     os.unlink(_CHECK_LAUNCHES)
     print(f"\n{len(missing)} launched Triton specialization(s) are not in {LAUNCH_TABLE}; compiled here for "
           f"sm_80/sm_90: {run.stdout.strip()}\n{run.stderr.strip()[-3000:] if run.returncode else ''}"
           f"\nAdd them to the table: rerun "
           f"the tests with GRADREG_RECORD_LAUNCHES=tests/triton_launches.jsonl, then regenerate the report: "
-          f"python -m gradreg_fast.triton.aot triton tests/triton_launches.jsonl "
+          f"python scripts/triton_aot.py triton tests/triton_launches.jsonl "
           f"--report benchmarks/results/gpu_resources_triton.md")
     if run.returncode != 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -73,108 +73,53 @@ void for_each_segment(const Geometry& g, const scalar_t* bp, F&& f) {
   });
 }
 
-at::Tensor bias_act_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& b, int64_t act,
-                        int64_t dim, double alpha) {
-  check_main(x_in, "bias_act", "x");
-  check_act(act, alpha, "bias_act");
-  dim = check_bias(b, x_in, dim, "bias_act");
-  const bool with_bias = b.has_value() && b->defined();
-  const auto fmt = layout_of(x_in);
-  const at::Tensor x = x_in.contiguous(fmt);
-  at::Tensor out = at::empty_like(x, x.options().memory_format(fmt));
-  const Geometry g = geometry(x, dim, fmt, with_bias);
-  if (g.numel == 0) return out;
-  const at::Tensor bc = with_bias ? b->contiguous() : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bias_act_cpu", [&] {
+// out[k] = element<MODE>(ref[k] + bias(k), a, g, k) over the operands, in parallel segments.
+template <int MODE>
+at::Tensor run(const Operands& o, int64_t act, double alpha) {
+  if (o.geo.numel == 0) return o.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.out.scalar_type(), "bias_act_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* bp = with_bias ? bc.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const acc_t a = static_cast<acc_t>(alpha);
+    auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    const scalar_t* rp = ptr(o.r.ref);
+    const scalar_t* ap = ptr(o.a);
+    const scalar_t* gp = ptr(o.g);
+    scalar_t* op = o.out.mutable_data_ptr<scalar_t>();
+    const acc_t al = static_cast<acc_t>(alpha);
     dispatch_act(act, [&](auto act_c) {
       constexpr int64_t A = decltype(act_c)::value;
-      for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
-        run_loop(s, e, [&](int64_t k) {
-          const acc_t z = static_cast<acc_t>(xp[k]) + bias(k);
-          op[k] = static_cast<scalar_t>(forward<A>(z, a));
-        });
-      });
-    });
-  });
-  return out;
-}
-
-at::Tensor bias_act_grad_cpu(const at::Tensor& grad_in, const c10::optional<at::Tensor>& x,
-                             const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& y,
-                             int64_t act, int64_t dim, double alpha) {
-  check_main(grad_in, "bias_act_grad", "grad");
-  check_act(act, alpha, "bias_act_grad");
-  const auto fmt = layout_of(grad_in);
-  const at::Tensor grad = grad_in.contiguous(fmt);
-  const Reference r = reference_value(x, b, y, grad, act, dim, alpha, fmt, "bias_act_grad");
-  at::Tensor out = at::empty_like(grad, grad.options().memory_format(fmt));
-  const Geometry g = geometry(grad, r.dim, fmt, r.bias.defined());
-  if (g.numel == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "bias_act_grad_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    const scalar_t* rp = r.ref.defined() ? r.ref.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bp = r.bias.defined() ? r.bias.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const acc_t a = static_cast<acc_t>(alpha);
-    dispatch_act(act, [&](auto act_c) {
-      constexpr int64_t A = decltype(act_c)::value;
-      for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
-        if constexpr (A == kLinear) {
-          for (int64_t k = s; k < e; ++k) op[k] = gp[k];
-        } else {
-          run_loop(s, e, [&](int64_t k) {
-            const acc_t ref = static_cast<acc_t>(rp[k]) + bias(k);
-            op[k] = static_cast<scalar_t>(static_cast<acc_t>(gp[k]) * first<A>(ref, a));
-          });
-        }
-      });
-    });
-  });
-  return out;
-}
-
-at::Tensor bias_act_grad2_cpu(const at::Tensor& gg_in, const at::Tensor& grad_in,
-                              const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& b,
-                              const c10::optional<at::Tensor>& y, int64_t act, int64_t dim, double alpha) {
-  check_main(gg_in, "bias_act_grad2", "gg");
-  check_act(act, alpha, "bias_act_grad2");
-  check_like(grad_in, gg_in, "bias_act_grad2", "grad");
-  const auto fmt = layout_of(gg_in);
-  const at::Tensor gg = gg_in.contiguous(fmt);
-  if (!has_second_derivative(act)) return at::zeros_like(gg, gg.options().memory_format(fmt));
-  const at::Tensor grad = grad_in.contiguous(fmt);
-  const Reference r = reference_value(x, b, y, gg, act, dim, alpha, fmt, "bias_act_grad2");
-  at::Tensor out = at::empty_like(gg, gg.options().memory_format(fmt));
-  const Geometry g = geometry(gg, r.dim, fmt, r.bias.defined());
-  if (g.numel == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gg.scalar_type(), "bias_act_grad2_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* ggp = gg.const_data_ptr<scalar_t>();
-    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-    const scalar_t* rp = r.ref.const_data_ptr<scalar_t>();
-    const scalar_t* bp = r.bias.defined() ? r.bias.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const acc_t a = static_cast<acc_t>(alpha);
-    dispatch_act(act, [&](auto act_c) {
-      constexpr int64_t A = decltype(act_c)::value;
-      if constexpr (has_second_derivative(A)) {
-        for_each_segment<acc_t>(g, bp, [&](int64_t s, int64_t e, auto bias) {
-          run_loop(s, e, [&](int64_t k) {
-            const acc_t ref = static_cast<acc_t>(rp[k]) + bias(k);
-            op[k] = static_cast<scalar_t>(static_cast<acc_t>(ggp[k]) * static_cast<acc_t>(gp[k]) *
-                                          second<A>(ref, a));
-          });
+      if constexpr (MODE == 2 && !has_second_derivative(A)) {
+        return;  // grad2_operands returned zeros (geo.numel 0)
+      } else {
+        for_each_segment<acc_t>(o.geo, ptr(o.r.bias), [&](int64_t s, int64_t e, auto bias) {
+          if constexpr (MODE == 1 && A == kLinear) {  // act' = 1: no reference value
+            for (int64_t k = s; k < e; ++k) op[k] = ap[k];
+          } else {
+            run_loop(s, e, [&](int64_t k) {
+              op[k] = element<MODE, A>(static_cast<acc_t>(rp[k]) + bias(k), ap, gp, k, al);
+            });
+          }
         });
       }
     });
   });
-  return out;
+  return o.out;
+}
+
+at::Tensor bias_act_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& b, int64_t act, int64_t dim,
+                        double alpha) {
+  return run<0>(forward_operands(x, b, act, dim, alpha), act, alpha);
+}
+
+at::Tensor bias_act_grad_cpu(const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                             const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& y,
+                             int64_t act, int64_t dim, double alpha) {
+  return run<1>(grad_operands(grad, x, b, y, act, dim, alpha), act, alpha);
+}
+
+at::Tensor bias_act_grad2_cpu(const at::Tensor& gg, const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                              const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& y, int64_t act,
+                              int64_t dim, double alpha) {
+  return run<2>(grad2_operands(gg, grad, x, b, y, act, dim, alpha), act, alpha);
 }
 
 }  // namespace

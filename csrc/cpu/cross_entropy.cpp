@@ -77,19 +77,38 @@ inline void exp_inplace(float* v, int64_t n) {
 constexpr int64_t kTileElems = 2048;
 inline int64_t tile_rows(int64_t K) { return std::max<int64_t>(1, kTileElems / std::max<int64_t>(K, 1)); }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits_in, const at::Tensor& y_in) {
-  const int64_t K = check_logits_labels(logits_in, y_in, "cross_entropy");
-  const at::Tensor z = logits_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const int64_t B = z.size(0);
-  at::Tensor loss = at::empty({B}, z.options().dtype(reduction_dtype(z.scalar_type())));
-  at::Tensor lse = at::empty({B}, z.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_cpu", [&] {
+// The softmax rows of the backward and the Hessian-vector product: body(b, p) for every row b of the
+// (B, K) logits z, with p = exp(z_b - lse_b) (K values of acc_t), rows split across threads and the
+// exponentials of a tile of rows taken over one flat buffer. Checks each label on the way.
+template <typename scalar_t, typename acc_t, typename Body>
+void for_each_softmax_row(const scalar_t* zp, const int64_t* yp, const double* sp, int64_t B, int64_t K,
+                          const char* op, const Body& body) {
+  const int64_t T = tile_rows(K);
+  at::parallel_for(0, B, row_grain(K), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(T * K);
+    for (int64_t b0 = begin; b0 < end; b0 += T) {
+      const int64_t rows = std::min(T, end - b0);
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* row = zp + (b0 + r) * K;
+        check_label(yp[b0 + r], K, op);
+        const double s = sp[b0 + r];  // z - lse in double: exact enough for fp32 exp arguments
+        for (int64_t k = 0; k < K; ++k) buf[r * K + k] = static_cast<acc_t>(static_cast<double>(row[k]) - s);
+      }
+      exp_inplace(buf.data(), rows * K);
+      for (int64_t r = 0; r < rows; ++r) body(b0 + r, buf.data() + r * K);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits, const at::Tensor& labels) {
+  const CrossEntropyOperands o = ce_forward_operands(logits, labels);
+  const int64_t B = o.B, K = o.K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "cross_entropy_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const int64_t* yp = y.const_data_ptr<int64_t>();
-    acc_t* lp = loss.mutable_data_ptr<acc_t>();
-    double* sp = lse.mutable_data_ptr<double>();
+    const scalar_t* zp = o.z.const_data_ptr<scalar_t>();
+    const int64_t* yp = o.y.const_data_ptr<int64_t>();
+    acc_t* lp = o.loss.mutable_data_ptr<acc_t>();
+    double* sp = o.lse.mutable_data_ptr<double>();
     const int64_t T = tile_rows(K);
     at::parallel_for(0, B, row_grain(K), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(T * K), rmax(T);
@@ -118,106 +137,55 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_cpu(const at::Tensor& logits_in
       }
     });
   });
-  return {loss, lse};
+  return {o.loss, o.lse};
 }
 
-at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& y_in,
-                                      const at::Tensor& lse_in) {
-  const int64_t K = check_logits_labels(logits_in, y_in, "cross_entropy_backward");
-  const at::Tensor grad = per_sample(grad_in, logits_in, "cross_entropy_backward", "grad");
-  const at::Tensor lse = lse_per_sample(lse_in, logits_in, "cross_entropy_backward");
-  const at::Tensor z = logits_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const int64_t B = z.size(0);
-  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_backward_cpu", [&] {
+at::Tensor cross_entropy_backward_cpu(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
+                                      const at::Tensor& lse) {
+  const CrossEntropyOperands o = ce_backward_operands(grad, logits, labels, lse);
+  const int64_t B = o.B, K = o.K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "cross_entropy_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const int64_t* yp = y.const_data_ptr<int64_t>();
-    const acc_t* gp = grad.const_data_ptr<acc_t>();
-    const double* sp = lse.const_data_ptr<double>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const int64_t T = tile_rows(K);
-    at::parallel_for(0, B, row_grain(K), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(T * K);
-      for (int64_t b0 = begin; b0 < end; b0 += T) {
-        const int64_t rows = std::min(T, end - b0);
-        for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* row = zp + (b0 + r) * K;
-          check_label(yp[b0 + r], K, "cross_entropy_backward");
-          const double s = sp[b0 + r];  // z - lse in double: exact enough for fp32 exp arguments
-          for (int64_t k = 0; k < K; ++k) buf[r * K + k] = static_cast<acc_t>(static_cast<double>(row[k]) - s);
-        }
-        exp_inplace(buf.data(), rows * K);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t b = b0 + r;
-          const acc_t gb = gp[b];
-          scalar_t* orow = op + b * K;
-          const acc_t* p = buf.data() + r * K;
-          for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(gb * p[k]);
-          orow[yp[b]] = static_cast<scalar_t>(gb * (p[yp[b]] - acc_t(1)));
-        }
-      }
+    const scalar_t* zp = o.z.const_data_ptr<scalar_t>();
+    const int64_t* yp = o.y.const_data_ptr<int64_t>();
+    const acc_t* gp = o.grad.const_data_ptr<acc_t>();
+    const double* sp = o.lse.const_data_ptr<double>();
+    scalar_t* op = o.out.mutable_data_ptr<scalar_t>();
+    for_each_softmax_row<scalar_t, acc_t>(zp, yp, sp, B, K, "cross_entropy_backward", [&](int64_t b, const acc_t* p) {
+      const acc_t gb = gp[b];
+      scalar_t* orow = op + b * K;
+      for (int64_t k = 0; k < K; ++k) orow[k] = static_cast<scalar_t>(gb * p[k]);
+      orow[yp[b]] = static_cast<scalar_t>(gb * (p[yp[b]] - acc_t(1)));
     });
   });
-  return out;
+  return o.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cpu(const at::Tensor& u_in, const at::Tensor& scale_in,
-                                                         const at::Tensor& logits_in, const at::Tensor& y_in,
-                                                         const at::Tensor& lse_in) {
-  const int64_t K = check_logits_labels(logits_in, y_in, "cross_entropy_hvp");
-  TORCH_CHECK(u_in.sizes() == logits_in.sizes(), "gradreg_fast::cross_entropy_hvp: u must have the shape of logits ",
-              logits_in.sizes(), ", got ", u_in.sizes());
-  TORCH_CHECK(u_in.scalar_type() == logits_in.scalar_type(),
-              "gradreg_fast::cross_entropy_hvp: u must have the dtype of logits (", logits_in.scalar_type(), "), got ",
-              u_in.scalar_type());
-  const at::Tensor scale = per_sample(scale_in, logits_in, "cross_entropy_hvp", "scale");
-  const at::Tensor lse = lse_per_sample(lse_in, logits_in, "cross_entropy_hvp");
-  const at::Tensor z = logits_in.contiguous();
-  const at::Tensor u = u_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const int64_t B = z.size(0);
-  at::Tensor hvp = at::empty_like(u, at::MemoryFormat::Contiguous);
-  at::Tensor dot = at::empty({B}, z.options().dtype(reduction_dtype(z.scalar_type())));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_hvp_cpu", [&] {
+std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cpu(const at::Tensor& u, const at::Tensor& scale,
+                                                         const at::Tensor& logits, const at::Tensor& labels,
+                                                         const at::Tensor& lse) {
+  const CrossEntropyOperands o = ce_hvp_operands(u, scale, logits, labels, lse);
+  const int64_t B = o.B, K = o.K;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "cross_entropy_hvp_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* zp = z.const_data_ptr<scalar_t>();
-    const scalar_t* up = u.const_data_ptr<scalar_t>();
-    const int64_t* yp = y.const_data_ptr<int64_t>();
-    const acc_t* cp = scale.const_data_ptr<acc_t>();
-    const double* sp = lse.const_data_ptr<double>();
-    scalar_t* hp = hvp.mutable_data_ptr<scalar_t>();
-    acc_t* dp = dot.mutable_data_ptr<acc_t>();
-    const int64_t T = tile_rows(K);
-    at::parallel_for(0, B, row_grain(K), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> buf(T * K);
-      for (int64_t b0 = begin; b0 < end; b0 += T) {
-        const int64_t rows = std::min(T, end - b0);
-        for (int64_t r = 0; r < rows; ++r) {
-          const scalar_t* row = zp + (b0 + r) * K;
-          check_label(yp[b0 + r], K, "cross_entropy_hvp");
-          const double s = sp[b0 + r];  // z - lse in double: exact enough for fp32 exp arguments
-          for (int64_t k = 0; k < K; ++k) buf[r * K + k] = static_cast<acc_t>(static_cast<double>(row[k]) - s);
-        }
-        exp_inplace(buf.data(), rows * K);
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t b = b0 + r;
-          const scalar_t* urow = up + b * K;
-          scalar_t* hrow = hp + b * K;
-          const acc_t* p = buf.data() + r * K;
-          acc_t pu = 0;
-          for (int64_t k = 0; k < K; ++k) pu += p[k] * static_cast<acc_t>(urow[k]);
-          const acc_t c = cp[b];
-          for (int64_t k = 0; k < K; ++k) {
-            hrow[k] = static_cast<scalar_t>(c * p[k] * (static_cast<acc_t>(urow[k]) - pu));
-          }
-          dp[b] = pu - static_cast<acc_t>(urow[yp[b]]);
-        }
-      }
+    const scalar_t* zp = o.z.const_data_ptr<scalar_t>();
+    const scalar_t* up = o.u.const_data_ptr<scalar_t>();
+    const int64_t* yp = o.y.const_data_ptr<int64_t>();
+    const acc_t* cp = o.scale.const_data_ptr<acc_t>();
+    const double* sp = o.lse.const_data_ptr<double>();
+    scalar_t* hp = o.out.mutable_data_ptr<scalar_t>();
+    acc_t* dp = o.dot.mutable_data_ptr<acc_t>();
+    for_each_softmax_row<scalar_t, acc_t>(zp, yp, sp, B, K, "cross_entropy_hvp", [&](int64_t b, const acc_t* p) {
+      const scalar_t* urow = up + b * K;
+      scalar_t* hrow = hp + b * K;
+      acc_t pu = 0;
+      for (int64_t k = 0; k < K; ++k) pu += p[k] * static_cast<acc_t>(urow[k]);
+      const acc_t c = cp[b];
+      for (int64_t k = 0; k < K; ++k) hrow[k] = static_cast<scalar_t>(c * p[k] * (static_cast<acc_t>(urow[k]) - pu));
+      dp[b] = pu - static_cast<acc_t>(urow[yp[b]]);
     });
   });
-  return {hvp, dot};
+  return {o.out, o.dot};
 }
 
 }  // namespace

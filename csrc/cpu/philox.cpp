@@ -28,6 +28,29 @@ void fill_stream(const Stream& s, int64_t start, int64_t n, scalar_t* dst) {
   }
 }
 
+// body(i, r) for every row i in [0, B) of a (B, K) projection, with r the row's K stream values:
+// z[0..K) drawn once and shared by the batch (per_sample false), or z[i·K..(i+1)·K) drawn per row;
+// rows split across threads.
+template <typename Body>
+void for_each_projection_row(const Stream& stream, int64_t B, int64_t K, bool per_sample, const Body& body) {
+  std::vector<float> shared;
+  if (!per_sample) {
+    shared.resize(K);
+    fill_stream<float>(stream, 0, K, shared.data());
+  }
+  at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> own(per_sample ? K : 0);
+    for (int64_t i = i0; i < i1; ++i) {
+      const float* r = shared.data();
+      if (per_sample) {
+        fill_stream<float>(stream, i * K, K, own.data());
+        r = own.data();
+      }
+      body(i, r);
+    }
+  });
+}
+
 at::Tensor gaussian_like_cpu(const at::Tensor& x, int64_t seed, int64_t offset, bool per_sample) {
   check_stream_args(x, offset, "gaussian_like");
   at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -63,24 +86,11 @@ at::Tensor project_cpu(const at::Tensor& out_in, int64_t seed, int64_t offset, b
     using out_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = out.const_data_ptr<scalar_t>();
     out_t* sp = s.mutable_data_ptr<out_t>();
-    std::vector<float> shared;
-    if (!per_sample) {
-      shared.resize(K);
-      fill_stream<float>(stream, 0, K, shared.data());
-    }
-    at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
-      std::vector<float> own(per_sample ? K : 0);
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* r = shared.data();
-        if (per_sample) {
-          fill_stream<float>(stream, i * K, K, own.data());
-          r = own.data();
-        }
-        double acc = 0;  // CPU sums in double, stored in the output dtype (as sq_norm)
-        const scalar_t* row = xp + i * K;
-        for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(r[k]) * static_cast<double>(row[k]);
-        sp[i] = static_cast<out_t>(acc);
-      }
+    for_each_projection_row(stream, B, K, per_sample, [&](int64_t i, const float* r) {
+      double acc = 0;  // CPU sums in double, stored in the output dtype (as sq_norm)
+      const scalar_t* row = xp + i * K;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(r[k]) * static_cast<double>(row[k]);
+      sp[i] = static_cast<out_t>(acc);
     });
   });
   return s;
@@ -98,21 +108,8 @@ at::Tensor project_backward_cpu(const at::Tensor& grad_in, int64_t seed, int64_t
     const at::Tensor g = grad_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
     const acc_t* gp = g.const_data_ptr<acc_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    std::vector<float> shared;
-    if (!per_sample) {
-      shared.resize(K);
-      fill_stream<float>(stream, 0, K, shared.data());
-    }
-    at::parallel_for(0, B, 16, [&](int64_t i0, int64_t i1) {
-      std::vector<float> own(per_sample ? K : 0);
-      for (int64_t i = i0; i < i1; ++i) {
-        const float* r = shared.data();
-        if (per_sample) {
-          fill_stream<float>(stream, i * K, K, own.data());
-          r = own.data();
-        }
-        for (int64_t k = 0; k < K; ++k) op[i * K + k] = static_cast<scalar_t>(gp[i] * static_cast<acc_t>(r[k]));
-      }
+    for_each_projection_row(stream, B, K, per_sample, [&](int64_t i, const float* r) {
+      for (int64_t k = 0; k < K; ++k) op[i * K + k] = static_cast<scalar_t>(gp[i] * static_cast<acc_t>(r[k]));
     });
   });
   return out;

@@ -22,86 +22,53 @@ __global__ void bias_act_kernel(scalar_t* __restrict__ out, const scalar_t* __re
        i += (int64_t)gridDim.x * blockDim.x) {
     acc_t r = ref != nullptr ? static_cast<acc_t>(ref[i]) : acc_t(0);
     if (b != nullptr) r += static_cast<acc_t>(b[(i / inner) % C]);
-    acc_t v;
-    if constexpr (MODE == 0) {
-      v = forward<A>(r, alpha);
-    } else if constexpr (MODE == 1) {
-      v = static_cast<acc_t>(a[i]) * first<A>(r, alpha);
-    } else {
-      v = static_cast<acc_t>(a[i]) * static_cast<acc_t>(g[i]) * second<A>(r, alpha);
-    }
-    out[i] = static_cast<scalar_t>(v);
+    out[i] = element<MODE, A>(r, a, g, i, alpha);
   }
 }
 
 template <int MODE>
-void launch(const at::Tensor& out, const at::Tensor& ref, const at::Tensor& a, const at::Tensor& g,
-            const at::Tensor& b, const Geometry& geo, int64_t act, double alpha) {
-  if (geo.numel == 0) return;
+at::Tensor launch(const Operands& o, int64_t act, double alpha) {
+  const Geometry& geo = o.geo;
+  if (geo.numel == 0) return o.out;
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int blocks = static_cast<int>(std::min<int64_t>((geo.numel + kThreads - 1) / kThreads, 32 * sms));
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "bias_act_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.out.scalar_type(), "bias_act_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
     dispatch_act(act, [&](auto act_c) {
       constexpr int64_t A = decltype(act_c)::value;
       if constexpr (MODE == 2 && !has_second_derivative(A)) {
-        return;  // never launched: the caller returns zeros
+        return;  // never launched: grad2_operands returned zeros
       } else {
         bias_act_kernel<MODE, A, scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-            out.mutable_data_ptr<scalar_t>(), ptr(ref), ptr(a), ptr(g), ptr(b), geo.numel, geo.C, geo.inner,
-            static_cast<acc_t>(alpha));
+            o.out.mutable_data_ptr<scalar_t>(), ptr(o.r.ref), ptr(o.a), ptr(o.g), ptr(o.r.bias), geo.numel, geo.C,
+            geo.inner, static_cast<acc_t>(alpha));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     });
   });
+  return o.out;
 }
 
-at::Tensor bias_act_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>& b, int64_t act,
-                         int64_t dim, double alpha) {
-  check_main(x_in, "bias_act", "x");
-  check_act(act, alpha, "bias_act");
-  dim = check_bias(b, x_in, dim, "bias_act");
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const bool with_bias = b.has_value() && b->defined();
-  const auto fmt = layout_of(x_in);
-  const at::Tensor x = x_in.contiguous(fmt);
-  at::Tensor out = at::empty_like(x, x.options().memory_format(fmt));
-  const at::Tensor bc = with_bias ? b->contiguous() : at::Tensor();
-  launch<0>(out, x, at::Tensor(), at::Tensor(), bc, geometry(x, dim, fmt, with_bias), act, alpha);
-  return out;
+at::Tensor bias_act_cuda(const at::Tensor& x, const c10::optional<at::Tensor>& b, int64_t act, int64_t dim,
+                         double alpha) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return launch<0>(forward_operands(x, b, act, dim, alpha), act, alpha);
 }
 
-at::Tensor bias_act_grad_cuda(const at::Tensor& grad_in, const c10::optional<at::Tensor>& x,
+at::Tensor bias_act_grad_cuda(const at::Tensor& grad, const c10::optional<at::Tensor>& x,
                               const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& y,
                               int64_t act, int64_t dim, double alpha) {
-  check_main(grad_in, "bias_act_grad", "grad");
-  check_act(act, alpha, "bias_act_grad");
-  const c10::cuda::CUDAGuard guard(grad_in.device());
-  const auto fmt = layout_of(grad_in);
-  const at::Tensor grad = grad_in.contiguous(fmt);
-  const Reference r = reference_value(x, b, y, grad, act, dim, alpha, fmt, "bias_act_grad");
-  at::Tensor out = at::empty_like(grad, grad.options().memory_format(fmt));
-  launch<1>(out, r.ref, grad, at::Tensor(), r.bias, geometry(grad, r.dim, fmt, r.bias.defined()), act, alpha);
-  return out;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  return launch<1>(grad_operands(grad, x, b, y, act, dim, alpha), act, alpha);
 }
 
-at::Tensor bias_act_grad2_cuda(const at::Tensor& gg_in, const at::Tensor& grad_in,
-                               const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& b,
-                               const c10::optional<at::Tensor>& y, int64_t act, int64_t dim, double alpha) {
-  check_main(gg_in, "bias_act_grad2", "gg");
-  check_act(act, alpha, "bias_act_grad2");
-  check_like(grad_in, gg_in, "bias_act_grad2", "grad");
-  const c10::cuda::CUDAGuard guard(gg_in.device());
-  const auto fmt = layout_of(gg_in);
-  const at::Tensor gg = gg_in.contiguous(fmt);
-  if (!has_second_derivative(act)) return at::zeros_like(gg, gg.options().memory_format(fmt));
-  const at::Tensor grad = grad_in.contiguous(fmt);
-  const Reference r = reference_value(x, b, y, gg, act, dim, alpha, fmt, "bias_act_grad2");
-  at::Tensor out = at::empty_like(gg, gg.options().memory_format(fmt));
-  launch<2>(out, r.ref, gg, grad, r.bias, geometry(gg, r.dim, fmt, r.bias.defined()), act, alpha);
-  return out;
+at::Tensor bias_act_grad2_cuda(const at::Tensor& gg, const at::Tensor& grad, const c10::optional<at::Tensor>& x,
+                               const c10::optional<at::Tensor>& b, const c10::optional<at::Tensor>& y, int64_t act,
+                               int64_t dim, double alpha) {
+  const c10::cuda::CUDAGuard guard(gg.device());
+  return launch<2>(grad2_operands(gg, grad, x, b, y, act, dim, alpha), act, alpha);
 }
 
 }  // namespace

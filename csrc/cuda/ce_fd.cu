@@ -224,86 +224,62 @@ inline unsigned ce_blocks(int64_t B, int G) {
   return static_cast<unsigned>((B + rows - 1) / rows);
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits_in, const at::Tensor& y_in) {
-  const int64_t K = check_logits_labels(logits_in, y_in, "cross_entropy");
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor z = logits_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const int64_t B = z.size(0);
-  at::Tensor loss = at::empty({B}, z.options().dtype(reduction_dtype(z.scalar_type())));
-  at::Tensor lse = at::empty({B}, z.options().dtype(at::kDouble));
-  if (B == 0) return {loss, lse};
+std::tuple<at::Tensor, at::Tensor> cross_entropy_cuda(const at::Tensor& logits, const at::Tensor& labels) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const CrossEntropyOperands o = ce_forward_operands(logits, labels);
+  if (o.B == 0) return {o.loss, o.lse};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "cross_entropy_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_group(K, [&](auto g) {
+    with_group(o.K, [&](auto g) {
       constexpr int G = decltype(g)::value;
-      ce_forward_kernel<G, scalar_t, acc_t><<<ce_blocks(B, G), kThreads, 0, stream>>>(
-          z.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(), loss.mutable_data_ptr<acc_t>(),
-          lse.mutable_data_ptr<double>(), B, K);
+      ce_forward_kernel<G, scalar_t, acc_t><<<ce_blocks(o.B, G), kThreads, 0, stream>>>(
+          o.z.const_data_ptr<scalar_t>(), o.y.const_data_ptr<int64_t>(), o.loss.mutable_data_ptr<acc_t>(),
+          o.lse.mutable_data_ptr<double>(), o.B, o.K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {loss, lse};
+  return {o.loss, o.lse};
 }
 
-at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& y_in,
-                                       const at::Tensor& lse_in) {
-  const int64_t K = check_logits_labels(logits_in, y_in, "cross_entropy_backward");
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor grad = per_sample(grad_in, logits_in, "cross_entropy_backward", "grad");
-  const at::Tensor lse = lse_per_sample(lse_in, logits_in, "cross_entropy_backward");
-  const at::Tensor z = logits_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const int64_t B = z.size(0);
-  at::Tensor out = at::empty_like(z, at::MemoryFormat::Contiguous);
-  if (B == 0) return out;
+at::Tensor cross_entropy_backward_cuda(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& labels,
+                                       const at::Tensor& lse) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const CrossEntropyOperands o = ce_backward_operands(grad, logits, labels, lse);
+  if (o.B == 0) return o.out;
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "cross_entropy_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_group(K, [&](auto g) {
+    with_group(o.K, [&](auto g) {
       constexpr int G = decltype(g)::value;
-      ce_backward_kernel<G, scalar_t, acc_t><<<ce_blocks(B, G), kThreads, 0, stream>>>(
-          grad.const_data_ptr<acc_t>(), z.const_data_ptr<scalar_t>(), y.const_data_ptr<int64_t>(),
-          lse.const_data_ptr<double>(), out.mutable_data_ptr<scalar_t>(), B, K);
+      ce_backward_kernel<G, scalar_t, acc_t><<<ce_blocks(o.B, G), kThreads, 0, stream>>>(
+          o.grad.const_data_ptr<acc_t>(), o.z.const_data_ptr<scalar_t>(), o.y.const_data_ptr<int64_t>(),
+          o.lse.const_data_ptr<double>(), o.out.mutable_data_ptr<scalar_t>(), o.B, o.K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
+  return o.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cuda(const at::Tensor& u_in, const at::Tensor& scale_in,
-                                                          const at::Tensor& logits_in, const at::Tensor& y_in,
-                                                          const at::Tensor& lse_in) {
-  const int64_t K = check_logits_labels(logits_in, y_in, "cross_entropy_hvp");
-  TORCH_CHECK(u_in.sizes() == logits_in.sizes(), "gradreg_fast::cross_entropy_hvp: u must have the shape of logits ",
-              logits_in.sizes(), ", got ", u_in.sizes());
-  TORCH_CHECK(u_in.scalar_type() == logits_in.scalar_type(),
-              "gradreg_fast::cross_entropy_hvp: u must have the dtype of logits (", logits_in.scalar_type(), "), got ",
-              u_in.scalar_type());
-  const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor scale = per_sample(scale_in, logits_in, "cross_entropy_hvp", "scale");
-  const at::Tensor lse = lse_per_sample(lse_in, logits_in, "cross_entropy_hvp");
-  const at::Tensor z = logits_in.contiguous();
-  const at::Tensor u = u_in.contiguous();
-  const at::Tensor y = y_in.contiguous();
-  const int64_t B = z.size(0);
-  at::Tensor hvp = at::empty_like(u, at::MemoryFormat::Contiguous);
-  at::Tensor dot = at::empty({B}, z.options().dtype(reduction_dtype(z.scalar_type())));
-  if (B == 0) return {hvp, dot};
+std::tuple<at::Tensor, at::Tensor> cross_entropy_hvp_cuda(const at::Tensor& u, const at::Tensor& scale,
+                                                          const at::Tensor& logits, const at::Tensor& labels,
+                                                          const at::Tensor& lse) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const CrossEntropyOperands o = ce_hvp_operands(u, scale, logits, labels, lse);
+  if (o.B == 0) return {o.out, o.dot};
   auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "cross_entropy_hvp_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.z.scalar_type(), "cross_entropy_hvp_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    with_group(K, [&](auto g) {
+    with_group(o.K, [&](auto g) {
       constexpr int G = decltype(g)::value;
-      ce_hvp_kernel<G, scalar_t, acc_t><<<ce_blocks(B, G), kThreads, 0, stream>>>(
-          u.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), z.const_data_ptr<scalar_t>(),
-          y.const_data_ptr<int64_t>(), lse.const_data_ptr<double>(), hvp.mutable_data_ptr<scalar_t>(),
-          dot.mutable_data_ptr<acc_t>(), B, K);
+      ce_hvp_kernel<G, scalar_t, acc_t><<<ce_blocks(o.B, G), kThreads, 0, stream>>>(
+          o.u.const_data_ptr<scalar_t>(), o.scale.const_data_ptr<acc_t>(), o.z.const_data_ptr<scalar_t>(),
+          o.y.const_data_ptr<int64_t>(), o.lse.const_data_ptr<double>(), o.out.mutable_data_ptr<scalar_t>(),
+          o.dot.mutable_data_ptr<acc_t>(), o.B, o.K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {hvp, dot};
+  return {o.out, o.dot};
 }
 
 }  // namespace

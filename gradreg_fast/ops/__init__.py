@@ -6,7 +6,7 @@ Each public function takes ``backend=None`` (see gradreg_fast._backend): "refere
 from gradreg_fast.ops.bias_act import ACTIVATIONS, bias_act
 from gradreg_fast.ops.cross_entropy import cross_entropy
 from gradreg_fast.ops.fd_direction import fd_direction
-from gradreg_fast.ops.projection import draw_seed, gaussian_like, project
+from gradreg_fast.ops.philox import draw_seed, gaussian_like, project
 from gradreg_fast.ops.sq_norm import sq_norm
 
 __all__ = [

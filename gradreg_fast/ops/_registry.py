@@ -1,6 +1,6 @@
 """The op registry: every op family of gradreg_fast is declared once, here is what is done with it.
 
-A family (sq_norm, fd_direction, cross_entropy, projection, bias_act) is one ``declare`` call in its
+A family (sq_norm, fd_direction, cross_entropy, philox, bias_act) is one ``declare`` call in its
 module gradreg_fast/ops/<family>.py, naming for each of its operators
 
     schema      the operator's schema, as csrc/gradreg.cpp defines it for the C++/CUDA kernels

@@ -38,6 +38,7 @@ from gradreg_fast._bias_act_spec import (
     memory_format,
     takes_alpha,
 )
+from gradreg_fast.ops._common import check_floating, check_like
 from gradreg_fast.ops._registry import Op, declare, implementation
 
 SOFTPLUS_THRESHOLD = 20.0
@@ -223,11 +224,7 @@ def check_activation(act: str, alpha: float | None) -> float:
 
 
 def _check_inputs(x, b, dim) -> int:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"bias_act: x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"bias_act: x must be a floating tensor (float16/bfloat16/float32/float64), got "
-                        f"{x.dtype}; convert it with x.float()")
+    check_floating(x, "bias_act", "x")
     if b is None:
         return dim
     if not isinstance(b, torch.Tensor):
@@ -239,11 +236,7 @@ def _check_inputs(x, b, dim) -> int:
     if b.dim() != 1 or b.shape[0] != x.shape[dim]:
         raise ValueError(f"bias_act: b must have shape ({x.shape[dim]},) = (x.shape[dim],) for x of shape "
                          f"{tuple(x.shape)} and dim={dim}, got {tuple(b.shape)}")
-    if b.dtype != x.dtype:
-        raise TypeError(f"bias_act: b must have x's dtype {x.dtype}, got {b.dtype}; convert it with "
-                        f"b.to(x.dtype)")
-    if b.device != x.device:
-        raise ValueError(f"bias_act: b is on {b.device} but x is on {x.device}; move b to x's device")
+    check_like(b, x, "bias_act", "b", "x", shape=False)
     return dim
 
 

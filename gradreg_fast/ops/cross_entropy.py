@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from gradreg_fast import reference
+from gradreg_fast.ops._common import check_floating, check_like
 from gradreg_fast.ops._registry import Op, declare, implementation
 
 _acc = reference.acc_dtype
@@ -118,22 +119,16 @@ declare("cross_entropy", (
 
 def check_cross_entropy_inputs(logits: torch.Tensor, y: torch.Tensor) -> None:
     """TypeError/ValueError naming the problem for bad logits/labels (every backend)."""
-    if not isinstance(logits, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise TypeError("cross_entropy: logits and y must be torch.Tensors, got "
-                        f"{type(logits).__name__} and {type(y).__name__}")
-    if not logits.is_floating_point():
-        raise TypeError(f"cross_entropy: logits must be a floating tensor (float16/bfloat16/float32/float64), "
-                        f"got {logits.dtype}; convert them with logits.float()")
-    if logits.dim() != 2:
-        raise ValueError(f"cross_entropy: logits must have shape (B, K), got {tuple(logits.shape)}; "
-                         "flatten extra dims with logits.reshape(-1, K)")
+    check_floating(logits, "cross_entropy", "logits", ndim=2, layout="(B, K)",
+                   fix="flatten extra dims with logits.reshape(-1, K)")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"cross_entropy: y must be a torch.Tensor, got {type(y).__name__}")
     if y.dtype != torch.long:
         raise TypeError(f"cross_entropy: y must be an int64 tensor of class indices, got {y.dtype}; "
                         "use y.long() (class probabilities are not supported)")
     if y.shape != (logits.shape[0],):
         raise ValueError(f"cross_entropy: y must have shape (B,) = ({logits.shape[0]},), got {tuple(y.shape)}")
-    if y.device != logits.device:
-        raise ValueError(f"cross_entropy: logits are on {logits.device} but y on {y.device}")
+    check_like(y, logits, "cross_entropy", "y", "logits", shape=False, dtype=False)
     K = logits.shape[1]
     if logits.shape[0] > 0 and K == 0:
         raise ValueError("cross_entropy: logits need at least one class (K = 0)")

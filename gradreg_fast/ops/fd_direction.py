@@ -17,7 +17,7 @@ import math
 import torch
 
 from gradreg_fast import reference
-from gradreg_fast.ops._common import check_floating_batched
+from gradreg_fast.ops._common import check_floating, check_like
 from gradreg_fast.ops._registry import Op, declare, implementation
 
 
@@ -74,16 +74,9 @@ def fd_direction(x: torch.Tensor, g: torch.Tensor, h: float, *,
         ``x_perturbed`` with x's shape and dtype (contiguous) and ``norms`` (B,) in float32
         (float64 for float64 inputs). Where ‖g_b‖ = 0 the sample is left unperturbed.
     """
-    check_floating_batched(x, "fd_direction", "x")
-    check_floating_batched(g, "fd_direction", "g")
-    if x.shape != g.shape:
-        raise ValueError(f"fd_direction: x and g must have the same shape, got {tuple(x.shape)} and "
-                         f"{tuple(g.shape)}")
-    if x.dtype != g.dtype:
-        raise TypeError(f"fd_direction: x and g must have the same dtype, got {x.dtype} and {g.dtype}; "
-                        "convert g with g.to(x.dtype)")
-    if x.device != g.device:
-        raise ValueError(f"fd_direction: x is on {x.device} but g on {g.device}")
+    check_floating(x, "fd_direction", "x", batched=True)
+    check_floating(g, "fd_direction", "g", batched=True)
+    check_like(g, x, "fd_direction", "g", "x")
     if isinstance(h, torch.Tensor) or not isinstance(h, (int, float)) or isinstance(h, bool):
         raise TypeError(f"fd_direction: h must be a Python float, got {type(h).__name__}; use float(h)")
     if not math.isfinite(h):

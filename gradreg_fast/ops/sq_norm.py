@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from gradreg_fast import reference
-from gradreg_fast.ops._common import check_floating_batched
+from gradreg_fast.ops._common import check_floating
 from gradreg_fast.ops._registry import Op, declare, implementation
 
 
@@ -77,5 +77,5 @@ def sq_norm(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
         Tensor of shape (B,), float32 for fp16/bf16/fp32 inputs (fp32 accumulation, no fp16
         overflow), float64 for fp64 inputs. Differentiable twice.
     """
-    check_floating_batched(x, "sq_norm")
+    check_floating(x, "sq_norm", batched=True)
     return implementation("sq_norm", backend, x.device, x.numel())(x)

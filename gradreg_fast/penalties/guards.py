@@ -13,7 +13,7 @@
   when ``loss.backward()`` reaches the compiled region's backward-of-backward, far from the
   penalty. The penalty's graph is searched for that node right away, and a ValueError names the
   methods that need no double backward.
-- DDP: see gradreg_fast.distributed.
+- DDP and FSDP2: see gradreg_fast.distributed (ddp.py, fsdp.py).
 """
 from __future__ import annotations
 

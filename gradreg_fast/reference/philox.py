@@ -28,7 +28,7 @@ arguments; they differ only in their float64 log/sqrt/cos/sin (libm, SLEEF, CUDA
 within a few float64 ulp), which changes the float32 result only when the exact value lies within
 ~1e-16 (relative) of a float32 rounding boundary: about one element in 10^8, and then by 1 ulp.
 
-Uses of the stream (gradreg_fast.ops.projection):
+Uses of the stream (gradreg_fast.ops.philox):
     gaussian_like(x, per_sample=True)   v.flatten()[e] = z[e]            (x-shaped, row-major)
     gaussian_like(x, per_sample=False)  v[i].flatten()[j] = z[j]         (one row shared by the batch)
     project(out, per_sample=False)      s_i = Σ_k z[k] · out[i, k]        (one r shared by the batch)

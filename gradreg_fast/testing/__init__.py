@@ -5,4 +5,5 @@
 - ``ground_truth``: penalties and their parameter gradients by plain double backpropagation, written
   with torch alone (no gradreg_fast code path), the reference every estimator is checked against.
 - ``conformance``: runs one (model, kind, method) cell against the ground truth and classifies it.
+- ``torchrun``: ``exit_worker()``, the end of a torchrun worker process (gloo's teardown on torch 2.14.1).
 """

@@ -11,7 +11,7 @@ JSON line to ``path`` describing its specialization (once per distinct specializ
 multiple of 16 bytes; a constexpr as its exact value (a ``tl.dtype`` as ``{"tl_dtype": name}``); a
 runtime int as a representative of its class — same value modulo 16, same sign, same integer range
 (i32 / i64 / u64), and 0 and 1 kept as themselves — which is everything Triton specializes a kernel
-on, so ``gradreg_fast.triton.aot`` can rebuild the launch with the installed Triton's own binder and
+on, so ``scripts/triton_aot.py`` can rebuild the launch with the installed Triton's own binder and
 compile it ahead of time for a GPU target without a GPU. A runtime float is recorded as 0.5 (Triton
 passes it as fp32 whatever its value). ``options`` holds launch options such as ``num_warps``.
 

@@ -30,32 +30,16 @@ from gradreg_fast.triton._launch import launch_kernel
 
 # Coefficients of P and Q, lowest degree first (fitted with numpy at Chebyshev nodes; the same in
 # csrc/bias_act.h's erf_).
-_P0 = tl.constexpr(1.128379167095513)
-_P1 = tl.constexpr(-0.37612638903177553)
-_P2 = tl.constexpr(0.11283791670652926)
-_P3 = tl.constexpr(-0.026866170594406182)
-_P4 = tl.constexpr(0.005223977199712658)
-_P5 = tl.constexpr(-0.0008548306409616672)
-_P6 = tl.constexpr(0.0001205471382158921)
-_P7 = tl.constexpr(-1.4913713278303188e-05)
-_P8 = tl.constexpr(1.6313591021541446e-06)
-_P9 = tl.constexpr(-1.5202359983515584e-07)
-_P10 = tl.constexpr(9.454661204489945e-09)
-_Q0 = tl.constexpr(1.5124761049145619e-07)
-_Q1 = tl.constexpr(0.2820889548126756)
-_Q2 = tl.constexpr(0.282199139702075)
-_Q3 = tl.constexpr(0.24568726759219245)
-_Q4 = tl.constexpr(0.18494109962974437)
-_Q5 = tl.constexpr(0.036543864143163345)
-_Q6 = tl.constexpr(0.18866482200407475)
-_Q7 = tl.constexpr(-0.6557860486825482)
-_Q8 = tl.constexpr(1.3581453418521985)
-_Q9 = tl.constexpr(-2.499320097816156)
-_Q10 = tl.constexpr(3.258800206005376)
-_Q11 = tl.constexpr(-2.7635733687378057)
-_Q12 = tl.constexpr(1.474510770936276)
-_Q13 = tl.constexpr(-0.4557770177589461)
-_Q14 = tl.constexpr(0.06287574985514549)
+_ERF_P = tl.constexpr((
+    1.128379167095513, -0.37612638903177553, 0.11283791670652926, -0.026866170594406182, 0.005223977199712658,
+    -0.0008548306409616672, 0.0001205471382158921, -1.4913713278303188e-05, 1.6313591021541446e-06,
+    -1.5202359983515584e-07, 9.454661204489945e-09,
+))
+_ERF_Q = tl.constexpr((
+    1.5124761049145619e-07, 0.2820889548126756, 0.282199139702075, 0.24568726759219245, 0.18494109962974437,
+    0.036543864143163345, 0.18866482200407475, -0.6557860486825482, 1.3581453418521985, -2.499320097816156,
+    3.258800206005376, -2.7635733687378057, 1.474510770936276, -0.4557770177589461, 0.06287574985514549,
+))
 
 _SQRT1_2 = tl.constexpr(math.sqrt(0.5))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -72,6 +56,15 @@ LINEAR, RELU, LEAKY_RELU, TANH, SIGMOID, SOFTPLUS, GELU, GELU_TANH, SILU, ELU = 
 def _c(value: tl.constexpr, like):
     # A constant in the compute dtype (fp64 constants keep their full precision).
     return tl.full([], value, like.dtype)
+
+
+@triton.jit
+def _horner(coeffs: tl.constexpr, n: tl.constexpr, x):
+    # Σ_i coeffs[i] x^i (n coefficients, lowest degree first) by Horner's rule, in x's dtype
+    acc = _c(coeffs[n - 1], x)
+    for j in tl.static_range(2, n + 1):
+        acc = acc * x + _c(coeffs[n - j], x)
+    return acc
 
 
 @triton.jit
@@ -99,34 +92,10 @@ def _sigmoid(z):
 def _erf(z):
     a = tl.minimum(tl.abs(z), 6.0)
     u = a * a
-    p = _c(_P10, a)
-    p = p * u + _c(_P9, a)
-    p = p * u + _c(_P8, a)
-    p = p * u + _c(_P7, a)
-    p = p * u + _c(_P6, a)
-    p = p * u + _c(_P5, a)
-    p = p * u + _c(_P4, a)
-    p = p * u + _c(_P3, a)
-    p = p * u + _c(_P2, a)
-    p = p * u + _c(_P1, a)
-    p = p * u + _c(_P0, a)
+    p = _horner(_ERF_P, 11, u)
     small = a * p
     t = 1.0 / (1.0 + 0.5 * a)
-    q = _c(_Q14, a)
-    q = q * t + _c(_Q13, a)
-    q = q * t + _c(_Q12, a)
-    q = q * t + _c(_Q11, a)
-    q = q * t + _c(_Q10, a)
-    q = q * t + _c(_Q9, a)
-    q = q * t + _c(_Q8, a)
-    q = q * t + _c(_Q7, a)
-    q = q * t + _c(_Q6, a)
-    q = q * t + _c(_Q5, a)
-    q = q * t + _c(_Q4, a)
-    q = q * t + _c(_Q3, a)
-    q = q * t + _c(_Q2, a)
-    q = q * t + _c(_Q1, a)
-    q = q * t + _c(_Q0, a)
+    q = _horner(_ERF_Q, 15, t)
     large = 1.0 - tl.exp(-u) * q
     r = tl.where(a < 1.0, small, large)
     return tl.where(z < 0, -r, r)

@@ -56,18 +56,30 @@ def ce_forward_kernel(z_ptr, y_ptr, loss_ptr, lse_ptr, B, K, ROWS: tl.constexpr,
 
 
 @triton.jit
-def ce_backward_kernel(g_ptr, z_ptr, y_ptr, lse_ptr, out_ptr, B, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    acc_ty = g_ptr.dtype.element_ty
+def _rows(lse_ptr, y_ptr, B, ROWS: tl.constexpr):
+    # this program's rows r (int64) and their mask, saved lse and labels
     r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     rmask = r < B
+    return r, rmask, tl.load(lse_ptr + r, mask=rmask, other=0.0), tl.load(y_ptr + r, mask=rmask, other=0)
+
+
+@triton.jit
+def _softmax_chunk(z_ptr, r, rmask, lse, k0, K, BLOCK_K: tl.constexpr, acc_ty: tl.constexpr):
+    # classes k0 .. k0 + BLOCK_K of rows r: k, the offsets, the mask, and p = exp(z − lse) in acc_ty
+    k = k0 + tl.arange(0, BLOCK_K)
+    mask = rmask[:, None] & (k < K)[None, :]
+    offs = r[:, None] * K + k[None, :]
+    zd = tl.load(z_ptr + offs, mask=mask, other=float("-inf")).to(tl.float64)
+    return k, offs, mask, tl.exp((zd - lse[:, None]).to(acc_ty))
+
+
+@triton.jit
+def ce_backward_kernel(g_ptr, z_ptr, y_ptr, lse_ptr, out_ptr, B, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    acc_ty = g_ptr.dtype.element_ty
+    r, rmask, lse, label = _rows(lse_ptr, y_ptr, B, ROWS)
     grad = tl.load(g_ptr + r, mask=rmask, other=0.0)
-    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
-    label = tl.load(y_ptr + r, mask=rmask, other=0)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = rmask[:, None] & (k < K)[None, :]
-        offs = r[:, None] * K + k[None, :]
-        p = tl.exp((tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float64) - lse[:, None]).to(acc_ty))
+        k, offs, mask, p = _softmax_chunk(z_ptr, r, rmask, lse, k0, K, BLOCK_K, acc_ty)
         p = p - tl.where(k[None, :] == label[:, None], 1.0, 0.0)
         tl.store(out_ptr + offs, cast_for_store(grad[:, None] * p, out_ptr), mask=mask)
 
@@ -76,26 +88,15 @@ def ce_backward_kernel(g_ptr, z_ptr, y_ptr, lse_ptr, out_ptr, B, K, ROWS: tl.con
 def ce_hvp_kernel(u_ptr, c_ptr, z_ptr, y_ptr, lse_ptr, hvp_ptr, dot_ptr, B, K,
                   ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
     acc_ty = c_ptr.dtype.element_ty
-    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    rmask = r < B
-    lse = tl.load(lse_ptr + r, mask=rmask, other=0.0)
+    r, rmask, lse, label = _rows(lse_ptr, y_ptr, B, ROWS)
     c = tl.load(c_ptr + r, mask=rmask, other=0.0)
-    label = tl.load(y_ptr + r, mask=rmask, other=0)
     s = tl.zeros([ROWS], acc_ty)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = rmask[:, None] & (k < K)[None, :]
-        offs = r[:, None] * K + k[None, :]
-        zd = tl.load(z_ptr + offs, mask=mask, other=float("-inf")).to(tl.float64)
-        p = tl.exp((zd - lse[:, None]).to(acc_ty))
+        k, offs, mask, p = _softmax_chunk(z_ptr, r, rmask, lse, k0, K, BLOCK_K, acc_ty)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(acc_ty)
         s += tl.sum(p * u, axis=1)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = rmask[:, None] & (k < K)[None, :]
-        offs = r[:, None] * K + k[None, :]
-        zd = tl.load(z_ptr + offs, mask=mask, other=float("-inf")).to(tl.float64)
-        p = tl.exp((zd - lse[:, None]).to(acc_ty))
+        k, offs, mask, p = _softmax_chunk(z_ptr, r, rmask, lse, k0, K, BLOCK_K, acc_ty)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(acc_ty)
         tl.store(hvp_ptr + offs, cast_for_store(c[:, None] * p * (u - s[:, None]), hvp_ptr), mask=mask)
     uy = tl.load(u_ptr + r * K + label, mask=rmask, other=0.0).to(acc_ty)

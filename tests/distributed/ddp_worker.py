@@ -25,6 +25,7 @@ try:
 except ImportError:  # a source checkout with the extension built in place
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     import gradreg_fast as gr
+from gradreg_fast.testing.torchrun import exit_worker
 
 DTYPE = torch.float64
 D_IN, K, HALF = 6, 4, 4
@@ -142,17 +143,6 @@ def init_two_ranks() -> tuple[int, int]:
     return rank, world
 
 
-def finish() -> None:
-    """End a worker whose results are written: barrier, destroy the process group, and leave without the
-    interpreter's teardown, where torch 2.14.1's gloo threads abort now and then ("terminate called
-    without an active exception", SIGABRT after the work is done: about one run in eight on the CPU VM)."""
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def main() -> None:
     out_path = sys.argv[1]
     rank, world = init_two_ranks()
@@ -173,7 +163,7 @@ def main() -> None:
         with open(out_path, "w") as f:
             json.dump({"cases": results, "static_graph": static, "methods": list(gr.METHODS),
                        "kinds": list(gr.KINDS)}, f, indent=1)
-    finish()
+    exit_worker()
 
 
 if __name__ == "__main__":

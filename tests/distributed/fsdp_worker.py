@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ddp_worker as common  # make_model, data, objective, run_reference, ...
-from ddp_worker import FORMS, LAM, SEED, STEPS, gr, rel
+from ddp_worker import FORMS, LAM, SEED, STEPS, exit_worker, gr, rel
 
 
 def make_bn_model() -> nn.Module:
@@ -279,7 +279,7 @@ def main() -> None:
         with open(out_path, "w") as f:
             json.dump({"cases": cases, "extra": extra, "methods": list(gr.METHODS), "kinds": list(gr.KINDS),
                        "torch": torch.__version__}, f, indent=1)
-    common.finish()
+    exit_worker()
 
 
 if __name__ == "__main__":

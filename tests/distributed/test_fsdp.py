@@ -25,7 +25,7 @@ from test_ddp import STOCHASTIC_KINDS, TOL, TOL_BY_METHOD, _torchrun, expected_e
 
 import gradreg_fast as gr
 from conftest import ROOT, subprocess_env
-from gradreg_fast import distributed
+from gradreg_fast.distributed import fsdp
 from method_matrix import STOCHASTIC_METHODS
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
@@ -136,12 +136,12 @@ def test_unknown_fsdp_internals_refused_naming_fd():
     state = types.SimpleNamespace(_fsdp_param_groups=[types.SimpleNamespace(reduce_grads=True)], _modules=(),
                                   _training_state=None, _is_root=True)
     with pytest.raises(ValueError, match="method='fd'"):
-        distributed._check_fsdp_internals([state])
+        fsdp._check_fsdp_internals([state])
 
 
 def test_unsharded_model_not_detected():
     model = torch.nn.Linear(3, 2)
-    assert distributed.find_fsdp(model, model(torch.randn(2, 3))) is None
+    assert fsdp.find_fsdp(model, model(torch.randn(2, 3))) is None
 
 
 @pytest.mark.slow      # 30 s (torchrun, 2 ranks); CI runs it, scripts/test.sh --fast skips it

@@ -128,6 +128,24 @@ def test_doubleback_penalty_matches_torch(device, backend):
         torch.testing.assert_close(a, b, **F64)
 
 
+def _loss_grad_hvp(fn, z: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """fn's per-sample losses at a copy of z, their gradient (create_graph) and its product with u."""
+    t = z.clone().requires_grad_(True)
+    loss = fn(t)
+    (g,) = torch.autograd.grad(loss.sum(), t, create_graph=True)
+    (h,) = torch.autograd.grad((g * u.to(t.dtype)).sum(), t)
+    return loss, g, h
+
+
+def _against_torch(z, y, u, backend):
+    """(loss, gradient, Hessian-vector product) of the op, of torch's composite in fp64 (the ground
+    truth) and of torch's composite in z's dtype."""
+    def torch_ce(t):
+        return F.cross_entropy(t, y, reduction="none")
+    return (_loss_grad_hvp(lambda t: cross_entropy(t, y, backend=backend), z, u),
+            _loss_grad_hvp(torch_ce, z.double(), u), _loss_grad_hvp(torch_ce, z, u))
+
+
 @pytest.mark.parametrize("device,backend", backend_params())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision(device, backend, dtype):
@@ -135,19 +153,11 @@ def test_low_precision(device, backend, dtype):
     in the same dtype (both against fp64)."""
     z, y = data(64, 10, device, dtype=dtype)
     u = torch.randn(64, 10, device=device).to(dtype)
-
-    def run(fn, t):
-        t = t.clone().requires_grad_(True)
-        loss = fn(t)
-        (g,) = torch.autograd.grad(loss.sum(), t, create_graph=True)
-        (h,) = torch.autograd.grad((g * u.to(t.dtype)).sum(), t)
-        return loss, g, h
-    loss, g, h = run(lambda t: cross_entropy(t, y, backend=backend), z)
+    mine, exact, same = _against_torch(z, y, u, backend)
+    loss, g, h = mine
     assert loss.dtype == torch.float32 and g.dtype == dtype and h.dtype == dtype
-    exact = run(lambda t: F.cross_entropy(t, y, reduction="none"), z.double())
-    same = run(lambda t: F.cross_entropy(t, y, reduction="none"), z)
-    for mine, ex, sm in zip((loss, g, h), exact, same, strict=True):
-        assert_close_to_reference(mine, sm, ex)
+    for m, ex, sm in zip(mine, exact, same, strict=True):
+        assert_close_to_reference(m, sm, ex)
 
 
 @pytest.mark.parametrize("device,backend", backend_params())
@@ -158,16 +168,7 @@ def test_fp32_wide_range(device, backend):
     z = torch.randn(64, 50, device=device) * 40
     y = torch.randint(0, 50, (64,), device=device)
     u = torch.randn(64, 50, device=device)
-
-    def run(fn, t):
-        t = t.clone().requires_grad_(True)
-        loss = fn(t)
-        (g,) = torch.autograd.grad(loss.sum(), t, create_graph=True)
-        (h,) = torch.autograd.grad((g * u.to(t.dtype)).sum(), t)
-        return loss, g, h
-    mine = run(lambda t: cross_entropy(t, y, backend=backend), z)
-    exact = run(lambda t: F.cross_entropy(t, y, reduction="none"), z.double())
-    same = run(lambda t: F.cross_entropy(t, y, reduction="none"), z)
+    mine, exact, same = _against_torch(z, y, u, backend)
     for m, ex, sm in zip(mine, exact, same, strict=True):
         assert torch.isfinite(m).all()
         assert_close_to_reference(m, sm, ex)

@@ -4,9 +4,9 @@ The interpreter that runs the Triton kernels in these tests accepts code that th
 rejects (and the reverse). tests/triton_launches.jsonl lists every specialization the test suite
 launched (recorded by gradreg_fast/triton/_launch.py; conftest compiles any launch missing from it at
 the end of the session); here each one is compiled for both targets by Triton's own compiler, LLVM
-and ptxas (gradreg_fast/triton/aot.py), and checked for spills. Plus: the recorder keeps what Triton
-specializes on, the launch sites all go through it, the committed resource report matches the table,
-the ptxas parser and the occupancy bound, and scripts/gpu_check.sh's commands exist.
+and ptxas (scripts/triton_aot.py, a developer tool outside the package), and checked for spills.
+Plus: the recorder keeps what Triton specializes on, the launch sites all go through it, the committed
+resource report matches the table, the ptxas parser and the occupancy bound, and scripts/gpu_check.sh's commands exist.
 """
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ from triton.compiler import make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from conftest import LAUNCH_TABLE, ROOT, subprocess_env
-from gradreg_fast.triton import _launch, aot
+from gradreg_fast.triton import _launch
+from scripts import load_script
+
+aot = load_script("scripts/triton_aot.py", "triton_aot")
 
 REPORT = os.path.join(ROOT, "benchmarks", "results", "gpu_resources_triton.md")
 TRITON_DIR = os.path.join(ROOT, "gradreg_fast", "triton")
@@ -42,9 +45,9 @@ def _compile_env() -> dict:
 
 
 def _aot(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
-    # not from the checkout's root: `python -m` puts the working directory first on sys.path, and the
-    # source tree's gradreg_fast has no built extension after `pip install .` (CI's install)
-    return subprocess.run([sys.executable, "-m", "gradreg_fast.triton.aot", *args], env=_compile_env(),
+    # not from the checkout's root: the source tree's gradreg_fast has no built extension after
+    # `pip install .` (CI's install); subprocess_env puts the installed one first on PYTHONPATH
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "triton_aot.py"), *args], env=_compile_env(),
                           capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir())
 
 
@@ -72,7 +75,7 @@ def test_every_launched_specialization_compiles_for_sm80_and_sm90(compiled):
 
 @pytest.mark.slow
 def test_no_unexplained_spill(compiled):
-    """A spill fails unless gradreg_fast.triton.aot.EXPLAINED_SPILLS explains it for that kernel and size."""
+    """A spill fails unless scripts/triton_aot.py's EXPLAINED_SPILLS explains it for that kernel and size."""
     bad = [(r["kernel"], r["arch"], r["spec"], r["spill_stores"], r["spill_loads"])
            for r in aot.unexplained_spills(compiled)]
     assert not bad, bad
@@ -83,7 +86,7 @@ def test_committed_report_matches_the_launch_table():
         text = f.read()
     assert aot.table_digest(LAUNCH_TABLE) in text, (
         f"{REPORT} was generated from another launch table: regenerate it with "
-        "python -m gradreg_fast.triton.aot triton tests/triton_launches.jsonl --jobs 2 "
+        "python scripts/triton_aot.py triton tests/triton_launches.jsonl --jobs 2 "
         "--report benchmarks/results/gpu_resources_triton.md")
     assert "0 failed to compile;" in text and "UNEXPLAINED" not in text
     assert "(0 unexplained;" in text or "0 with a spill." in text
@@ -237,7 +240,8 @@ def test_cuda_report_block_size_is_the_kernels():
         launches = re.findall(r"<<<[^>]*>>>", src)
         assert launches and all(", kThreads," in ln for ln in launches), (path, launches)
     script = open(os.path.join(ROOT, "scripts", "cuda_build_check.sh")).read()
-    assert "GRADREG_PTXAS_VERBOSE=1" in script and "aot cuda" in script and "--threads 256" in script
+    assert "GRADREG_PTXAS_VERBOSE=1" in script and "--threads 256" in script
+    assert 'scripts/triton_aot.py" cuda' in script
 
 
 # -- scripts/gpu_check.sh ---------------------------------------------------------------------------------
@@ -275,7 +279,8 @@ def test_gpu_check_dry_run_commands_exist(tmp_path, monkeypatch):
             scripts.setdefault(cmd[1], []).append(cmd[2:])
             if "--out" in cmd:
                 assert cmd[cmd.index("--out") + 1].startswith(str(tmp_path / "gpu")), cmd
-    assert set(scripts) == {"benchmarks/bench_ops.py", "benchmarks/bench_step.py"}
+    assert set(scripts) == {"benchmarks/bench_ops.py", "benchmarks/bench_step.py", "scripts/triton_aot.py"}
+    assert all(argv[0] == "cuda" for argv in scripts.pop("scripts/triton_aot.py")), commands
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for script, argvs in scripts.items():
         module = _load_parser(os.path.join(ROOT, script))

@@ -1,4 +1,6 @@
-"""Random projections and Gaussian tangents from a counter-based generator, no stored random tensors.
+"""The philox op family: random projections and Gaussian tangents from a counter-based generator
+(Philox 4x32-10), no stored random tensors. Its kernels: csrc/cpu/philox.cpp, csrc/cuda/philox.cu,
+gradreg_fast/triton/philox.py; its reference: gradreg_fast/reference/philox.py.
 
 r ~ N(0, I) is regenerated wherever it is needed from (seed, offset) by Philox 4x32-10 +
 Box–Muller — the stream defined in gradreg_fast/reference/philox.py, identical on every backend
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from gradreg_fast.ops._common import check_floating
 from gradreg_fast.ops._registry import Op, declare, implementation
 from gradreg_fast.reference import philox as ref
 from gradreg_fast.reference.ops import acc_dtype
@@ -100,7 +103,7 @@ def _composite_project(out, seed, offset, per_sample):
 
 
 _TRITON = "gradreg_fast.triton.philox:"
-declare("projection", (
+declare("philox", (
     Op("project(Tensor out, int seed, int offset, bool per_sample) -> Tensor", _fake_project,
        _TRITON + "project", _reference_project, small_cpu=_composite_project),
     Op("project_backward(Tensor grad, int seed, int offset, bool per_sample, int num_outputs, ScalarType dtype) "
@@ -135,14 +138,8 @@ def project(out: torch.Tensor, seed: int, offset: int, *, per_sample: bool = Fal
     Returns:
         (B,) tensor: float32 for fp16/bf16/fp32 ``out`` (float32 math), float64 for fp64.
     """
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"project: out must be a torch.Tensor, got {type(out).__name__}")
-    if not out.is_floating_point():
-        raise TypeError(f"project: out must be a floating tensor (float16/bfloat16/float32/float64), got "
-                        f"{out.dtype}; convert it with out.float()")
-    if out.dim() != 2:
-        raise ValueError(f"project: out must have shape (B, K), got shape {tuple(out.shape)}; flatten the "
-                         "per-sample outputs with out.reshape(out.shape[0], -1)")
+    check_floating(out, "project", "out", ndim=2, layout="(B, K)",
+                   fix="flatten the per-sample outputs with out.reshape(out.shape[0], -1)")
     ref.check_seed_offset(seed, offset, "project")
     _check_per_sample(per_sample, "project")
     return implementation("project", backend, out.device, out.numel())(out, ref.seed_to_int64(seed), offset,
@@ -165,11 +162,7 @@ def gaussian_like(x: torch.Tensor, seed: int, offset: int, *, per_sample: bool =
         per_sample: True (default) for independent tangents per sample, False for one shared.
         backend: "reference", "cpp", "cuda", "triton" or "auto".
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"gaussian_like: x must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"gaussian_like: x must be a floating tensor (float16/bfloat16/float32/float64), "
-                        f"got {x.dtype}; pass x.float() for float32 tangents")
+    check_floating(x, "gaussian_like", "x")
     ref.check_seed_offset(seed, offset, "gaussian_like")
     _check_per_sample(per_sample, "gaussian_like")
     if not per_sample and x.dim() < 1:

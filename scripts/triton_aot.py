@@ -1,5 +1,9 @@
 """Ahead-of-time compilation of the recorded Triton launches for NVIDIA GPUs, on a machine without one.
 
+A developer tool (tests/tooling/test_triton_aot.py, scripts/cuda_build_check.sh, scripts/gpu_check.sh run it),
+not part of the installed package: nothing in gradreg_fast imports it. It needs gradreg_fast importable
+(the kernels it compiles are looked up by module name).
+
 The launch table (``tests/triton_launches.jsonl``, written by gradreg_fast/triton/_launch.py while the
 test suite runs) holds every specialization the library launched. Each one is rebuilt with the
 installed Triton's own argument binder (the code path of ``kernel[grid](...)``: same signature,
@@ -22,9 +26,9 @@ allocated in units of 128 B). Resident blocks per SM
 W = warps per block, and the bound is blocks · W / 64 of the SM's warp slots. It is an upper
 bound on occupancy (the launch grid may have fewer blocks), not a measurement.
 
-    python -m gradreg_fast.triton.aot triton tests/triton_launches.jsonl --jobs 2 \
+    python scripts/triton_aot.py triton tests/triton_launches.jsonl --jobs 2 \
         --report benchmarks/results/gpu_resources_triton.md
-    python -m gradreg_fast.triton.aot cuda build.log --report benchmarks/results/gpu_resources_cuda.md
+    python scripts/triton_aot.py cuda build.log --report benchmarks/results/gpu_resources_cuda.md
 
 The second parses the ``nvcc -Xptxas -v`` output of a CUDA build (scripts/cuda_build_check.sh).
 
@@ -98,7 +102,7 @@ def occupancy_bound(regs: int, smem: int, num_warps: int) -> tuple[int, str]:
 
 def _jit_function(name: str):
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("gradreg_fast.triton.aot compiles for a GPU target: unset TRITON_INTERPRET "
+        raise RuntimeError("scripts/triton_aot.py compiles for a GPU target: unset TRITON_INTERPRET "
                            "(under the interpreter the kernels are Python functions)")
     module, attr = name.split(":")
     return getattr(importlib.import_module(module), attr)
@@ -140,7 +144,7 @@ def _source(entry: dict, arch: int):
     fn = _jit_function(entry["kernel"])
     if not hasattr(fn, "_pack_args") or not hasattr(fn, "params"):
         raise RuntimeError(f"triton {triton.__version__}: JITFunction has no _pack_args/params; "
-                           "gradreg_fast.triton.aot supports triton 3.6-3.9")
+                           "scripts/triton_aot.py supports triton 3.6-3.9")
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -265,6 +269,18 @@ def unexplained_spills(rows: list[dict]) -> list[dict]:
             > EXPLAINED_SPILLS.get(r["kernel"], (0, ""))[0]]
 
 
+def _arch_cells(kernel_rows: list[dict], archs: list, occupancy) -> list[str]:
+    """A kernel's per-arch cells of a report's "Per kernel" table: its most registers, and its lowest
+    ``occupancy(row)`` with that row's limiting resource."""
+    cells = []
+    for a in archs:
+        ka = [r for r in kernel_rows if r["arch"] == a]
+        worst = min(ka, key=occupancy) if ka else None
+        cells += [str(max(r["regs"] for r in ka)) if ka else "-",
+                  f"{occupancy(worst):.0%} ({worst['limiter']})" if worst else "-"]
+    return cells
+
+
 def triton_report(rows: list[dict], table_path: str, command: str) -> str:
     """The resource report (markdown): a per-kernel summary and one line per specialization."""
     import triton
@@ -281,7 +297,7 @@ def triton_report(rows: list[dict], table_path: str, command: str) -> str:
         "Every specialization the test suite launched, compiled for " + ", ".join(f"sm_{a}" for a in archs) + ".",
         "regs: registers per thread; stack: stack frame bytes per thread; spill: ptxas spill stores + loads "
         "(bytes per thread, flagged SPILL); smem: shared memory bytes per block; occupancy: the H100 bound",
-        "(resident warps / 64 per SM, limiting resource in brackets; rules in gradreg_fast/triton/aot.py). An A100 "
+        "(resident warps / 64 per SM, limiting resource in brackets; rules in scripts/triton_aot.py). An A100 "
         "has the same warp, block and register limits and 164 KiB of shared memory per SM, so the bound is the",
         f"same there while smem stays small (largest here: {max((r['smem'] for r in ok), default=0)} bytes).",
         "",
@@ -297,12 +313,7 @@ def triton_report(rows: list[dict], table_path: str, command: str) -> str:
     ]
     for k in kernels:
         kr = [r for r in ok if r["kernel"] == k]
-        cells = []
-        for a in archs:
-            ka = [r for r in kr if r["arch"] == a]
-            worst = min(ka, key=lambda r: r["occupancy"]) if ka else None
-            cells += [str(max(r["regs"] for r in ka)) if ka else "-",
-                      f"{worst['occupancy']:.0%} ({worst['limiter']})" if worst else "-"]
+        cells = _arch_cells(kr, archs, lambda r: r["occupancy"])
         n_spill = sum(r["spill"] for r in kr)
         n_spec = len({r["spec"] for r in kr})
         out.append(f"| {k} | {n_spec} | " + " | ".join(cells) + f" | {n_spill or 'none'} |")
@@ -410,7 +421,7 @@ def cuda_report(rows: list[dict], threads: int, generated_by: str) -> str:
            f"Generated by `{generated_by}`: the ptxas report of every kernel instantiation in csrc/cuda/*.cu, "
            f"for {', '.join(archs)}.",
            f"Every kernel launches {threads} threads per block ({warps} warps, kThreads in csrc/cuda/*.cu); "
-           "occupancy is the H100 bound of gradreg_fast/triton/aot.py for that block size.",
+           "occupancy is the H100 bound of scripts/triton_aot.py for that block size.",
            "regs: registers per thread; smem: static shared memory bytes per block; stack, spill stores / loads: "
            "bytes per thread (ptxas).", "",
            f"{len(rows)} (instantiation, arch) pairs of {len({r['kernel'] for r in rows})} kernels; "
@@ -421,12 +432,7 @@ def cuda_report(rows: list[dict], threads: int, generated_by: str) -> str:
            "|---|---|" + "---|---|" * len(archs) + "---|---|"]
     for k in sorted({r["kernel"] for r in rows}):
         kr = [r for r in rows if r["kernel"] == k]
-        cells = []
-        for a in archs:
-            ka = [r for r in kr if r["arch"] == a]
-            worst = min(ka, key=lambda r: r["blocks"]) if ka else None
-            cells += [str(max(r["regs"] for r in ka)) if ka else "-",
-                      f"{worst['blocks'] * warps / SM_WARPS:.0%} ({worst['limiter']})" if worst else "-"]
+        cells = _arch_cells(kr, archs, lambda r: r["blocks"] * warps / SM_WARPS)
         n_spill = sum(bool(r["spill_stores"] or r["spill_loads"]) for r in kr)
         out.append(f"| {k} | {len({r['demangled'] for r in kr})} | " + " | ".join(cells)
                    + f" | {max(r['stack'] for r in kr)} | {n_spill or 'none'} |")
@@ -461,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("--generated-by", help="how the build log was made, for the report's header "
                     "(default: this command)")
     args = ap.parse_args(argv)
-    command = "python -m gradreg_fast.triton.aot " + " ".join(argv)
+    command = "python scripts/triton_aot.py " + " ".join(argv)
     if args.what == "cuda":
         with open(args.log, errors="replace") as f:
             rows = parse_ptxas_log(f.read())
