@@ -1,5 +1,5 @@
-"""Support for the processes torchrun starts in the tests (tests/distributed/ddp_worker.py, tests/distributed/fsdp_worker.py) and
-the benchmarks (benchmarks/fsdp_memory.py)."""
+"""Support for the processes torchrun starts in the tests (tests/distributed/ddp_worker.py,
+tests/distributed/fsdp_worker.py) and the benchmarks (benchmarks/fsdp_memory.py)."""
 from __future__ import annotations
 
 import os

@@ -97,7 +97,7 @@ def test_jvp_unbiased_by_ztest(model, kind):
 def test_jvp_fixed_draw_check_catches_biased_tangents(monkeypatch):
     """The fixed-draw check reproduces the draws from the documented contract, not from the estimator:
     tangents scaled by 1.05 (a 10% bias in ‖J v‖²) or drawn from another seed fail it."""
-    import importlib   # the module (the package's attribute `jvp` is the estimator function)
+    import importlib  # the module (the package's attribute `jvp` is the estimator function)
     jvp_module = importlib.import_module("gradreg_fast.penalties.estimators.jvp")
     honest = jvp_module.input_tangent
     assert _MATRIX.run("smooth_mlp", "frobreg", "jvp").status == "unbiased"
