@@ -127,7 +127,7 @@ def run_penalty(kind: str, x: torch.Tensor, y: torch.Tensor | None, options: dic
     base = None
     if base_loss is not None:
         base = base_loss(out, x)
-        if fold_weight is not None and model is not None and subsample is None and method != "exact":
+        if fold_weight is not None and model is not None and subsample is None:
             fold = Fold(base, fold_weight)
     with forked_rng(x.device) if restore_rng else contextlib.nullcontext():
         value = _estimate(kind, out, x, y, estimator, method=method, model=model, replay=replay,

@@ -1,5 +1,6 @@
 """GradRegLoss with an estimator that takes its gradients at the call (hvp, fd, jvp) also takes the
-base loss's there (core.Fold): the clean graph is freed before the estimator's own passes. The
+base loss's there (core.Fold): the clean graph is freed before the estimator's own passes; exact takes
+both at the call, for the parameters only (fold.taken_at_call). The
 gradients must be those of the unfolded loss, base + λ·P, on every kind of model the fold can see
 (batch statistics, dropout, attention, an attached input), every reduction and a schedule."""
 import pytest
@@ -22,6 +23,11 @@ CASES = [
     ("text_embedding", "doubleback", "fd", {"fd_scheme": "forward"}),
     ("smooth_mlp", "frobreg", "jvp", {}),
     ("smooth_mlp", "jacreg", "fd", {"fd_scheme": "forward"}),
+    ("lenet", "doubleback", "exact", {}),
+    ("resnet_bn_train", "frobreg", "exact", {}),
+    ("vit_train", "spectreg", "exact", {}),
+    ("text_embedding", "doubleback", "exact", {}),
+    ("smooth_mlp", "jacreg", "exact", {}),
 ]
 
 
@@ -69,10 +75,64 @@ def test_fold_is_taken_where_it_applies(monkeypatch):
         return seen[-1]
     monkeypatch.setattr(call_module, "Fold", spy)
     case = make_case("smooth_mlp")
-    for method, taken in [("hvp", True), ("fd", True), ("jvp", True), ("exact", None)]:
+    for method, taken in [("hvp", True), ("fd", True), ("jvp", True), ("exact", True)]:
         seen.clear()
         gr.GradRegLoss("frobreg", 0.3, method=method)(case.model, case.input(), case.y)
         assert (seen[0].taken if seen else None) is taken, method
     seen.clear()
     gr.GradRegLoss("frobreg", 0.3, method="hvp", reduction="none")(case.model, case.input(), case.y)
     assert seen and not seen[0].taken   # per-sample penalties: the caller's weights come in its backward
+
+
+def _double_backprop(model, x, y, lam, base):
+    """Ground truth without the library: base + lam * mean_b ||d l_b / d x_b||^2 by create_graph."""
+    xr = x.detach().clone().requires_grad_(True)
+    out = model(xr)
+    (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y, reduction="sum"), xr, create_graph=True)
+    return base(out, y) + lam * g.pow(2).flatten(1).sum(1).mean()
+
+
+def test_exact_at_call_reaches_a_learnable_base_loss():
+    """A tensor outside the model that requires grad (a learnable temperature in the base loss) keeps its
+    gradient: exact then leaves the penalty in the caller's graph instead of taking it at the call."""
+    case = make_case("smooth_mlp")
+    temp = torch.nn.Parameter(torch.tensor(1.7, dtype=torch.float64))
+
+    def base(out, y):
+        return torch.nn.functional.cross_entropy(out * temp, y)
+
+    x = case.input()
+    truth = torch.autograd.grad(_double_backprop(case.model, x, case.y, 0.3, base), case.params + [temp])
+    crit = gr.GradRegLoss("doubleback", 0.3, base=base)
+    got = torch.autograd.grad(crit(case.model, x, case.y), case.params + [temp])
+    for a, b in zip(got, truth, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lenet", "resnet_bn_train", "smooth_mlp"])
+def test_exact_at_call_matches_hand_written_double_backprop(name):
+    """GradRegLoss exact (gradients at the call) against double backprop written by hand, fp64 (an
+    attached x, the embedding lookup, is checked against the unfolded loss in test_fold_keeps_the_gradients)."""
+    case = make_case(name)
+    x = case.input()
+    torch.manual_seed(3)
+    truth = torch.autograd.grad(_double_backprop(case.model, x, case.y, 0.3,
+                                                 torch.nn.functional.cross_entropy), case.params)
+    for m in case.model.modules():   # BatchNorm: the same running statistics before both forwards
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+    torch.manual_seed(3)
+    loss = gr.GradRegLoss("doubleback", 0.3)(case.model, x, case.y)
+    loss.backward()
+    for prm, b in zip(case.params, truth, strict=True):
+        torch.testing.assert_close(prm.grad, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["exact", "hvp"])
+def test_gradients_taken_at_the_call_refuse_a_second_derivative(method):
+    """backward(create_graph=True) through gradients taken at the call would give a silent 0 second
+    derivative: it raises and names the functional form."""
+    case = make_case("smooth_mlp")
+    loss = gr.GradRegLoss("spectreg", 0.3, method=method, seed=1)(case.model, case.input(), case.y)
+    with pytest.raises(RuntimeError, match="gr.penalty"):
+        loss.backward(create_graph=True)

@@ -10,7 +10,8 @@ from gradreg_fast.penalties.estimators._shared import (
     input_vjps,
     reduce_samples,
 )
-from gradreg_fast.penalties.guards import graph_nodes
+from gradreg_fast.penalties.estimators.fold import taken_at_call
+from gradreg_fast.penalties.guards import check_compiled, graph_nodes
 
 # autograd nodes that raise when differentiated: ops without a double backward (NotImplemented, e.g.
 # the flash attention kernels) and custom Functions whose backward is once_differentiable (Error)
@@ -31,6 +32,10 @@ def exact(p: Problem) -> torch.Tensor:
     final backward through both graphs. The input gradient's graph is searched for ops that cannot
     be differentiated again (an op without a double backward, a once_differentiable custom
     Function): with one, the gradient would be wrong or fail far from here, so the call refuses.
+
+    With the caller's base loss offered (GradRegLoss: ``p.fold``), the final backward runs at the call,
+    over the base loss and the penalty together, for the parameters only (``fold.taken_at_call``): the
+    same gradients without the input gradient of x that the caller's backward would also compute.
     """
     g = input_vjps(p, create_graph=True)
     if not g.requires_grad:
@@ -53,4 +58,10 @@ def exact(p: Problem) -> torch.Tensor:
             "gr.penalty(kind, model, x): the library then runs the forward on the twice-differentiable "
             "math kernel; with precomputed logits, run the forward under "
             "torch.nn.attention.sdpa_kernel(SDPBackend.MATH)")
-    return reduce_samples(p, _penalty_value(p, g))
+    per = _penalty_value(p, g)
+    if p.fold is not None:
+        check_compiled(per, "exact")   # before a backward through a compiled region's double backward
+        taken = taken_at_call(p, per)
+        if taken is not None:
+            return reduce_samples(p, taken)
+    return reduce_samples(p, per)

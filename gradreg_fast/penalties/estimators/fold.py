@@ -1,6 +1,9 @@
-"""Gradients taken at the call (hvp, fd, jvp): ``_deferred`` returns the penalty's value with a backward
+"""Gradients taken at the call: ``_deferred`` (hvp, fd, jvp) returns the penalty's value with a backward
 that applies gradients computed at the penalty call, and folds the caller's base loss into them
-(``core.Fold``) so that the clean forward's graph is freed before the estimator's own passes."""
+(``core.Fold``) so that the clean forward's graph is freed before the estimator's own passes;
+``taken_at_call`` (exact) differentiates the double-backprop penalty and the folded base loss at the
+call, with respect to the parameters only, which skips the input gradient that a caller's backward
+would compute for x (its first layer's input gradient, on both graphs)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -30,6 +33,15 @@ class _Deferred(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, w):
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the gradients taken at the call are constants, so a second
+            # derivative through them would be silently 0
+            raise RuntimeError(
+                "gradreg_fast: GradRegLoss took this penalty's parameter gradients at the call (method "
+                "'exact' with its base loss folded in, and methods 'hvp', 'fd', 'jvp'), so they cannot be "
+                "differentiated again (backward(create_graph=True)). For a loss differentiated twice, build "
+                "it with the functional form, which keeps the graph: base + lam * gr.penalty(kind, model, x, "
+                "y, method='exact')")
         if ctx.uniform:
             c = w.reshape(-1)[0]
             grads = [None if g is None else c.to(g.dtype) * g for g in ctx.pre]
@@ -78,6 +90,43 @@ def _fold_inputs(p: Problem, scalar: torch.Tensor, inputs: list[torch.Tensor]) -
     if upstream & _leaves(scalar, stop=p.x.grad_fn):
         return None
     return [t is p.x or id(t) not in upstream for t in inputs]
+
+
+def taken_at_call(p: Problem, per: torch.Tensor) -> torch.Tensor | None:
+    """The per-sample penalties ``per`` (B,), on exact's second-order graph, with their parameter
+    gradients and those of the caller's folded base loss (``core.Fold``) taken now, in one backward over
+    both graphs (the graphs are freed here), applied by the caller's backward (see _Deferred).
+
+    The backward the caller would run computes the gradient of everything with respect to x too (a leaf
+    the penalty made to require grad): the first layer's input gradient, on the clean graph and on the
+    second-order one. Asking autograd for the parameters' gradients alone prunes that work: on LeNet it
+    is a quarter of the step. Same gradients, to rounding.
+
+    None (the penalty stays on the caller's graph) when there is no base loss to fold, the caller's
+    weights come in its backward (reduction="none"), the model is sharded or not an nn.Module, or the
+    graphs reach a tensor that requires grad and is neither a parameter of the model nor x (a tensor the
+    model closes over, a learnable base loss, a projection that requires grad): the caller's backward
+    then reaches it."""
+    fold = p.fold
+    if (fold is None or _reduction(p) == "none" or p.sharded or not fold.loss.requires_grad
+            or not isinstance(p.model, torch.nn.Module) or p.R.requires_grad):
+        return None
+    _, inputs = _differentiated(p)
+    known = {id(t) for t in inputs} | {id(p.x)}
+    stop = p.x.grad_fn if p.attached else None   # upstream of an attached x: see _fold_inputs
+    if any(id(node.variable) not in known for node in graph_nodes((p.u, fold.loss), stop)
+           if hasattr(node, "variable")):
+        return None
+    per_sample = p.x.shape[0] if _reduction(p) == "mean" else 1   # pen = Σ_b P_b / per_sample
+    scalar = fold.loss * (fold.weight * per_sample)
+    scalar = scalar + per.sum().to(scalar.dtype)
+    keep = _fold_inputs(p, scalar, inputs)
+    if keep is None:
+        return None
+    found = iter(torch.autograd.grad(scalar, [t for t, k in zip(inputs, keep, strict=True) if k], allow_unused=True))
+    fold.taken = True
+    pre = [next(found) if k else None for k in keep]
+    return _Deferred.apply(per.detach(), None, pre, True, *inputs)
 
 
 def _leaves(t: torch.Tensor, stop=None) -> set[int]:
