@@ -136,3 +136,14 @@ def test_gradients_taken_at_the_call_refuse_a_second_derivative(method):
     loss = gr.GradRegLoss("spectreg", 0.3, method=method, seed=1)(case.model, case.input(), case.y)
     with pytest.raises(RuntimeError, match="gr.penalty"):
         loss.backward(create_graph=True)
+
+
+@pytest.mark.parametrize("method", ["exact", "fd"])
+def test_a_second_backward_through_gradients_taken_at_the_call_raises(method):
+    """The first backward hands the gradients over without a copy; a second one (retain_graph=True)
+    would add stale or modified tensors, so it raises naming the functional form."""
+    case = make_case("smooth_mlp")
+    loss = gr.GradRegLoss("doubleback", 0.3, method=method)(case.model, case.input(), case.y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()

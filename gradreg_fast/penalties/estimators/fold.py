@@ -19,16 +19,17 @@ class _Deferred(torch.autograd.Function):
     """value (B,) whose backward, given the caller's per-sample weights w (B,), returns the gradients
     of Σ_b w_b P_b with respect to ``inputs`` (the parameters, and x when it requires grad).
 
-    ``pre`` holds those gradients for w = 1 (computed at the penalty call, so that a model the method
+    ``pre`` holds those gradients for w = ``unit`` (computed at the penalty call, so that a model the method
     cannot serve is refused there, not in the caller's backward; with a folded base loss, ``pre``
     holds its gradients too, see ``_fold``). When the penalty is reduced (mean
-    or sum) the caller's weights are equal across the batch and the backward scales ``pre``;
+    or sum) the caller's weights are equal across the batch and the backward scales ``pre`` by w/unit
+    (not at all where that is 1: the tensors are handed over, and the backward can run once);
     with reduction="none" it calls ``grads_fn(w)`` for the weights the caller applied.
     """
 
     @staticmethod
-    def forward(ctx, value, grads_fn, pre, uniform, *inputs):
-        ctx.grads_fn, ctx.pre, ctx.uniform = grads_fn, pre, uniform
+    def forward(ctx, value, grads_fn, pre, uniform, unit, *inputs):
+        ctx.grads_fn, ctx.pre, ctx.uniform, ctx.unit = grads_fn, pre, uniform, unit
         return value.detach().clone()
 
     @staticmethod
@@ -43,12 +44,25 @@ class _Deferred(torch.autograd.Function):
                 "it with the functional form, which keeps the graph: base + lam * gr.penalty(kind, model, x, "
                 "y, method='exact')")
         if ctx.uniform:
-            c = w.reshape(-1)[0]
-            grads = [None if g is None else c.to(g.dtype) * g for g in ctx.pre]
+            if ctx.pre is None:
+                raise RuntimeError(
+                    "gradreg_fast: a second backward through a GradRegLoss loss whose gradients were taken at "
+                    "the call: the first backward handed them to the parameters (without a copy). Compute "
+                    "the loss again for another backward, or, to backward twice through one graph "
+                    "(retain_graph=True), build the loss with the functional form: base + lam * "
+                    "gr.penalty(kind, model, x, y)")
+            pre, ctx.pre = ctx.pre, None
+            scale = w.reshape(-1)[0] / ctx.unit
+            if scale.device.type == "cpu" and abs(scale.item() - 1) <= 4 * torch.finfo(scale.dtype).eps:
+                # the weight the gradients were taken for (GradRegLoss's λ/B): handed over as they are,
+                # so that AccumulateGrad takes them without a copy
+                grads = pre
+            else:
+                grads = [None if g is None else scale.to(g.dtype) * g for g in pre]
         else:
             with torch.enable_grad(), serialized():   # re-runs and forward-mode AD: docs/threads.md
                 grads = ctx.grads_fn(w.detach())
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, None, *grads)
 
 
 def _fold(p: Problem, inputs: list[torch.Tensor], clean: torch.Tensor | None) -> list[torch.Tensor | None] | None:
@@ -117,16 +131,18 @@ def taken_at_call(p: Problem, per: torch.Tensor) -> torch.Tensor | None:
     if any(id(node.variable) not in known for node in graph_nodes((p.u, fold.loss), stop)
            if hasattr(node, "variable")):
         return None
-    per_sample = p.x.shape[0] if _reduction(p) == "mean" else 1   # pen = Σ_b P_b / per_sample
-    scalar = fold.loss * (fold.weight * per_sample)
-    scalar = scalar + per.sum().to(scalar.dtype)
+    # the weight GradRegLoss's backward gives each P_b: λ/B for the mean (λ·every/B under a schedule),
+    # i.e. 1/(fold.weight · B); the gradients are taken for it, base + unit · Σ_b P_b, so that the
+    # backward hands them over as they are
+    unit = 1.0 / (fold.weight * (p.x.shape[0] if _reduction(p) == "mean" else 1))
+    scalar = fold.loss + (unit * per.sum()).to(fold.loss.dtype)
     keep = _fold_inputs(p, scalar, inputs)
     if keep is None:
         return None
     found = iter(torch.autograd.grad(scalar, [t for t, k in zip(inputs, keep, strict=True) if k], allow_unused=True))
     fold.taken = True
     pre = [next(found) if k else None for k in keep]
-    return _Deferred.apply(per.detach(), None, pre, True, *inputs)
+    return _Deferred.apply(per.detach(), None, pre, True, unit, *inputs)
 
 
 def _leaves(t: torch.Tensor, stop=None) -> set[int]:
@@ -146,7 +162,7 @@ def _deferred(p: Problem, value: torch.Tensor, grads_fn: Callable, clean: torch.
         pre = grads_fn(torch.ones_like(value))
     if folded is not None:
         pre = [a if b is None else (b if a is None else a + b) for a, b in zip(pre, folded, strict=True)]
-    out = _Deferred.apply(value, grads_fn, pre, _reduction(p) != "none", *inputs)
+    out = _Deferred.apply(value, grads_fn, pre, _reduction(p) != "none", 1.0, *inputs)
     if clean is not None and folded is None:
         out = out + (clean - clean.detach()).to(out.dtype)
     return out
