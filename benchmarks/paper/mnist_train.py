@@ -75,41 +75,14 @@ ESTIMATORS = {"exact": dict(method="exact"), "hvp": dict(method="hvp"), "fd": di
               **{f"jvp{n}": dict(method="jvp", n_proj=n) for n in (1, 4)},
               "jvp1-every16": dict(method="jvp", n_proj=1, every=16),
               # lazy regularization that holds the last penalty gradient: computed on one step in k (not
-              # scaled by k) and added to the gradient of every step until the next (make_hold_objective)
+              # scaled by k) and added to the gradient of every step until the next (GradRegLoss hold=True;
+              # the runs before it existed used the same schedule written by hand: the same gradients)
               **{f"every{k}-hold": dict(method="exact", every=k, hold=True) for k in (4, 8)}}
 
 
 def loss_options(estimator: str) -> dict:
-    """GradRegLoss keyword arguments of an ESTIMATORS entry (without the optimizer's lazy_c and hold)."""
-    return {k: v for k, v in ESTIMATORS[estimator].items() if k not in ("lazy_c", "hold")}
-
-
-def make_hold_objective(method: str, lam: float, every: int):
-    """The held lazy schedule, written with the public API: on one step in ``every`` (steps 0, k, 2k, ...)
-    the penalty's parameter gradient g = ∇_θ λ·P(θ_t) is computed (exact double backprop on the step's
-    own forward, so dropout masks are shared as in GradRegLoss) and held; every step's loss is
-
-        L_t = CE(f(x_t), y_t) + Σ_p <p, g_p>,      so that  ∇_θ L_t = ∇_θ CE_t + g   (g stale by < k steps),
-
-    where the lazy schedule as implemented (``every=k``) adds k·g on one step in k and nothing on the
-    others. Under Adam, whose step normalizes each coordinate by its running RMS, a gradient that is
-    zero on k − 1 steps and k·g on one is not the same as g on every step; the held gradient is."""
-    state: dict = {"step": 0, "grads": None, "pen": None}
-
-    def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        params = list(model.parameters())
-        active = state["step"] % every == 0
-        state["step"] += 1
-        xin = x.detach().requires_grad_(active)
-        out = model(xin)
-        base = F.cross_entropy(out, y)
-        if active:
-            pen = gr.penalties.penalty_from_output(method, out, xin, y)
-            state["grads"] = [g.detach() for g in torch.autograd.grad(lam * pen, params, retain_graph=True)]
-            state["pen"] = pen.detach()
-        held = sum((p * g).sum() for p, g in zip(params, state["grads"], strict=True))
-        return base + held, state["pen"]
-    return objective
+    """GradRegLoss keyword arguments of an ESTIMATORS entry (without the optimizer's lazy_c)."""
+    return {k: v for k, v in ESTIMATORS[estimator].items() if k != "lazy_c"}
 
 
 def _key(method, n, seed, iters, wd_mode, lam, estimator) -> tuple:
@@ -122,9 +95,6 @@ def _key(method, n, seed, iters, wd_mode, lam, estimator) -> tuple:
 def make_objective(method: str, lam: float, wd: float, estimator: str = "exact"):
     """loss(model, x, y) -> (total loss, penalty value or None) for one method (its gradient penalty
     computed by ``estimator``, a key of ESTIMATORS)."""
-    if method in GRADIENT_KINDS and ESTIMATORS[estimator].get("hold"):
-        assert wd == 0, "the held schedule is measured with weight decay isolated"
-        return make_hold_objective(method, lam, ESTIMATORS[estimator]["every"])
     crit = gr.GradRegLoss(method, lam=lam, **loss_options(estimator)) if method in GRADIENT_KINDS else None
 
     def objective(model: nn.Module, x: torch.Tensor, y: torch.Tensor):

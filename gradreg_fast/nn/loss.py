@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradreg_fast import distributed
 from gradreg_fast._backend import check_backend, use_backend
 from gradreg_fast.penalties import (
     ESTIMATOR_OPTIONS,
@@ -23,6 +24,7 @@ from gradreg_fast.penalties import (
     check_reduction,
     grad_enabled_copy,
     grad_mode_off,
+    held,
     run_penalty,
     schedules,
     serialized,
@@ -70,7 +72,14 @@ class GradRegLoss(nn.Module):
 
     Schedules: ``every=k`` computes the penalty on one call in k, times k (lazy regularization):
     the call counter lives in this instance (``crit.calls``, active on calls 0, k, 2k, ...; set
-    ``crit.calls = 0`` to restart). ``subsample=fraction`` computes it on a random sub-batch.
+    ``crit.calls = 0`` to restart). ``every=k, hold=True`` (the held schedule,
+    gradreg_fast.penalties.held) computes g = ∇ λ·P on those calls and adds the same g to the gradient
+    of every call until the next, unscaled: ∇ loss_t = ∇ base_t + g (the loss's value on the other
+    calls is base + λ·P of the last computation). Under Adam the lazy schedule loses the penalty's
+    gain from k = 4 on; the held one kept it at k = 4 (docs/paper.md). A call whose model does not
+    hold every held parameter (another model, a fresh loss, one loaded from a checkpoint: the held
+    gradient is not saved) computes the penalty. Not under DDP/FSDP2. ``subsample=fraction``
+    computes the penalty on a random sub-batch.
 
     Checkpoints: ``state_dict()`` holds the call counter, ``last_penalty`` and, with ``seed=``, the
     state of the generator the loss owns, so a run resumed from a checkpoint draws the same projections and
@@ -84,6 +93,8 @@ class GradRegLoss(nn.Module):
             with reduction "mean"/"sum", per-sample (B,) with "none".
         method: estimator (see gradreg_fast.METHODS): "exact", "hvp", "fd", "jvp".
         every: penalty on one call in ``every``, scaled by ``every`` (default 1: every call).
+        hold: with every > 1, hold the penalty's gradient between computations instead of scaling
+            it by ``every`` (see Schedules).
         subsample: fraction in (0, 1] of the batch the penalty is computed on (default: all).
         reduction: "mean" (default), "sum", or "none": the loss per sample, base_i + λ·P_i, (B,).
         backend: backend of the penalty's ops (see gradreg_fast.backends(); None: GRADREG_BACKEND,
@@ -95,7 +106,7 @@ class GradRegLoss(nn.Module):
     """
 
     def __init__(self, penalty: str, lam: float, base: Callable | None = None, *, method: str = "exact",
-                 every: int = 1, subsample: float | None = None, reduction: str = "mean",
+                 every: int = 1, hold: bool = False, subsample: float | None = None, reduction: str = "mean",
                  backend: str | None = None, seed: int | None = None, **penalty_options):
         super().__init__()
         self.kind = check_kind(penalty)
@@ -108,6 +119,16 @@ class GradRegLoss(nn.Module):
         self.every = schedules.check_every(every)
         self.subsample = schedules.check_subsample(subsample)
         self.reduction = check_reduction(reduction)
+        if not isinstance(hold, bool):
+            raise TypeError(f"hold must be True or False, got {hold!r}")
+        if hold and self.every < 2:
+            raise ValueError("hold=True holds the penalty's gradient between the calls that compute it, one "
+                             "in every=k (k >= 2); with every=1 every call computes it: pass every=k")
+        if hold and self.reduction == "none":
+            raise ValueError("hold=True holds the gradient of the reduced penalty; with reduction='none' the "
+                             "per-sample weights come in each call's backward: use reduction='mean' or 'sum'")
+        self.hold = hold
+        self._held: held.Held | None = None   # hold=True: the penalty gradient held since the last computation
         self.backend = check_backend(backend)
         self.calls = 0
         allowed = set(PROBLEM_OPTIONS) | set(ESTIMATOR_OPTIONS)
@@ -182,6 +203,7 @@ class GradRegLoss(nn.Module):
                                  f"here: {str(exc).splitlines()[0][:200]}; load it where that device exists "
                                  "(e.g. map_location and the same device)") from exc
         self.calls, self.last_penalty, self._generator = calls, last, gen
+        self._held = None   # not in the checkpoint: the next call computes the penalty
 
     def _options(self, device: torch.device) -> dict:
         """The penalty options, with the owned generator (created on ``device`` at the first call)."""
@@ -268,6 +290,8 @@ class GradRegLoss(nn.Module):
             return self._base_loss(out, y)
 
         self.calls += 1
+        if self.hold and self.lam > 0:
+            return self._held_call(model, x, y, out, model_kwargs, active, base_loss)
         if not active:
             # on a call the schedule skips, the forward is a plain one: x need not require grad, and the
             # backward then skips the first layer's input gradient, as in a plain training step
@@ -284,6 +308,29 @@ class GradRegLoss(nn.Module):
         self.last_base = base.detach()
         self.last_active = active
         return loss
+
+    def _held_call(self, model, x, y, out, model_kwargs: dict, active: bool, base_loss) -> torch.Tensor:
+        """A training call with hold=True: compute the penalty and hold its gradient (active calls, and
+        calls with nothing held for this model), else add the held gradient to the base loss's."""
+        if (distributed.find_ddp(model, out) is not None or distributed.find_fsdp(model, out)
+                or isinstance(model, nn.parallel.DistributedDataParallel)):
+            raise ValueError("GradRegLoss(hold=True) is not supported under DDP or FSDP2 (the held gradient "
+                             "would be added on every rank without its reduction being tested): use "
+                             "every=k without hold, or hold the gradient yourself (docs/paper.md)")
+        if model is not None:
+            params = list(model.parameters())
+        else:
+            params = [node.variable for node in held.graph_nodes(out) if hasattr(node, "variable")]
+        if not active and self._held is not None and self._held.serves(params):
+            base = base_loss(out if model is None else model(x, **model_kwargs), x)
+            self.last_base, self.last_active = base.detach(), False
+            return base + self._held.carrier()
+        pen, base = run_penalty(self.kind, x, y, self._options(x.device), model=model, out=out,
+                                forward=model is not None, method=self.method, subsample=self.subsample,
+                                reduction=self.reduction, model_kwargs=model_kwargs, base_loss=base_loss)
+        carrier, self._held = held.hold(pen, self.lam)
+        self.last_penalty, self.last_base, self.last_active = pen.detach(), base.detach(), True
+        return base + carrier
 
     def _evaluate(self, model_or_logits, x_or_y, y, inputs, model_kwargs: dict) -> torch.Tensor:
         """The loss's value under no_grad / inference_mode (see the class docstring)."""
@@ -328,6 +375,7 @@ class GradRegLoss(nn.Module):
 
     def extra_repr(self) -> str:
         extra = (f", every={self.every}" if self.every > 1 else "") + \
+            (", hold=True" if self.hold else "") + \
             (f", subsample={self.subsample}" if self.subsample is not None else "") + \
             (f", reduction={self.reduction!r}" if self.reduction != "mean" else "") + \
             (f", backend={self.backend!r}" if self.backend is not None else "") + \

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from gradreg_fast._backend import check_backend, use_backend
-from gradreg_fast.penalties import kinds, schedules
+from gradreg_fast.penalties import held, kinds, schedules  # noqa: F401  (held: GradRegLoss's hold=True)
 
 # also the names gradreg_fast.nn (GradRegLoss) uses from this layer: the checks of its arguments and the
 # call path (run_penalty); noqa: F401 marks those this module does not use itself

@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -400,7 +401,23 @@ def differentiable_input(x: torch.Tensor) -> torch.Tensor:
     """
     if torch._debug_has_internal_overlap(x) == 1:
         x = x.contiguous()   # differentiable: an attached x keeps its graph
-    return x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+    if x.requires_grad:
+        return x.view_as(x)
+    leaf = x.detach().requires_grad_(True)
+    key = id(leaf)
+    _MADE_INPUTS[key] = weakref.ref(leaf, lambda _, key=key: _MADE_INPUTS.pop(key, None))
+    return leaf
+
+
+# The leaves differentiable_input made (the library's own copy of an x that did not require grad), by
+# id (a tensor's == is elementwise, so no WeakSet): a gradient for them reaches nobody
+_MADE_INPUTS: dict[int, weakref.ref] = {}
+
+
+def made_input(t: torch.Tensor) -> bool:
+    """Whether t is a leaf differentiable_input made (see _MADE_INPUTS)."""
+    ref = _MADE_INPUTS.get(id(t))
+    return ref is not None and ref() is t
 
 
 def interpolates(real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
