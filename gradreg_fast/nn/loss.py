@@ -76,7 +76,7 @@ class GradRegLoss(nn.Module):
     gradreg_fast.penalties.held) computes g = ∇ λ·P on those calls and adds the same g to the gradient
     of every call until the next, unscaled: ∇ loss_t = ∇ base_t + g (the loss's value on the other
     calls is base + λ·P of the last computation). Under Adam the lazy schedule loses the penalty's
-    gain from k = 4 on; the held one kept it at k = 4 (docs/paper.md). A call whose model does not
+    gain from k = 4 on; the held one kept most of it at k = 4 (docs/paper.md). A call whose model does not
     hold every held parameter (another model, a fresh loss, one loaded from a checkpoint: the held
     gradient is not saved) computes the penalty. Not under DDP/FSDP2. ``subsample=fraction``
     computes the penalty on a random sub-batch.

@@ -8,7 +8,7 @@ the same g to the gradient of every step until the next computation:
 
     step t:  ∇ L_t = ∇ base_t + g_s,   g_s = ∇ λ·P at the last computing step s ≤ t  (t − s < k),
 
-which kept all of exact DoubleBack's gain at k = 4 there (docs/paper.md).
+which kept 77% of exact DoubleBack's gain at k = 4 there, not significantly below exact (docs/paper.md).
 
 ``hold(pen, lam)`` takes the gradients of a freshly computed penalty (with respect to every leaf of its
 graph but the input the library made) and returns the carrier for this step and the ``Held`` state for
