@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from gradreg_fast.penalties.core import made_input
+from gradreg_fast.penalties.estimators._shared import hooked
 from gradreg_fast.penalties.guards import graph_nodes
 
 
@@ -70,6 +71,11 @@ def hold(pen: torch.Tensor, lam: float) -> tuple[torch.Tensor, Held]:
     this step's backward, ``held`` keeps the parameters' for the next steps."""
     leaves = [node.variable for node in graph_nodes(pen) if hasattr(node, "variable")]
     leaves = [t for t in leaves if t.requires_grad and not made_input(t)]
+    if hooked(leaves):
+        raise ValueError("GradRegLoss(hold=True) takes the penalty's gradient at the call and adds it again on "
+                         "later calls, so a hook registered with Tensor.register_hook on a parameter would run "
+                         "on it more than once: use every=k without hold, or a hook that runs once per "
+                         "backward (register_post_accumulate_grad_hook)")
     found = torch.autograd.grad(lam * pen, leaves, retain_graph=True, allow_unused=True) if leaves else ()
     pairs = [(t, g) for t, g in zip(leaves, found, strict=True) if g is not None]
     value = (lam * pen).detach()

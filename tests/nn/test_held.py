@@ -118,3 +118,11 @@ def test_hold_refuses_ddp(tmp_path):
             gr.GradRegLoss("doubleback", LAM, every=2, hold=True)(ddp, case.input(), case.y)
     finally:
         dist.destroy_process_group()
+
+
+def test_hold_refuses_a_parameter_hook():
+    """The held gradient is added on several calls: a Tensor.register_hook would run on it more than once."""
+    case = make_case("smooth_mlp")
+    case.params[0].register_hook(lambda g: 3.0 * g)
+    with pytest.raises(ValueError, match="register_hook"):
+        gr.GradRegLoss("doubleback", LAM, every=2, hold=True)(case.model, case.input(), case.y)

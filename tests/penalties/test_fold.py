@@ -147,3 +147,23 @@ def test_a_second_backward_through_gradients_taken_at_the_call_raises(method):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="second backward"):
         loss.backward()
+
+
+@pytest.mark.parametrize("method", ["exact", "hvp", "fd"])
+def test_a_parameter_hook_runs_once(method):
+    """A Tensor.register_hook on a parameter sees the step's gradient once, as in a hand-written step: a
+    gradient taken at the call with torch.autograd.grad has been through it, so those stay in the
+    caller's graph (a scaling hook would otherwise scale twice)."""
+    def run(library: bool):
+        case = make_case("smooth_mlp")
+        first = case.params[0]
+        first.register_hook(lambda g: 3.0 * g)
+        x = case.input()
+        if library:
+            gr.GradRegLoss("doubleback", 0.3, method=method)(case.model, x, case.y).backward()
+        else:
+            _double_backprop(case.model, x, case.y, 0.3, torch.nn.functional.cross_entropy).backward()
+        return [p.grad for p in case.params]
+    tol = dict(rtol=1e-3, atol=1e-6) if method == "fd" else dict(rtol=1e-8, atol=1e-11)
+    for a, b in zip(run(True), run(False), strict=True):
+        torch.testing.assert_close(a, b, **tol)

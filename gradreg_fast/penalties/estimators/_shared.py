@@ -130,6 +130,14 @@ def _needs_module(p: Problem, method: str) -> None:
             "the module itself, or use method='exact' or method='fd', which take any callable")
 
 
+def hooked(tensors) -> bool:
+    """Whether a hook registered with Tensor.register_hook sits on any of ``tensors``. A gradient taken at
+    the call with torch.autograd.grad has been through that hook already; handed to the caller's backward
+    it would go through it again (a hook that scales would scale twice), so such gradients stay in the
+    caller's graph."""
+    return any(bool(getattr(t, "_backward_hooks", None)) for t in tensors)
+
+
 def _differentiated(p: Problem) -> tuple[list[str], list[torch.Tensor]]:
     params = p.parameters()
     if not params and not p.attached:

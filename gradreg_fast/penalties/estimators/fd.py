@@ -18,6 +18,7 @@ from gradreg_fast.penalties.estimators._shared import (
     _penalty_value,
     _reduction,
     _surrogate,
+    hooked,
     input_vjps,
     reduce_samples,
 )
@@ -216,7 +217,10 @@ def fd(p: Problem) -> torch.Tensor:
             points += [(-1.0, j, 0.0) for j in range(n)]
     # gradients at the call need the parameters; a plain callable hides them, and FSDP2 reduces
     # gradients in its own backward hooks: both keep the passes in the caller's graph
-    module = isinstance(p.model, torch.nn.Module) and not p.sharded
+    # the gradients are taken at the call on a module, unless a Tensor.register_hook on a parameter (or
+    # on x) would then run twice (``_shared.hooked``): then the passes stay in the caller's graph
+    module = (isinstance(p.model, torch.nn.Module) and not p.sharded
+              and not hooked(list(p.parameters().values()) + ([p.x] if p.attached else [])))
     batched = not coupled and not p.replay_needed and len(points) > 1 and not _fixed_batch(p.model)
     per_pass = max(1, FD_ROWS // batch) if batched else 1
     chunks = [points[i:i + per_pass] for i in range(0, len(points), per_pass)]

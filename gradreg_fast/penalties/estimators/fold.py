@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from gradreg_fast.penalties.core import Problem, serialized
-from gradreg_fast.penalties.estimators._shared import _differentiated, _reduction
+from gradreg_fast.penalties.estimators._shared import _differentiated, _reduction, hooked
 from gradreg_fast.penalties.guards import graph_nodes
 
 
@@ -72,7 +72,7 @@ def _fold(p: Problem, inputs: list[torch.Tensor], clean: torch.Tensor | None) ->
     nothing to fold: no base loss offered, per-sample penalties (the caller's weights are known only
     in its backward), or a sharded model (FSDP reduces gradients in its own backward hooks)."""
     fold = p.fold
-    if fold is None or _reduction(p) == "none" or p.sharded or not fold.loss.requires_grad:
+    if fold is None or _reduction(p) == "none" or p.sharded or not fold.loss.requires_grad or hooked(inputs):
         return None
     per_sample = p.x.shape[0] if _reduction(p) == "mean" else 1   # pen = Σ_b P_b / per_sample
     scalar = fold.loss * (fold.weight * per_sample)
@@ -117,7 +117,8 @@ def taken_at_call(p: Problem, per: torch.Tensor) -> torch.Tensor | None:
     is a quarter of the step. Same gradients, to rounding.
 
     None (the penalty stays on the caller's graph) when there is no base loss to fold, the caller's
-    weights come in its backward (reduction="none"), the model is sharded or not an nn.Module, or the
+    weights come in its backward (reduction="none"), the model is sharded or not an nn.Module, a
+    parameter carries a Tensor.register_hook (it would run twice: ``_shared.hooked``), or the
     graphs reach a tensor that requires grad and is neither a parameter of the model nor x (a tensor the
     model closes over, a learnable base loss, a projection that requires grad): the caller's backward
     then reaches it."""
@@ -126,6 +127,8 @@ def taken_at_call(p: Problem, per: torch.Tensor) -> torch.Tensor | None:
             or not isinstance(p.model, torch.nn.Module) or p.R.requires_grad):
         return None
     _, inputs = _differentiated(p)
+    if hooked(inputs):   # a Tensor.register_hook on a parameter would run twice (see _shared.hooked)
+        return None
     known = {id(t) for t in inputs} | {id(p.x)}
     stop = p.x.grad_fn if p.attached else None   # upstream of an attached x: see _fold_inputs
     if any(id(node.variable) not in known for node in graph_nodes((p.u, fold.loss), stop)
