@@ -24,6 +24,7 @@ from gradreg_fast.penalties import (
     check_reduction,
     grad_enabled_copy,
     grad_mode_off,
+    graph_leaves,
     held,
     run_penalty,
     schedules,
@@ -317,10 +318,7 @@ class GradRegLoss(nn.Module):
             raise ValueError("GradRegLoss(hold=True) is not supported under DDP or FSDP2 (the held gradient "
                              "would be added on every rank without its reduction being tested): use "
                              "every=k without hold, or hold the gradient yourself (docs/paper.md)")
-        if model is not None:
-            params = list(model.parameters())
-        else:
-            params = [node.variable for node in held.graph_nodes(out) if hasattr(node, "variable")]
+        params = list(model.parameters()) if model is not None else list(graph_leaves(out))
         if not active and self._held is not None and self._held.serves(params):
             base = base_loss(out if model is None else model(x, **model_kwargs), x)
             self.last_base, self.last_active = base.detach(), False

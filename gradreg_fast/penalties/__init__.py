@@ -39,6 +39,7 @@ from gradreg_fast.penalties.core import (
     serialized_call,
 )
 from gradreg_fast.penalties.estimators import ESTIMATOR_OPTIONS, METHODS  # noqa: F401
+from gradreg_fast.penalties.guards import graph_leaves  # noqa: F401  (GradRegLoss's hold=True)
 from gradreg_fast.penalties.kinds import GAN_KINDS, KINDS
 
 

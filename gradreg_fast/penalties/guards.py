@@ -82,6 +82,11 @@ def graph_nodes(t: torch.Tensor | tuple[torch.Tensor, ...], stop=None) -> Iterat
                 stack.append(fn)
 
 
+def graph_leaves(t: torch.Tensor | tuple[torch.Tensor, ...], stop=None) -> Iterator[torch.Tensor]:
+    """The leaf tensors (AccumulateGrad nodes) of t's autograd graph (see ``graph_nodes``)."""
+    return (node.variable for node in graph_nodes(t, stop) if hasattr(node, "variable"))
+
+
 def _graph_holds(t: torch.Tensor, node_name: str) -> bool:
     """True when t's autograd graph holds a node called node_name (aot_autograd nodes only; the
     walk is skipped while no aot_autograd compilation has happened)."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from gradreg_fast.penalties.core import made_input
 from gradreg_fast.penalties.estimators._shared import hooked
-from gradreg_fast.penalties.guards import graph_nodes
+from gradreg_fast.penalties.guards import graph_leaves
 
 
 class _Carrier(torch.autograd.Function):
@@ -69,8 +69,7 @@ def hold(pen: torch.Tensor, lam: float) -> tuple[torch.Tensor, Held]:
     grad; not the input the library made, which nobody reads), taken now (the graph is kept for the
     caller's backward of its base loss, which shares the model's forward); ``carrier`` adds them all to
     this step's backward, ``held`` keeps the parameters' for the next steps."""
-    leaves = [node.variable for node in graph_nodes(pen) if hasattr(node, "variable")]
-    leaves = [t for t in leaves if t.requires_grad and not made_input(t)]
+    leaves = [t for t in graph_leaves(pen) if t.requires_grad and not made_input(t)]
     if hooked(leaves):
         raise ValueError("GradRegLoss(hold=True) takes the penalty's gradient at the call and adds it again on "
                          "later calls, so a hook registered with Tensor.register_hook on a parameter would run "

@@ -12,7 +12,7 @@ import torch
 
 from gradreg_fast.penalties.core import Problem, serialized
 from gradreg_fast.penalties.estimators._shared import _differentiated, _reduction, hooked
-from gradreg_fast.penalties.guards import graph_nodes
+from gradreg_fast.penalties.guards import graph_leaves
 
 
 class _Deferred(torch.autograd.Function):
@@ -65,17 +65,31 @@ class _Deferred(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
+def _foldable(p: Problem, inputs: list[torch.Tensor]) -> bool:
+    """Whether the caller's base loss (``p.fold``) may be differentiated at the call, with respect to
+    ``inputs``: one is offered, the penalty is reduced (with reduction="none" the caller's weights are
+    known only in its backward), the model is not sharded (FSDP reduces gradients in its own backward
+    hooks), and no Tensor.register_hook sits on an input (it would run twice: ``_shared.hooked``)."""
+    fold = p.fold
+    return (fold is not None and _reduction(p) != "none" and not p.sharded and fold.loss.requires_grad
+            and not hooked(inputs))
+
+
+def _samples_per_unit(p: Problem) -> int:
+    """B for the mean (pen = Σ_b P_b / B), 1 for the sum."""
+    return p.x.shape[0] if _reduction(p) == "mean" else 1
+
+
 def _fold(p: Problem, inputs: list[torch.Tensor], clean: torch.Tensor | None) -> list[torch.Tensor | None] | None:
     """The gradients, on the clean forward's graph, of the caller's base loss (``p.fold``) and of
     ``clean`` (a scalar on that graph that belongs to the penalty), scaled to the penalty's
     convention (gradients of Σ_b P_b): one backward that frees the clean graph. None when there is
     nothing to fold: no base loss offered, per-sample penalties (the caller's weights are known only
     in its backward), or a sharded model (FSDP reduces gradients in its own backward hooks)."""
-    fold = p.fold
-    if fold is None or _reduction(p) == "none" or p.sharded or not fold.loss.requires_grad or hooked(inputs):
+    if not _foldable(p, inputs):
         return None
-    per_sample = p.x.shape[0] if _reduction(p) == "mean" else 1   # pen = Σ_b P_b / per_sample
-    scalar = fold.loss * (fold.weight * per_sample)
+    fold = p.fold
+    scalar = fold.loss * (fold.weight * _samples_per_unit(p))
     if clean is not None:
         scalar = scalar + clean.to(scalar.dtype)
     keep = _fold_inputs(p, scalar, inputs)
@@ -122,22 +136,20 @@ def taken_at_call(p: Problem, per: torch.Tensor) -> torch.Tensor | None:
     graphs reach a tensor that requires grad and is neither a parameter of the model nor x (a tensor the
     model closes over, a learnable base loss, a projection that requires grad): the caller's backward
     then reaches it."""
-    fold = p.fold
-    if (fold is None or _reduction(p) == "none" or p.sharded or not fold.loss.requires_grad
-            or not isinstance(p.model, torch.nn.Module) or p.R.requires_grad):
+    if p.fold is None or not isinstance(p.model, torch.nn.Module) or p.R.requires_grad:
         return None
     _, inputs = _differentiated(p)
-    if hooked(inputs):   # a Tensor.register_hook on a parameter would run twice (see _shared.hooked)
+    if not _foldable(p, inputs):
         return None
+    fold = p.fold
     known = {id(t) for t in inputs} | {id(p.x)}
     stop = p.x.grad_fn if p.attached else None   # upstream of an attached x: see _fold_inputs
-    if any(id(node.variable) not in known for node in graph_nodes((p.u, fold.loss), stop)
-           if hasattr(node, "variable")):
+    if any(id(t) not in known for t in graph_leaves((p.u, fold.loss), stop)):
         return None
     # the weight GradRegLoss's backward gives each P_b: λ/B for the mean (λ·every/B under a schedule),
     # i.e. 1/(fold.weight · B); the gradients are taken for it, base + unit · Σ_b P_b, so that the
     # backward hands them over as they are
-    unit = 1.0 / (fold.weight * (p.x.shape[0] if _reduction(p) == "mean" else 1))
+    unit = 1.0 / (fold.weight * _samples_per_unit(p))
     scalar = fold.loss + (unit * per.sum()).to(fold.loss.dtype)
     keep = _fold_inputs(p, scalar, inputs)
     if keep is None:
@@ -150,7 +162,7 @@ def taken_at_call(p: Problem, per: torch.Tensor) -> torch.Tensor | None:
 
 def _leaves(t: torch.Tensor, stop=None) -> set[int]:
     """ids of the leaf tensors (AccumulateGrad nodes) in t's graph, not walking past ``stop``."""
-    return {id(node.variable) for node in graph_nodes(t, stop) if hasattr(node, "variable")}
+    return {id(v) for v in graph_leaves(t, stop)}
 
 
 def _deferred(p: Problem, value: torch.Tensor, grads_fn: Callable, clean: torch.Tensor | None = None) -> torch.Tensor:
