@@ -6,6 +6,8 @@ argument; the kernels check again in C++ (csrc/*.h) for callers of the raw torch
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 
@@ -40,3 +42,27 @@ def check_like(t: torch.Tensor, like: torch.Tensor, op: str, name: str, like_nam
     if t.device != like.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {like_name} on {like.device}; move {name} to "
                          f"{like_name}.device")
+
+
+# The last integer tensor whose extremes ``index_extremes`` read: (a weak reference to it, its version
+# counter then, (min, max)). One call checks the same labels up to three times (GradRegLoss's base loss,
+# the penalty's label rule, the cross-entropy op); the version counter moves with every in-place change.
+_LAST_EXTREMES: tuple[weakref.ref, int, tuple[int, int]] | None = None
+
+
+def index_extremes(y: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of an integer tensor with entries: one reduction (torch.aminmax) and one read of the
+    two numbers (a host sync on a GPU), reused while the same tensor is checked again unchanged."""
+    global _LAST_EXTREMES
+    version = None if y.is_inference() else y._version   # inference tensors have no version counter
+    last = _LAST_EXTREMES
+    if version is not None and last is not None and last[0]() is y and last[1] == version:
+        return last[2]
+    lo, hi = torch.aminmax(y)
+    if y.device.type == "cpu":
+        found = (lo.item(), hi.item())
+    else:
+        found = tuple(torch.stack((lo, hi)).tolist())
+    if version is not None:
+        _LAST_EXTREMES = (weakref.ref(y), version, found)
+    return found

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from gradreg_fast import reference
-from gradreg_fast.ops._common import check_floating, check_like
+from gradreg_fast.ops._common import check_floating, check_like, index_extremes
 from gradreg_fast.ops._registry import Op, declare, implementation
 
 _acc = reference.acc_dtype
@@ -135,8 +135,7 @@ def check_cross_entropy_inputs(logits: torch.Tensor, y: torch.Tensor) -> None:
     if y.numel() == 0 or torch.compiler.is_compiling():
         return
     if y.device.type == "cpu":
-        lo, hi = torch.aminmax(y)
-        lo, hi = lo.item(), hi.item()
+        lo, hi = index_extremes(y)
         if lo < 0 or hi >= K:
             raise ValueError(f"cross_entropy: y must hold class indices in [0, {K}), got values in [{lo}, {hi}]")
     else:  # no host synchronization: the assertion fires on the device

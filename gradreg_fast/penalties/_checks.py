@@ -7,6 +7,7 @@ import numbers
 import torch
 
 from gradreg_fast import _methods
+from gradreg_fast.ops._common import index_extremes
 from gradreg_fast.penalties import kinds
 from gradreg_fast.penalties.kinds import ALL_KINDS, CLASSIFIER_KINDS, GAN_KINDS, KINDS  # noqa: F401 (the table's lists)
 
@@ -63,7 +64,7 @@ def check_labels(y, batch: int, kind: str, num_classes: int | None = None, indic
     if y.dim() != 1:
         raise ValueError(f"y must have shape (B,) of class indices for {kind}, got {tuple(y.shape)}")
     if num_classes is not None and y.numel() and _range_checkable(y):
-        lo, hi = label_extremes(y)
+        lo, hi = index_extremes(y)
         if lo < 0 or hi >= num_classes:   # some label outside [0, K): allowed only if it is ignore_index
             valid = (y >= 0) & (y < num_classes)
             if ignore_index is not None:
@@ -73,16 +74,6 @@ def check_labels(y, batch: int, kind: str, num_classes: int | None = None, indic
                 raise ValueError(f"y holds class index {bad} outside [0, {num_classes}) for {kind} on a model "
                                  f"with {num_classes} outputs")
     return y if y.dtype == torch.long else y.long()
-
-
-def label_extremes(y: torch.Tensor) -> tuple[int, int]:
-    """(min, max) of an integer tensor with entries: one reduction (torch.aminmax) and one read
-    of the two numbers, the cheapest range check there is (a host sync on a GPU)."""
-    lo, hi = torch.aminmax(y)
-    if y.device.type == "cpu":
-        return lo.item(), hi.item()
-    lo, hi = torch.stack((lo, hi)).tolist()
-    return lo, hi
 
 
 def check_base_labels(y, out: torch.Tensor) -> torch.Tensor:

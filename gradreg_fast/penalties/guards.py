@@ -5,9 +5,10 @@
   sends (parameters it depends on only through ReLU masks, e.g. biases before a ReLU for FrobReg,
   keep their exact gradient 0). A
   ReLU network's input Jacobian does not depend on the activations' values, so without this a
-  non-finite input would give a finite, meaningless penalty. No host sync: the check is a
-  device-side factor (1 or NaN) the penalty is multiplied by, and for finite inputs the result is
-  bitwise the unguarded one. ±Inf in the output alone (e.g. logits masked to -inf) is left to the
+  non-finite input would give a finite, meaningless penalty. On a GPU there is no host sync: the
+  check is a device-side factor (1 or NaN) the penalty is multiplied by; on the CPU it is read on the
+  host and a finite call leaves the penalty as it is. For finite inputs the result is bitwise the
+  unguarded one. ±Inf in the output alone (e.g. logits masked to -inf) is left to the
   estimator's arithmetic.
 - torch.compile: aot_autograd backends (inductor, aot_eager) refuse double backward, but only
   when ``loss.backward()`` reaches the compiled region's backward-of-backward, far from the
@@ -17,6 +18,7 @@
 """
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterator
 
@@ -48,6 +50,26 @@ def nonfinite_factor(x: torch.Tensor, u: torch.Tensor, like: torch.Tensor) -> to
         flag = (hi - hi) + (lo - lo)   # 0, or NaN for a NaN/Inf in x
     flag = flag.masked_fill(torch.isnan(u.detach()).any(), float("nan"))
     return (flag + 1).to(device=like.device, dtype=like.dtype)
+
+
+def _nonfinite_on_host(x: torch.Tensor, u: torch.Tensor) -> bool:
+    """Whether x holds a NaN/Inf or u a NaN, read on the host (CPU tensors: no device to wait for).
+    The same test as ``nonfinite_factor``, in two reductions and no graph node."""
+    xd = x.detach()
+    if xd.numel():
+        lo, hi = torch.aminmax(xd)
+        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+            return True
+    return bool(torch.isnan(u.detach()).any().item())
+
+
+def guard_nonfinite(p: torch.Tensor, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The penalty ``p``, NaN where x holds a NaN/Inf or u a NaN (see the module docstring). On the CPU
+    the test is read on the host and a finite call returns p itself (no multiply in the forward or the
+    backward); elsewhere p times ``nonfinite_factor`` (no host sync)."""
+    if x.device.type == "cpu" and u.device.type == "cpu" and not torch.compiler.is_compiling():
+        return p * float("nan") if _nonfinite_on_host(x, u) else p
+    return p * nonfinite_factor(x, u, p)
 
 
 def _aot_autograd_used() -> bool:
@@ -173,7 +195,7 @@ def run_estimator(estimator: Callable, problem, *, method: str, model: Callable 
                 "differentiable") from exc
         raise
     check_compiled(p, method)
-    p = p * nonfinite_factor(problem.x, problem.u, p)
+    p = guard_nonfinite(p, problem.x, problem.u)
     if ddp is not None:
         p = distributed.reach_outputs(p, out)
     return p

@@ -250,3 +250,21 @@ def test_cpp_ops_check_labels():
     with pytest.raises(RuntimeError, match="shape of logits"):
         torch.ops.gradreg_fast.cross_entropy_hvp(torch.randn(3, 5), torch.ones(3), z,
                                                  torch.zeros(3, dtype=torch.long), lse)
+
+
+def test_label_range_is_checked_again_after_an_in_place_change():
+    """The labels' extremes are read once per unchanged tensor (one call checks them up to three
+    times); an in-place change of the same tensor is seen by the next check."""
+    from gradreg_fast.ops import cross_entropy
+    logits = torch.randn(4, 3)
+    y = torch.randint(3, (4,))
+    cross_entropy(logits, y)
+    y[1] = 7
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        cross_entropy(logits, y)
+    y[1] = 2
+    cross_entropy(logits, y)
+    with torch.inference_mode():
+        bad = torch.full((4,), 5)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 3\)"):
+        cross_entropy(logits, bad)

@@ -126,3 +126,24 @@ def test_factor_flags_only_nonfinite_inputs_near_the_float_range(dtype):
         xb[1, 0] = bad
         assert torch.isnan(nonfinite_factor(xb, u, like))
     assert torch.isnan(nonfinite_factor(x, torch.tensor([[float("nan")], [0.0]]), like))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_host_guard_agrees_with_the_device_factor(dtype):
+    """The CPU guard (read on the host, no multiply when finite) flags exactly what the device factor
+    flags, and leaves a finite penalty as the very same tensor."""
+    from gradreg_fast.penalties.guards import guard_nonfinite, nonfinite_factor
+    big = torch.finfo(dtype).max
+    x = torch.tensor([[big, -big, 1.0], [0.5, -big, big]], dtype=dtype)
+    u = torch.tensor([[1.0], [float("-inf")]], dtype=torch.float32)
+    p = torch.rand((), dtype=torch.float32) + 0.5
+    assert guard_nonfinite(p, x, u) is p
+    cases = []
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        xb = x.clone()
+        xb[0, 2] = bad
+        cases.append((xb, u))
+    cases.append((x, torch.tensor([[float("nan")], [0.0]])))
+    for xb, ub in cases:
+        assert torch.isnan(nonfinite_factor(xb, ub, p))
+        assert torch.isnan(guard_nonfinite(p, xb, ub))

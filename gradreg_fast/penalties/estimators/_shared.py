@@ -71,7 +71,7 @@ def _sq_norms(p: Problem, g: torch.Tensor) -> torch.Tensor:
     forward and in each backward."""
     n, batch = g.shape[0], g.shape[1]
     if n == 1:
-        s = sq_norm(g[0])
+        s = sq_norm(g.squeeze(0))   # a view whose backward is a view (g[0]: zeros and a copy)
     else:
         s = sq_norm(g.reshape((n * batch,) + tuple(g.shape[2:]))).reshape(n, batch).sum(0)
     return s if p.scale == 1 else p.scale * s

@@ -17,11 +17,20 @@ from gradreg_fast.penalties.guards import check_compiled, graph_nodes
 # the flash attention kernels) and custom Functions whose backward is once_differentiable (Error)
 _NOT_TWICE_DIFFERENTIABLE = ("torch::autograd::NotImplemented", "torch::autograd::Error",
                              "torch::autograd::DelayedError")
+_LEAF = "torch::autograd::AccumulateGrad"
 
 
-def _not_twice_differentiable(g: torch.Tensor) -> str | None:
-    """The name of a node in g's graph that cannot be differentiated (None when there is none)."""
-    return next((node.name() for node in graph_nodes(g) if node.name() in _NOT_TWICE_DIFFERENTIABLE), None)
+def _scan(roots) -> tuple[str | None, list[torch.Tensor]]:
+    """One walk of the graphs of ``roots``: the name of a node that cannot be differentiated (None when
+    there is none) and the leaf tensors (AccumulateGrad nodes)."""
+    blocker, leaves = None, []
+    for node in graph_nodes(roots):
+        name = node.name()
+        if name == _LEAF:
+            leaves.append(node.variable)
+        elif blocker is None and name in _NOT_TWICE_DIFFERENTIABLE:
+            blocker = name
+    return blocker, leaves
 
 
 def exact(p: Problem) -> torch.Tensor:
@@ -43,7 +52,10 @@ def exact(p: Problem) -> torch.Tensor:
                          "differentiable graph (an op in the model has no double backward, or the "
                          "model has no parameters on the path from x): method='exact' cannot train "
                          "with this penalty; method='fd' needs first derivatives only")
-    blocker = _not_twice_differentiable(g)
+    # one walk for the check below and for the leaves the gradients taken at the call may reach
+    # (x attached: taken_at_call walks the base loss's graph itself, not past x)
+    folded = p.fold is not None and not p.attached
+    blocker, leaves = _scan((g, p.fold.loss) if folded else g)
     if blocker is not None:
         known = next((NO_DOUBLE_BACKWARD[n.name()] for n in graph_nodes(p.u)
                       if n.name() in NO_DOUBLE_BACKWARD), None)
@@ -61,7 +73,7 @@ def exact(p: Problem) -> torch.Tensor:
     per = _penalty_value(p, g)
     if p.fold is not None:
         check_compiled(per, "exact")   # before a backward through a compiled region's double backward
-        taken = taken_at_call(p, per)
+        taken = taken_at_call(p, per, leaves if folded else None)
         if taken is not None:
-            return reduce_samples(p, taken)
+            return taken
     return reduce_samples(p, per)

@@ -52,12 +52,13 @@ class _Deferred(torch.autograd.Function):
                     "(retain_graph=True), build the loss with the functional form: base + lam * "
                     "gr.penalty(kind, model, x, y)")
             pre, ctx.pre = ctx.pre, None
-            scale = w.reshape(-1)[0] / ctx.unit
-            if scale.device.type == "cpu" and abs(scale.item() - 1) <= 4 * torch.finfo(scale.dtype).eps:
-                # the weight the gradients were taken for (GradRegLoss's λ/B): handed over as they are,
+            first = w if w.dim() == 0 else w.reshape(-1)[0]
+            if first.device.type == "cpu" and abs(first.item() / ctx.unit - 1) <= 4 * torch.finfo(w.dtype).eps:
+                # the weight the gradients were taken for (GradRegLoss's λ): handed over as they are,
                 # so that AccumulateGrad takes them without a copy
                 grads = pre
             else:
+                scale = first / ctx.unit
                 grads = [None if g is None else scale.to(g.dtype) * g for g in pre]
         else:
             with torch.enable_grad(), serialized():   # re-runs and forward-mode AD: docs/threads.md
@@ -120,10 +121,12 @@ def _fold_inputs(p: Problem, scalar: torch.Tensor, inputs: list[torch.Tensor]) -
     return [t is p.x or id(t) not in upstream for t in inputs]
 
 
-def taken_at_call(p: Problem, per: torch.Tensor) -> torch.Tensor | None:
-    """The per-sample penalties ``per`` (B,), on exact's second-order graph, with their parameter
-    gradients and those of the caller's folded base loss (``core.Fold``) taken now, in one backward over
-    both graphs (the graphs are freed here), applied by the caller's backward (see _Deferred).
+def taken_at_call(p: Problem, per: torch.Tensor, leaves: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+    """The penalty reduced from ``per`` (B,), on exact's second-order graph, with its parameter gradients
+    and those of the caller's folded base loss (``core.Fold``) taken now, in one backward over both
+    graphs (the graphs are freed here), applied by the caller's backward (see _Deferred). ``leaves``:
+    the leaf tensors of the graphs of ``per`` and the base loss when the caller walked them already
+    (x not attached), else None.
 
     The backward the caller would run computes the gradient of everything with respect to x too (a leaf
     the penalty made to require grad): the first layer's input gradient, on the clean graph and on the
@@ -143,21 +146,24 @@ def taken_at_call(p: Problem, per: torch.Tensor) -> torch.Tensor | None:
         return None
     fold = p.fold
     known = {id(t) for t in inputs} | {id(p.x)}
-    stop = p.x.grad_fn if p.attached else None   # upstream of an attached x: see _fold_inputs
-    if any(id(t) not in known for t in graph_leaves((p.u, fold.loss), stop)):
+    if leaves is None:
+        stop = p.x.grad_fn if p.attached else None   # upstream of an attached x: see _fold_inputs
+        leaves = graph_leaves((per, fold.loss), stop)
+    if any(id(t) not in known for t in leaves):
         return None
-    # the weight GradRegLoss's backward gives each P_b: λ/B for the mean (λ·every/B under a schedule),
-    # i.e. 1/(fold.weight · B); the gradients are taken for it, base + unit · Σ_b P_b, so that the
-    # backward hands them over as they are
-    unit = 1.0 / (fold.weight * _samples_per_unit(p))
-    scalar = fold.loss + (unit * per.sum()).to(fold.loss.dtype)
+    # GradRegLoss's loss is λ·(pen + weight·base), so its backward gives pen the weight λ = 1/weight (λ·every
+    # under a schedule): the gradients are taken for that weight, base + pen/weight, so that the backward
+    # hands them over as they are
+    pen = per.mean() if _reduction(p) == "mean" else per.sum()
+    unit = 1.0 / fold.weight
+    scalar = fold.loss + (unit * pen).to(fold.loss.dtype)
     keep = _fold_inputs(p, scalar, inputs)
     if keep is None:
         return None
     found = iter(torch.autograd.grad(scalar, [t for t, k in zip(inputs, keep, strict=True) if k], allow_unused=True))
     fold.taken = True
     pre = [next(found) if k else None for k in keep]
-    return _Deferred.apply(per.detach(), None, pre, True, unit, *inputs)
+    return _Deferred.apply(pen.detach(), None, pre, True, unit, *inputs)
 
 
 def _leaves(t: torch.Tensor, stop=None) -> set[int]:
