@@ -2,11 +2,13 @@
 saved state where they meet.
 
 The first part holds one test per defect found where two features meet (each failed before its fix).
-The second, ``test_interaction``, draws combinations of kind × method × subsample × every × reduction ×
-model mode × x attached × dtype and checks each call against a ground truth written here in plain
-fp64 double backprop (torch.autograd.grad(create_graph=True), no library code): the value, every
+The second, ``test_interaction``, draws combinations of kind × method × subsample × every × hold ×
+reduction × model mode × x attached × dtype and checks each call against a ground truth written here in
+plain fp64 double backprop (torch.autograd.grad(create_graph=True), no library code): the value, every
 parameter gradient, the buffers (updated exactly as by one plain forward) and torch's global RNG
-(advanced exactly as by one plain forward). The draw is seeded from GRADREG_INTERACTION_SEED (default:
+(advanced exactly as by one plain forward). With hold=True a second call follows (off the schedule, on a
+new batch): its gradient must be its own base loss's (ground truth) plus the first call's penalty
+gradient, held for the model's parameters. The draw is seeded from GRADREG_INTERACTION_SEED (default:
 a fresh seed, printed, so a failure can be replayed) and bounded by GRADREG_INTERACTION_CASES.
 """
 from __future__ import annotations
@@ -89,7 +91,7 @@ def truth_per_sample(kind: str, out: torch.Tensor, xs: torch.Tensor, y, classes,
     return total / len(rs) if kind == "spectreg" else total
 
 
-CASE_KEYS = ("kind", "method", "subsample", "every", "calls", "reduction", "mode", "attached", "dtype")
+CASE_KEYS = ("kind", "method", "subsample", "every", "hold", "calls", "reduction", "mode", "attached", "dtype")
 
 
 def run_case(case: dict, seed: int) -> str:
@@ -109,10 +111,12 @@ def run_case(case: dict, seed: int) -> str:
     lam, loss_seed = 0.7, seed + 1
 
     options = {"projection": projection} if projection is not None else {}
+    hold = case["hold"]
     crit = gr.GradRegLoss(kind, lam, method=method, every=every, subsample=subsample, reduction=reduction,
-                          seed=loss_seed, **options)
+                          seed=loss_seed, hold=hold, **options)
     crit.calls = case["calls"]
-    active = case["calls"] % every == 0
+    active = hold or case["calls"] % every == 0   # hold: a fresh loss holds nothing, so it computes
+    weight = lam if hold else lam * every          # hold: λ·P, unscaled, on every call until the next
     torch.manual_seed(seed + 2)
     s0 = torch.get_rng_state()
     try:
@@ -159,15 +163,17 @@ def run_case(case: dict, seed: int) -> str:
             pen = per.sum() * (B / idx.numel())
         else:
             pen = w * per
-        total = total + lam * every * pen
+        total = total + weight * pen
         if method != "jvp":   # jvp's value is a random estimate (see below)
             torch.testing.assert_close(crit.last_penalty.to(torch.float64),
                                        (per if reduction == "none" else pen).detach().to(torch.float64),
                                        rtol=1e-6 if dtype == torch.float64 else 1e-3, atol=1e-9)
     total = total.sum() if reduction == "none" else total
     tparams = list(twin.parameters()) + ([up_twin] if case["attached"] else [])
-    truth = torch.autograd.grad(total, tparams, allow_unused=True)
+    truth = torch.autograd.grad(total, tparams, allow_unused=True, retain_graph=hold)
     truth = [torch.zeros_like(p) if t is None else t for p, t in zip(tparams, truth, strict=True)]
+    if hold:
+        _check_held(case, crit, model, twin, up_lib, up_twin, y, seed, got, base, tparams)
     if method == "jvp" and active:
         # jvp is a random (unbiased) estimate, whose tangents the ground truth cannot redraw: its
         # expectation is tested in test_estimators; here the side effects above and finiteness
@@ -183,19 +189,51 @@ def run_case(case: dict, seed: int) -> str:
     return "checked"
 
 
+def _check_held(case, crit, model, twin, up_lib, up_twin, y, seed, got, base, tparams) -> None:
+    """hold=True: a second call off the schedule, on a new batch, adds the first call's penalty gradient
+    (the library's, whatever its estimator: got minus the ground truth of the first base loss) to its own
+    base loss's gradient, for the model's parameters (an attached upstream tensor gets its base gradient
+    only: nothing is held for tensors outside the model)."""
+    dtype, attached = case["dtype"], case["attached"]
+    base_truth = torch.autograd.grad(base, tparams, allow_unused=True)
+    base_truth = [torch.zeros_like(p) if t is None else t for p, t in zip(tparams, base_truth, strict=True)]
+    held = [g - b.to(g.dtype) for g, b in zip(got, base_truth, strict=True)]
+    n_model = len(list(model.parameters()))
+    params = list(model.parameters()) + ([up_lib] if attached else [])
+    for q in params:
+        q.grad = None
+    x2 = torch.randn(B, D, dtype=dtype, generator=torch.Generator().manual_seed(seed + 7))
+    crit.calls = 1   # off the schedule (every = 2)
+    torch.manual_seed(seed + 3)
+    s1 = torch.get_rng_state()
+    crit(model, x2 @ up_lib, y).backward()
+    assert not crit.last_active, "hold: the second call recomputed the penalty"
+    got2 = grads_of(params)
+    torch.set_rng_state(s1)
+    base2 = F.cross_entropy(twin(x2 @ up_twin), y, reduction=case["reduction"])
+    truth2 = torch.autograd.grad(base2, tparams, allow_unused=True)
+    truth2 = [torch.zeros_like(p) if t is None else t for p, t in zip(tparams, truth2, strict=True)]
+    expected = [t.to(dtype) + (h if i < n_model else 0) for i, (t, h) in enumerate(zip(truth2, held, strict=True))]
+    a, b = torch.cat([g.flatten() for g in got2]), torch.cat([t.flatten() for t in expected])
+    err = ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+    assert err < (1e-8 if dtype == torch.float64 else 1e-4), f"hold: second call's gradient off by {err:.2e}"
+
+
 def _space():
     kinds = ("doubleback", "spectreg", "frobreg", "jacreg", "onehot", "random_onehot")
     cases = []
-    for kind, method, subsample, every, calls, reduction, mode, attached, dtype in itertools.product(
-            kinds, ("exact", "hvp", "fd", "jvp"), (None, 0.5), (1, 2), (0, 1), ("mean", "sum", "none"),
+    for kind, method, subsample, every, hold, calls, reduction, mode, attached, dtype in itertools.product(
+            kinds, ("exact", "hvp", "fd", "jvp"), (None, 0.5), (1, 2), (False, True), (0, 1), ("mean", "sum", "none"),
             ("plain", "dropout", "bn_train", "bn_eval", "counter"), (False, True), (torch.float64, torch.float32)):
+        if hold and (every == 1 or reduction == "none"):
+            continue   # refused at construction (test_held)
         if method == "jvp" and kind not in ("frobreg", "jacreg"):
             continue   # refused at construction (test_errors)
         if reduction == "none" and subsample is not None:
             continue   # refused at construction (test_loss_training)
         if calls and every == 1:
             continue   # the same case as calls=0
-        cases.append(dict(zip(CASE_KEYS, (kind, method, subsample, every, calls, reduction, mode, attached,
+        cases.append(dict(zip(CASE_KEYS, (kind, method, subsample, every, hold, calls, reduction, mode, attached,
                                           dtype), strict=True)))
     return cases
 
