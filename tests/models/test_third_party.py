@@ -14,7 +14,7 @@ from torch import nn
 
 import gradreg_fast as gr
 from gradreg_fast.penalties import estimators
-from gradreg_fast.testing import third_party
+from gradreg_fast.testing import ground_truth, third_party
 from gradreg_fast.testing.ground_truth import math_attention
 
 REQUIRE = os.environ.get("GRADREG_REQUIRE_MODELS") == "1"
@@ -87,9 +87,12 @@ def test_third_party_jvp(model, kind):
 
 # ----------------------------------------------------------------------------- GradRegLoss on HF
 def _hf_truth(case, lam, projection):
-    """loss = CE(f(E[ids]), y) + lam · SpectReg with the given projection, by plain double backprop."""
+    """loss = CE(f(x), y) + lam · SpectReg with the given projection, by plain double backprop (x = E[ids]
+    for the HF models, the image otherwise)."""
     with math_attention():   # torch's twice-differentiable attention kernel
         x = case.input()
+        if not x.requires_grad:
+            x = x.detach().requires_grad_()
         out = case.model(x, **case.model_kwargs)
         (g,) = torch.autograd.grad((projection[0] * out).sum(), x, create_graph=True)
         loss = F.cross_entropy(out, case.y) + lam * g.reshape(g.shape[0], -1).pow(2).sum(1).mean()
@@ -140,6 +143,43 @@ def test_gradregloss_trains_hf_model(name, method):
         loss.backward()
         assert torch.isfinite(loss) and all(p.grad is None or torch.isfinite(p.grad).all() for p in case.params)
         opt.step()
+
+
+# ------------------------------------------------------------------------- hold=True on the zoo
+@pytest.mark.parametrize("name", [n for n in third_party.NAMES if n not in _BIG])
+def test_held_schedule_on_third_party_models(name):
+    """GradRegLoss(every=2, hold=True): the computing call's gradient is plain double backprop's (fp64,
+    SpectReg with a given projection), and the next call adds exactly that penalty gradient to its own base
+    loss's (the embedding table of the HF models included: x is its lookup)."""
+    _need(name)
+    case = third_party.make_case(name)
+    case.model.eval()   # dropout off: the hand-written truth runs its own forwards
+    lam = 0.3
+    proj = torch.randn(1, third_party.BATCH, third_party.K, generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64)
+    crit = gr.GradRegLoss("spectreg", lam, every=2, hold=True, projection=proj)
+
+    def lib_grads():
+        loss = crit(case.model, case.input(), case.y, model_kwargs=case.model_kwargs)
+        return torch.autograd.grad(loss, case.params, allow_unused=True, materialize_grads=True)
+
+    def base_grads():
+        out = case.model(case.input(), **case.model_kwargs)
+        return torch.autograd.grad(F.cross_entropy(out, case.y), case.params, allow_unused=True,
+                                   materialize_grads=True)
+
+    def rel(a, b):
+        total = sum(float(t.pow(2).sum()) for t in b) ** 0.5
+        return sum(float((u - v).pow(2).sum()) for u, v in zip(a, b, strict=True)) ** 0.5 / total
+
+    first = lib_grads()
+    assert crit.last_active
+    pen = ground_truth.penalty(case, "spectreg", projection=proj)   # on the composite twin where needed
+    assert rel(first, [a + lam * b for a, b in zip(base_grads(), pen.grads, strict=True)]) <= 1e-6
+    held = [a - b for a, b in zip(first, base_grads(), strict=True)]
+    second = lib_grads()
+    assert not crit.last_active
+    assert rel(second, [a + b for a, b in zip(base_grads(), held, strict=True)]) <= 1e-9
 
 
 # ------------------------------------------------------------------ fd at the caller's batch size
