@@ -16,8 +16,10 @@ from gradreg_fast.penalties.guards import graph_leaves
 
 
 class _Deferred(torch.autograd.Function):
-    """value (B,) whose backward, given the caller's per-sample weights w (B,), returns the gradients
-    of Σ_b w_b P_b with respect to ``inputs`` (the parameters, and x when it requires grad).
+    """value — the per-sample penalties (B,) (hvp, fd, jvp: ``_deferred``), or the penalty already
+    reduced, a scalar (exact: ``taken_at_call``) — whose backward, given the caller's weights w (of
+    value's shape), returns the gradients of Σ w · value with respect to ``inputs`` (the parameters, and
+    x when it requires grad).
 
     ``pre`` holds those gradients for w = ``unit`` (computed at the penalty call, so that a model the method
     cannot serve is refused there, not in the caller's backward; with a folded base loss, ``pre``
