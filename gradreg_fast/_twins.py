@@ -41,23 +41,29 @@ NO_DOUBLE_BACKWARD = {"HardsigmoidBackward0": "hardsigmoid (nn.Hardsigmoid / F.h
 MODULES = (nn.Hardsigmoid,)
 
 FORCE = False   # benchmarks/twin_mode_cost.py: the mode on for every model, to measure what it costs
-_NEEDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # models known to need the twins
+# model -> whether it needs the twins (True: known to; False: holds none of MODULES, not seen to)
+_NEEDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def needed(model) -> bool:
     """Whether ``model``'s second-order forwards must run with the twins: known from an earlier call,
-    or the model holds one of ``MODULES`` (then remembered)."""
+    or the model holds one of ``MODULES`` (then remembered). A model's modules are searched once (a
+    model found without them is remembered so too): one that gains such a module later, or calls the
+    functional form, is found from the op's node in its graph (core.run_forward)."""
     if FORCE:
         return True
     try:
-        if model in _NEEDED:
-            return True
+        known = _NEEDED.get(model)
     except TypeError:   # not weakly referenceable: decided on every call
+        known = None
+    if known is not None:
+        return known
+    found = isinstance(model, nn.Module) and any(isinstance(m, MODULES) for m in model.modules())
+    try:
+        _NEEDED[model] = found
+    except TypeError:
         pass
-    if isinstance(model, nn.Module) and any(isinstance(m, MODULES) for m in model.modules()):
-        remember(model)
-        return True
-    return False
+    return found
 
 
 def remember(model) -> None:

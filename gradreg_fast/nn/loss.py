@@ -304,7 +304,7 @@ class GradRegLoss(nn.Module):
                                     forward=model is not None, method=self.method, subsample=self.subsample,
                                     reduction=self.reduction, model_kwargs=model_kwargs, base_loss=base_loss,
                                     fold_weight=1.0 / (self.lam * self.every))
-            loss = base + self.lam * (pen * self.every if self.every > 1 else pen)
+            loss = torch.add(base, pen, alpha=self.lam * self.every)   # base + λ·k·P: one op, one backward node
             self.last_penalty = pen.detach()
         self.last_base = base.detach()
         self.last_active = active

@@ -61,29 +61,71 @@ def twin_ops_in(t: torch.Tensor) -> bool:
     return any(node.name() in _twins.NO_DOUBLE_BACKWARD for node in graph_nodes(t))
 
 
+# autograd nodes of the fused attention kernels (flash, memory-efficient, cuDNN, the CPU flash kernel):
+# none has a double backward; ``math_attention`` runs scaled_dot_product_attention without them
+FUSED_ATTENTION_NODES = frozenset((
+    "ScaledDotProductFlashAttentionBackward0", "ScaledDotProductFlashAttentionForCpuBackward0",
+    "ScaledDotProductEfficientAttentionBackward0", "ScaledDotProductCudnnAttentionBackward0",
+    "ScaledDotProductFusedAttentionOverrideableBackward0", "FlashAttentionBackward0",
+    "EfficientAttentionBackward0", "CudnnAttentionBackward0"))
+
+# models whose forward called a fused attention kernel (seen in its graph by run_forward): their
+# second-order forwards run on the math kernel from the start
+_MATH_ATTENTION: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _known(table: weakref.WeakKeyDictionary, model) -> bool:
+    try:
+        return model in table
+    except TypeError:   # not weakly referenceable: never remembered
+        return False
+
+
+def _second_order_needs(t: torch.Tensor) -> tuple[bool, bool]:
+    """(twins, math attention): whether t's graph holds an op the twins replace, and a fused attention
+    kernel (one walk)."""
+    twins = attention = False
+    for node in graph_nodes(t):
+        name = node.name()
+        twins = twins or name in _twins.NO_DOUBLE_BACKWARD
+        attention = attention or name in FUSED_ATTENTION_NODES
+    return twins, attention
+
+
 def run_forward(model: Callable, x: torch.Tensor, method: str | None,
                 model_kwargs: dict | None = None) -> torch.Tensor:
     """``model(x, **model_kwargs)`` for a penalty the library computes itself: in ``second_order()`` when
-    the method differentiates this forward twice (method="exact"), on the model's own kernels otherwise.
+    the method differentiates this forward twice (method="exact") and the model needs it, on the
+    model's own kernels otherwise.
 
-    The twins' mode costs Python work on every torch call, so exact enters it only for a model known
-    to need it (``_twins.needed``); any other model runs without it, and when the graph of that forward
-    holds an op the twins replace (a functional F.hardsigmoid), the model is remembered and the forward
-    run again with them, as the first ran (same random numbers, same buffers: ``Replay``)."""
+    Entering ``second_order`` costs Python work on every call (the twins' mode, on every torch call of
+    the forward), so exact enters it only for a model known to need it: one holding a module the twins
+    replace (``_twins.needed``), or one whose forward was seen to call an op the twins replace (a
+    functional F.hardsigmoid) or a fused attention kernel (``FUSED_ATTENTION_NODES``). Any other model
+    runs on its own kernels; when the graph of that forward holds such an op, the model is remembered
+    and the forward run again in ``second_order``, as the first ran (same random numbers, same buffers:
+    ``Replay``)."""
     kwargs = model_kwargs or {}
     if method != "exact":
         return model(x, **kwargs)
-    if _twins.needed(model):
-        with second_order():
+    twins = _twins.needed(model)
+    if twins or _known(_MATH_ATTENTION, model):
+        with second_order(twins=twins):
             return model(x, **kwargs)
     replay = Replay(model, x.device)
-    with second_order(twins=False):
-        out = model(x, **kwargs)
-    if not (isinstance(out, torch.Tensor) and twin_ops_in(out)):
+    out = model(x, **kwargs)
+    if not isinstance(out, torch.Tensor):
         return out
-    _twins.remember(model)
+    twins, attention = _second_order_needs(out)
+    if not (twins or attention):
+        return out
+    if twins:
+        _twins.remember(model)
+    if attention:
+        with contextlib.suppress(TypeError):
+            _MATH_ATTENTION[model] = True
     del out
-    with replay.context(), second_order():
+    with replay.context(), second_order(twins=twins):
         return model(x, **kwargs)
 
 

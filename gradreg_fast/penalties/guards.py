@@ -54,8 +54,13 @@ def nonfinite_factor(x: torch.Tensor, u: torch.Tensor, like: torch.Tensor) -> to
 
 def _nonfinite_on_host(x: torch.Tensor, u: torch.Tensor) -> bool:
     """Whether x holds a NaN/Inf or u a NaN, read on the host (CPU tensors: no device to wait for).
-    The same test as ``nonfinite_factor``, in two reductions and no graph node."""
+    The same test as ``nonfinite_factor``, and no graph node. One number is read first: the float64
+    sum of x plus that of u, finite whenever both are (float64 holds the sum of any finite 16- or 32-bit
+    tensor); only when it is not (or a float64 sum overflowed) are the exact tests below run, which
+    leave an Inf in u alone unflagged."""
     xd = x.detach()
+    if math.isfinite((xd.sum(dtype=torch.float64) + u.detach().sum(dtype=torch.float64)).item()):
+        return False
     if xd.numel():
         lo, hi = torch.aminmax(xd)
         if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):

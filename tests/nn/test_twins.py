@@ -165,3 +165,55 @@ def test_twin_mode_for_hvp_found_from_the_callers_graph(monkeypatch):
     plain = zoo.make_case("smooth_mlp")
     gr.penalty("frobreg", plain.model, plain.input(), plain.y, method="hvp").backward()
     assert not entered
+
+
+class _DropoutAttention(nn.Module):
+    """Self-attention through F.scaled_dot_product_attention (on the CPU torch picks its fused flash kernel,
+    which has no double backward), with dropout on the projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.head, self.drop = nn.Linear(4, 12), nn.Linear(4, 3), nn.Dropout(0.3)
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        # (batch, heads, tokens, dim): 4-D inputs reach the fused kernel
+        q, k, v = self.drop(self.qkv(x.reshape(x.shape[0], 1, 2, 4))).chunk(3, dim=-1)
+        a = nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.head(a.mean((1, 2)))
+
+
+def test_fused_attention_found_from_the_graph_and_run_on_the_math_kernel():
+    """exact runs a model on its own kernels until its forward's graph shows a fused attention kernel
+    (core.FUSED_ATTENTION_NODES): then that forward is run again on the math kernel, from the same random
+    state (same dropout masks), and the model is remembered (its next forwards run there directly). The
+    gradients equal double backprop written by hand under torch's own math-kernel context, on both calls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gradreg_fast.penalties import core
+    torch.manual_seed(0)
+    model = _DropoutAttention().train()
+    truth_model = _DropoutAttention().train()
+    truth_model.load_state_dict(model.state_dict())
+    x, y = torch.randn(6, 8), torch.randint(3, (6,))
+    probe = truth_model(x.clone().requires_grad_(True))
+    assert any(n in core.FUSED_ATTENTION_NODES for n in (m.name() for m in core.graph_nodes(probe)))
+    crit = gr.GradRegLoss("doubleback", 0.7)
+    for call in range(2):
+        model.forwards = 0
+        torch.manual_seed(20 + call)
+        loss = crit(model, x, y)
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        torch.manual_seed(20 + call)
+        xt = x.clone().requires_grad_(True)
+        with sdpa_kernel(SDPBackend.MATH):
+            out = truth_model(xt)
+        (g,) = torch.autograd.grad(nn.functional.cross_entropy(out, y, reduction="sum"), xt, create_graph=True)
+        truth = nn.functional.cross_entropy(out, y) + 0.7 * g.pow(2).sum(1).mean()
+        tgrads = torch.autograd.grad(truth, list(truth_model.parameters()))
+        torch.testing.assert_close(loss, truth, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads, tgrads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert model.forwards == (2 if call == 0 else 1)
+        assert core._known(core._MATH_ATTENTION, model)

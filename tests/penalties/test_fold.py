@@ -92,11 +92,15 @@ def _double_backprop(model, x, y, lam, base):
     return base(out, y) + lam * g.pow(2).flatten(1).sum(1).mean()
 
 
-def test_exact_at_call_reaches_a_learnable_base_loss():
+@pytest.mark.parametrize("as_parameter", [True, False])
+def test_exact_at_call_reaches_a_learnable_base_loss(as_parameter):
     """A tensor outside the model that requires grad (a learnable temperature in the base loss) keeps its
-    gradient: exact then leaves the penalty in the caller's graph instead of taking it at the call."""
+    gradient: an nn.Parameter is differentiated at the call with the model's parameters, a plain tensor
+    leaves the penalty in the caller's graph instead."""
     case = make_case("smooth_mlp")
-    temp = torch.nn.Parameter(torch.tensor(1.7, dtype=torch.float64))
+    temp = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    if as_parameter:
+        temp = torch.nn.Parameter(temp.detach())
 
     def base(out, y):
         return torch.nn.functional.cross_entropy(out * temp, y)
@@ -104,7 +108,10 @@ def test_exact_at_call_reaches_a_learnable_base_loss():
     x = case.input()
     truth = torch.autograd.grad(_double_backprop(case.model, x, case.y, 0.3, base), case.params + [temp])
     crit = gr.GradRegLoss("doubleback", 0.3, base=base)
-    got = torch.autograd.grad(crit(case.model, x, case.y), case.params + [temp])
+    loss = crit(case.model, x, case.y)
+    assert (type(loss.grad_fn).__name__ == "AddBackward0"
+            and (loss.grad_fn.next_functions[1][0].name() == "_DeferredBackward") is as_parameter)
+    got = torch.autograd.grad(loss, case.params + [temp])
     for a, b in zip(got, truth, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 

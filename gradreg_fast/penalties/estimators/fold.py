@@ -138,20 +138,25 @@ def taken_at_call(p: Problem, per: torch.Tensor, leaves: list[torch.Tensor] | No
     None (the penalty stays on the caller's graph) when there is no base loss to fold, the caller's
     weights come in its backward (reduction="none"), the model is sharded or not an nn.Module, a
     parameter carries a Tensor.register_hook (it would run twice: ``_shared.hooked``), or the
-    graphs reach a tensor that requires grad and is neither a parameter of the model nor x (a tensor the
-    model closes over, a learnable base loss, a projection that requires grad): the caller's backward
-    then reaches it."""
+    graphs reach a tensor that requires grad and is not a parameter (of the model, with an attached x;
+    any nn.Parameter, such as a learnable base loss's, otherwise) nor x: a plain tensor the model closes
+    over, a projection that requires grad. The caller's backward then reaches it."""
     if p.fold is None or not isinstance(p.model, torch.nn.Module) or p.R.requires_grad:
         return None
-    _, inputs = _differentiated(p)
-    if not _foldable(p, inputs):
-        return None
     fold = p.fold
-    known = {id(t) for t in inputs} | {id(p.x)}
     if leaves is None:
+        _, inputs = _differentiated(p)
+        known = {id(t) for t in inputs} | {id(p.x)}
         stop = p.x.grad_fn if p.attached else None   # upstream of an attached x: see _fold_inputs
-        leaves = graph_leaves((per, fold.loss), stop)
-    if any(id(t) not in known for t in leaves):
+        if any(id(t) not in known for t in graph_leaves((per, fold.loss), stop)):
+            return None
+    else:
+        # the leaves the graphs reach, x aside: the parameters to differentiate (those of the model the
+        # graphs do not reach get no gradient either way), without a walk of the model's modules
+        inputs = [t for t in leaves if t is not p.x]
+        if not all(isinstance(t, torch.nn.Parameter) for t in inputs):
+            return None
+    if not _foldable(p, inputs):
         return None
     # GradRegLoss's loss is λ·(pen + weight·base), so its backward gives pen the weight λ = 1/weight (λ·every
     # under a schedule): the gradients are taken for that weight, base + pen/weight, so that the backward
