@@ -32,7 +32,7 @@ def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     in acc_dtype (through log_softmax, whose (z − max) − log Σ form keeps the derivatives accurate
     when |logsumexp| is large)."""
     z = logits.to(acc_dtype(logits.dtype))
-    return -torch.log_softmax(z, dim=1).gather(1, y.reshape(-1, 1)).squeeze(1)
+    return torch.nn.functional.nll_loss(torch.log_softmax(z, dim=1), y, reduction="none")
 
 
 def cross_entropy_grad(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

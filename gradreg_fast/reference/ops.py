@@ -12,7 +12,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    """x as (B, F) rows: a 2-D x as it is (no view node), others reshaped."""
+    return x if x.dim() == 2 else x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def sq_norm(x: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,11 @@ VMAP_ROWS = 256
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = None) -> torch.Tensor:
-    """G[j] = ∂(Σ_b R[j, b] · u_b)/∂x for every cotangent j at once: shape (n, B, ...).
+def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = None,
+               stacked: bool = True) -> torch.Tensor:
+    """G[j] = ∂(Σ_b R[j, b] · u_b)/∂x for every cotangent j at once: shape (n, B, ...). With
+    ``stacked=False`` and one cotangent (n = 1), G[0] itself, shape (B, ...): no view node in the graph
+    that a second-order backward would walk (``_sq_norms`` takes either).
 
     One batched reverse pass (is_grads_batched, i.e. vmap over the backward) for the n cotangents,
     except for models with convolution or pooling layers, where a loop of n reverse passes over the
@@ -43,7 +46,7 @@ def input_vjps(p: Problem, *, create_graph: bool, retain_graph: bool | None = No
     if g is None:
         raise ValueError("the model output does not depend on x: a gradient penalty would be a silent 0; "
                          "check that the model uses x")
-    return g if n > 1 else g.unsqueeze(0)
+    return g if n > 1 or not stacked else g.unsqueeze(0)
 
 
 _LOOP_LAYERS = (torch.nn.modules.conv._ConvNd, torch.nn.modules.pooling._MaxPoolNd,
@@ -65,10 +68,13 @@ def _prefers_loop(model) -> bool:
 
 
 def _sq_norms(p: Problem, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample s_b = scale · Σ_j ‖G[j, b]‖² (B,) from G (n, B, ...), through the fused sq_norm op.
-    The sum over j is skipped for one cotangent (n = 1), the product for scale 1 (every kind but
-    SpectReg with n_proj > 1 and subsample's rescaling): the same numbers, up to two ops fewer in the
-    forward and in each backward."""
+    """Per-sample s_b = scale · Σ_j ‖G[j, b]‖² (B,) from G (n, B, ...), or from G[0] (B, ...) for one
+    cotangent (``input_vjps(stacked=False)``), through the fused sq_norm op. The sum over j is skipped
+    for one cotangent (n = 1), the product for scale 1 (every kind but SpectReg with n_proj > 1 and
+    subsample's rescaling): the same numbers, up to two ops fewer in the forward and in each backward."""
+    if g.dim() == p.x.dim():   # G[0] for one cotangent, unstacked
+        s = sq_norm(g)
+        return s if p.scale == 1 else p.scale * s
     n, batch = g.shape[0], g.shape[1]
     if n == 1:
         s = sq_norm(g.squeeze(0))   # a view whose backward is a view (g[0]: zeros and a copy)

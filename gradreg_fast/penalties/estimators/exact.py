@@ -46,7 +46,7 @@ def exact(p: Problem) -> torch.Tensor:
     over the base loss and the penalty together, for the parameters only (``fold.taken_at_call``): the
     same gradients without the input gradient of x that the caller's backward would also compute.
     """
-    g = input_vjps(p, create_graph=True)
+    g = input_vjps(p, create_graph=True, stacked=False)   # (B, ...) for one cotangent: see _sq_norms
     if not g.requires_grad:
         raise ValueError("the input gradient does not depend on the parameters through a twice-"
                          "differentiable graph (an op in the model has no double backward, or the "

@@ -163,7 +163,7 @@ def taken_at_call(p: Problem, per: torch.Tensor, leaves: list[torch.Tensor] | No
     # hands them over as they are
     pen = per.mean() if _reduction(p) == "mean" else per.sum()
     unit = 1.0 / fold.weight
-    scalar = fold.loss + (unit * pen).to(fold.loss.dtype)
+    scalar = torch.add(fold.loss, pen, alpha=unit)   # base + unit·pen, one node
     keep = _fold_inputs(p, scalar, inputs)
     if keep is None:
         return None
