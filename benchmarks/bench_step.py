@@ -104,6 +104,21 @@ def memory_mib(v: Variant, device: str, input_shape, amp) -> float:
 # --------------------------------------------------------------------------------------- main
 
 
+def steady_heap() -> str:
+    """glibc's malloc told to keep what the process frees (see --steady-heap); the setting, for the results."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError) as exc:
+        raise SystemExit(f"--steady-heap needs glibc's mallopt: {exc}") from exc
+    settings = {-3: 2**30, -1: 2**30, -2: 2**28}   # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, M_TOP_PAD (bytes)
+    if not all(mallopt(k, v) == 1 for k, v in settings.items()):
+        raise SystemExit("--steady-heap: mallopt refused a setting")
+    return "steady (mallopt: M_MMAP_THRESHOLD=1 GiB, M_TRIM_THRESHOLD=1 GiB, M_TOP_PAD=256 MiB)"
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,6 +143,11 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="every default (model x penalty x method) cell once at batch 2, no timing claims: "
                          "a crash in any cell fails (CI)")
+    ap.add_argument("--steady-heap", action="store_true",
+                    help="CPU, glibc: keep freed memory in the process (mallopt: no mmap for large blocks, no "
+                         "trimming), so that a step reuses memory instead of faulting fresh pages in from the "
+                         "kernel, whose cost on a VM varies over hours and weighs more on the step that "
+                         "allocates more (naive double backprop)")
     ap.add_argument("--out", default=str(_ROOT / "benchmarks" / "results"))
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     return ap.parse_args(argv)
@@ -157,6 +177,7 @@ def main(argv=None) -> list[dict]:
                          f"(gradreg_fast from {gr.__file__})")
     if device == "cpu":
         torch.set_num_threads(args.threads)
+    heap = steady_heap() if args.steady_heap else "default"
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     input_shape = [int(s) for s in args.input_shape.split(",")] if args.input_shape else None
     if args.model and input_shape is None:
@@ -194,7 +215,7 @@ def main(argv=None) -> list[dict]:
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else cpu_name()
     meta = dict(command=command_line("bench_step.py", argv),
                 device=device, device_name=dev_name, threads=args.threads if device == "cpu" else None,
-                amp=args.amp, torch=torch.__version__, reps=args.reps, gradreg_fast=gr.__file__,
+                amp=args.amp, torch=torch.__version__, reps=args.reps, gradreg_fast=gr.__file__, heap=heap,
                 backends=backends, refused=refused,
                 memory=("cuda max_memory_allocated growth over one step" if device.startswith("cuda") else
                         "peak live tensor storage created during one step (TorchDispatchMode accounting)"),

@@ -71,5 +71,6 @@ def write(out: Path, stem: str, meta: dict, rows: list[dict], table: str) -> Non
     write_csv(out / f"{stem}.csv", rows)
     backends = ", ".join(n for n, ok in meta["backends"].items() if ok)
     write_text(out / f"{stem}.txt", f"# {meta['command']}\n# {meta['device_name']}, torch {meta['torch']}, "
-                                    f"load {meta['load_average']}\n# backends available: {backends}\n{table}\n")
+                                    f"load {meta['load_average']}, {meta['time']}, heap {meta.get('heap', 'default')}\n"
+                                    f"# backends available: {backends}\n{table}\n")
     plot(rows, out / f"{stem}.png", f"gradreg_fast step cost on {meta['device_name']} ({meta['time']})")

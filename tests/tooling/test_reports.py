@@ -76,3 +76,23 @@ def test_paper_estimators_deltas_to_exact_and_baseline():
     assert rows["fd"][4].startswith("-1.00 [")                   # vs baseline: +1 − 2 pp
     assert rows["fd"][5].startswith("-2.00 [-2.25, -1.75]") and rows["fd"][5].endswith("(n=3) *"), rows["fd"][5]
     assert {p[1] for p in points} == {"exact", "fd"}
+
+
+def test_bench_step_steady_heap_is_recorded():
+    """--steady-heap sets glibc's malloc to keep freed memory (mallopt accepts every setting here) and
+    the results' header names the setting (the default says so too)."""
+    import platform
+
+    import pytest
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        pytest.skip("mallopt is glibc's")
+    import subprocess
+    import sys
+    bs = _load("bench_step")
+    assert bs.parse_args(["--steady-heap"]).steady_heap and not bs.parse_args([]).steady_heap
+    # in a process of its own: the setting is process-wide
+    code = ("import sys; sys.path.insert(0, 'tests'); from scripts import load_script; "
+            "print(load_script('benchmarks/bench_step.py', 'bs').steady_heap())")
+    from scripts import ROOT
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.startswith("steady (mallopt"), done.stderr[-2000:]
