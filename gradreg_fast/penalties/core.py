@@ -102,18 +102,20 @@ def run_forward(model: Callable, x: torch.Tensor, method: str | None,
     the forward), so exact enters it only for a model known to need it: one holding a module the twins
     replace (``_twins.needed``), or one whose forward was seen to call an op the twins replace (a
     functional F.hardsigmoid) or a fused attention kernel (``FUSED_ATTENTION_NODES``). Any other model
-    runs on its own kernels; when the graph of that forward holds such an op, the model is remembered
-    and the forward run again in ``second_order``, as the first ran (same random numbers, same buffers:
-    ``Replay``)."""
+    runs on its own kernels (on the math attention kernel once seen calling a fused one); when the graph
+    of that forward holds such an op, the model is remembered and the forward run again in
+    ``second_order``, as the first ran (same random numbers, same buffers: ``Replay``)."""
     kwargs = model_kwargs or {}
     if method != "exact":
         return model(x, **kwargs)
-    twins = _twins.needed(model)
-    if twins or _known(_MATH_ATTENTION, model):
-        with second_order(twins=twins):
+    if _twins.needed(model):
+        with second_order():
             return model(x, **kwargs)
     replay = Replay(model, x.device)
-    out = model(x, **kwargs)
+    # a model seen calling a fused attention kernel runs on the math kernel from the start, and its graph
+    # is still searched for the twins' ops
+    with math_attention() if _known(_MATH_ATTENTION, model) else contextlib.nullcontext():
+        out = model(x, **kwargs)
     if not isinstance(out, torch.Tensor):
         return out
     twins, attention = _second_order_needs(out)

@@ -174,13 +174,15 @@ class _DropoutAttention(nn.Module):
     def __init__(self):
         super().__init__()
         self.qkv, self.head, self.drop = nn.Linear(4, 12), nn.Linear(4, 3), nn.Dropout(0.3)
-        self.forwards = 0
+        self.forwards, self.gate, self.composite = 0, False, False
 
     def forward(self, x):
         self.forwards += 1
         # (batch, heads, tokens, dim): 4-D inputs reach the fused kernel
         q, k, v = self.drop(self.qkv(x.reshape(x.shape[0], 1, 2, 4))).chunk(3, dim=-1)
         a = nn.functional.scaled_dot_product_attention(q, k, v)
+        if self.gate:   # a path taken only on some calls: a functional hardsigmoid gate (or its formula)
+            a = a * (nn.functional.relu6(a + 3) / 6 if self.composite else nn.functional.hardsigmoid(a))
         return self.head(a.mean((1, 2)))
 
 
@@ -217,3 +219,27 @@ def test_fused_attention_found_from_the_graph_and_run_on_the_math_kernel():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         assert model.forwards == (2 if call == 0 else 1)
         assert core._known(core._MATH_ATTENTION, model)
+
+
+def test_twins_still_found_on_a_model_remembered_for_attention():
+    """A model remembered for its fused attention kernel runs on the math kernel from then on, and its
+    graph is still searched for the twins' ops: a functional hardsigmoid that appears on a later call is
+    found, that forward re-run with the twins, and the gradients equal double backprop of the composite
+    twin on the math kernel (fp64)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    torch.manual_seed(0)
+    model = _DropoutAttention().double().eval()
+    x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(3, (6,))
+    crit = gr.GradRegLoss("doubleback", 0.7)
+    crit(model, x, y)   # the first call finds the fused attention kernel
+    model.gate, model.forwards = True, 0
+    grads = torch.autograd.grad(crit(model, x, y), list(model.parameters()))
+    assert model.forwards == 2 and _twins.needed(model)
+    xt = x.clone().requires_grad_(True)
+    model.composite = True
+    with sdpa_kernel(SDPBackend.MATH):
+        out = model(xt)
+    (g,) = torch.autograd.grad(nn.functional.cross_entropy(out, y, reduction="sum"), xt, create_graph=True)
+    truth = nn.functional.cross_entropy(out, y) + 0.7 * g.pow(2).sum(1).mean()
+    for a, b in zip(grads, torch.autograd.grad(truth, list(model.parameters())), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
