@@ -57,6 +57,12 @@ class KindArgs:
 
 # -- targets: u = transform(o), and the same map in composite torch ops (None: transform is composite) --
 
+def _rows(o: torch.Tensor) -> torch.Tensor:
+    """o as (B, K): a 2-D o as it is (a reshape to its own shape would add a view node that every
+    backward through u walks), others flattened."""
+    return o if o.dim() == 2 else o.reshape(o.shape[0], -1)
+
+
 def default_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy through the fused op (gradreg_fast.ops.cross_entropy): DoubleBack's
     double backward then runs the fused Hessian-vector product instead of autograd's composite."""
@@ -70,7 +76,7 @@ def projected_outputs(seed: int, n_proj: int, per_sample: bool) -> Callable[[tor
     by the gaussian_like kernel and kept for the backward, see ops.project). One draw (n = 1, the
     default) is a view of the projection, not a stack of one."""
     def transform(o: torch.Tensor) -> torch.Tensor:
-        flat = o.reshape(o.shape[0], -1)
+        flat = _rows(o)
         if n_proj == 1:
             return project(flat, seed, 0, per_sample=per_sample).unsqueeze(1)
         return torch.stack([project(flat, seed, j, per_sample=per_sample) for j in range(n_proj)], dim=1)
@@ -81,7 +87,7 @@ def projected_outputs_composite(seed: int, n_proj: int, per_sample: bool) -> Cal
     """The same map as ``projected_outputs`` (the same r_j, from the pure-PyTorch Philox reference)
     in composite torch ops, for torch.func transforms."""
     def transform(o: torch.Tensor) -> torch.Tensor:
-        flat = o.reshape(o.shape[0], -1)
+        flat = _rows(o)
         return torch.stack([philox.project(flat, seed & ((1 << 64) - 1), j, per_sample=per_sample)
                             for j in range(n_proj)], dim=1)
     return transform
@@ -90,7 +96,7 @@ def projected_outputs_composite(seed: int, n_proj: int, per_sample: bool) -> Cal
 def score_target(a: KindArgs) -> tuple[Transform, Transform | None]:
     """u = D's score (B, 1) (with R = 1: G = ∇ₓ Σ_b D(x_b), whose row b is ∇ₓD(x_b))."""
     batch = a.batch
-    return (lambda o: o.reshape(batch, 1)), None
+    return (lambda o: o if o.shape == (batch, 1) else o.reshape(batch, 1)), None
 
 
 def loss_target(a: KindArgs) -> tuple[Transform, Transform | None]:
@@ -103,7 +109,7 @@ def loss_target(a: KindArgs) -> tuple[Transform, Transform | None]:
         if losses.shape not in ((batch,), (batch, 1)):
             raise ValueError(f"loss_fn must return per-sample losses of shape ({batch},) "
                              f"(e.g. reduction='none'), got shape {tuple(losses.shape)}")
-        return losses.reshape(batch, 1)
+        return losses if losses.dim() == 2 else losses.reshape(batch, 1)
     if loss_fn is None:
         return transform, lambda o: F.cross_entropy(o, y.long(), reduction="none").reshape(batch, 1)
     return transform, None
@@ -114,7 +120,7 @@ def projection_target(a: KindArgs) -> tuple[Transform, Transform | None]:
     r_j drawn from a seed of ``generator`` (so that R = e_j makes the VJP of u[:, j] J_iᵀ r_j)."""
     batch = a.batch
     if a.projection is not None:
-        return (lambda o: o.reshape(batch, -1)), None
+        return (lambda o: _rows(o)), None
     seed = draw_seed(a.generator)
     return (projected_outputs(seed, a.n_proj, bool(a.per_sample)),
             projected_outputs_composite(seed, a.n_proj, bool(a.per_sample)))
@@ -123,7 +129,7 @@ def projection_target(a: KindArgs) -> tuple[Transform, Transform | None]:
 def output_target(a: KindArgs) -> tuple[Transform, Transform | None]:
     """u = the outputs, flattened to (B, K)."""
     batch = a.batch
-    return (lambda o: o.reshape(batch, -1)), None
+    return (lambda o: _rows(o)), None
 
 
 def softmax_target(a: KindArgs) -> tuple[Transform, Transform | None]:
