@@ -118,9 +118,8 @@ def loss_target(a: KindArgs) -> tuple[Transform, Transform | None]:
 def projection_target(a: KindArgs) -> tuple[Transform, Transform | None]:
     """u = the outputs (B, K) for a given projection; else the n projections themselves (B, n),
     r_j drawn from a seed of ``generator`` (so that R = e_j makes the VJP of u[:, j] J_iᵀ r_j)."""
-    batch = a.batch
     if a.projection is not None:
-        return (lambda o: _rows(o)), None
+        return _rows, None
     seed = draw_seed(a.generator)
     return (projected_outputs(seed, a.n_proj, bool(a.per_sample)),
             projected_outputs_composite(seed, a.n_proj, bool(a.per_sample)))
@@ -128,8 +127,7 @@ def projection_target(a: KindArgs) -> tuple[Transform, Transform | None]:
 
 def output_target(a: KindArgs) -> tuple[Transform, Transform | None]:
     """u = the outputs, flattened to (B, K)."""
-    batch = a.batch
-    return (lambda o: _rows(o)), None
+    return _rows, None
 
 
 def softmax_target(a: KindArgs) -> tuple[Transform, Transform | None]:
