@@ -78,7 +78,7 @@ def test_paper_estimators_deltas_to_exact_and_baseline():
     assert {p[1] for p in points} == {"exact", "fd"}
 
 
-def test_bench_step_steady_heap_is_recorded():
+def test_bench_step_steady_heap_is_recorded(tmp_path):
     """--steady-heap sets glibc's malloc to keep freed memory (mallopt accepts every setting here) and
     the results' header names the setting (the default says so too)."""
     import platform
@@ -90,9 +90,10 @@ def test_bench_step_steady_heap_is_recorded():
     import sys
     bs = _load("bench_step")
     assert bs.parse_args(["--steady-heap"]).steady_heap and not bs.parse_args([]).steady_heap
-    # in a process of its own: the setting is process-wide
-    code = ("import sys; sys.path.insert(0, 'tests'); from scripts import load_script; "
-            "print(load_script('benchmarks/bench_step.py', 'bs').steady_heap())")
+    # in a process of its own (the setting is process-wide), run outside the source tree (whose
+    # gradreg_fast/ would shadow the installed package and its compiled extension)
     from scripts import ROOT
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT / 'tests')!r}); from scripts import load_script; "
+            "print(load_script('benchmarks/bench_step.py', 'bs').steady_heap())")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.startswith("steady (mallopt"), done.stderr[-2000:]
