@@ -23,8 +23,8 @@ and, for a kind with an outer function φ (WGAN-GP), P_b = φ(s_b) of the per-sa
 (spectreg without a given projection: u = the n projections S[b, j] = ⟨r_j[b], f(x_b)⟩ computed
 inside the fused projection op, R = e_1 … e_n.)
 
-A leaf of the penalties layer: it imports the ops and the Philox reference only, so that the checks
-can read it.
+A leaf of the penalties layer: it imports the ops and the reference (Philox, ``rows``) only, so that
+the checks can read it.
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from gradreg_fast.ops import cross_entropy, draw_seed, project
 from gradreg_fast.reference import philox
+from gradreg_fast.reference.ops import rows
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -57,12 +58,6 @@ class KindArgs:
 
 # -- targets: u = transform(o), and the same map in composite torch ops (None: transform is composite) --
 
-def _rows(o: torch.Tensor) -> torch.Tensor:
-    """o as (B, K): a 2-D o as it is (a reshape to its own shape would add a view node that every
-    backward through u walks), others flattened."""
-    return o if o.dim() == 2 else o.reshape(o.shape[0], -1)
-
-
 def default_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy through the fused op (gradreg_fast.ops.cross_entropy): DoubleBack's
     double backward then runs the fused Hessian-vector product instead of autograd's composite."""
@@ -76,7 +71,7 @@ def projected_outputs(seed: int, n_proj: int, per_sample: bool) -> Callable[[tor
     by the gaussian_like kernel and kept for the backward, see ops.project). One draw (n = 1, the
     default) is a view of the projection, not a stack of one."""
     def transform(o: torch.Tensor) -> torch.Tensor:
-        flat = _rows(o)
+        flat = rows(o)
         if n_proj == 1:
             return project(flat, seed, 0, per_sample=per_sample).unsqueeze(1)
         return torch.stack([project(flat, seed, j, per_sample=per_sample) for j in range(n_proj)], dim=1)
@@ -87,7 +82,7 @@ def projected_outputs_composite(seed: int, n_proj: int, per_sample: bool) -> Cal
     """The same map as ``projected_outputs`` (the same r_j, from the pure-PyTorch Philox reference)
     in composite torch ops, for torch.func transforms."""
     def transform(o: torch.Tensor) -> torch.Tensor:
-        flat = _rows(o)
+        flat = rows(o)
         return torch.stack([philox.project(flat, seed & ((1 << 64) - 1), j, per_sample=per_sample)
                             for j in range(n_proj)], dim=1)
     return transform
@@ -119,7 +114,7 @@ def projection_target(a: KindArgs) -> tuple[Transform, Transform | None]:
     """u = the outputs (B, K) for a given projection; else the n projections themselves (B, n),
     r_j drawn from a seed of ``generator`` (so that R = e_j makes the VJP of u[:, j] J_iᵀ r_j)."""
     if a.projection is not None:
-        return _rows, None
+        return rows, None
     seed = draw_seed(a.generator)
     return (projected_outputs(seed, a.n_proj, bool(a.per_sample)),
             projected_outputs_composite(seed, a.n_proj, bool(a.per_sample)))
@@ -127,7 +122,7 @@ def projection_target(a: KindArgs) -> tuple[Transform, Transform | None]:
 
 def output_target(a: KindArgs) -> tuple[Transform, Transform | None]:
     """u = the outputs, flattened to (B, K)."""
-    return _rows, None
+    return rows, None
 
 
 def softmax_target(a: KindArgs) -> tuple[Transform, Transform | None]:

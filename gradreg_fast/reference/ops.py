@@ -11,14 +11,15 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as (B, F) rows: a 2-D x as it is (no view node), others reshaped."""
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (B, F) rows: a 2-D x as it is (a reshape to its own shape would add a view node that every
+    backward through the result walks), others flattened."""
     return x if x.dim() == 2 else x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
 def sq_norm(x: torch.Tensor) -> torch.Tensor:
     """Per-sample squared L2 norm: out[b] = Σ_j x[b, j]², over all non-batch dims, in acc_dtype."""
-    return _rows(x).to(acc_dtype(x.dtype)).pow(2).sum(dim=1)
+    return rows(x).to(acc_dtype(x.dtype)).pow(2).sum(dim=1)
 
 
 def sq_norm_backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
