@@ -74,11 +74,10 @@ def _sq_norms(p: Problem, g: torch.Tensor) -> torch.Tensor:
     subsample's rescaling): the same numbers, up to two ops fewer in the forward and in each backward."""
     if g.dim() == p.x.dim():   # G[0] for one cotangent, unstacked
         s = sq_norm(g)
-        return s if p.scale == 1 else p.scale * s
-    n, batch = g.shape[0], g.shape[1]
-    if n == 1:
+    elif g.shape[0] == 1:
         s = sq_norm(g.squeeze(0))   # a view whose backward is a view (g[0]: zeros and a copy)
     else:
+        n, batch = g.shape[0], g.shape[1]
         s = sq_norm(g.reshape((n * batch,) + tuple(g.shape[2:]))).reshape(n, batch).sum(0)
     return s if p.scale == 1 else p.scale * s
 
