@@ -239,8 +239,6 @@ class GradRegLoss(nn.Module):
         with serialized():   # one call at a time per process: docs/threads.md
             if grad_mode_off():
                 return self._evaluate(model_or_logits, x_or_y, y, inputs, kwargs)
-            if self.backend is None:   # the default backend: no scope to enter
-                return self._train(model_or_logits, x_or_y, y, inputs, kwargs)
             with use_backend(self.backend):
                 return self._train(model_or_logits, x_or_y, y, inputs, kwargs)
 
